@@ -77,6 +77,7 @@ class TrainConfig:
     dataset: str = "auto"                   # auto | imagefolder | zip | cifar10 | cifar100 | demo
     download: bool = False                  # CIFAR only: download through torchvision if absent
     image_size: int | None = None           # None: the data's size if <= 64 px, else 224
+    stem: str = "auto"                      # auto (cifar stem for <= 64 px) | cifar | imagenet
     subset_per_class: int | None = None     # first N train images of each class (quick runs)
     order_seed: int = 1                     # class-order seed; 1 = the authors' order
     device: str = "auto"                    # auto | cpu | cuda
@@ -131,6 +132,7 @@ class TrainConfig:
             (self.ccl_selection in ("min_var", "random"), f"--ccl-selection must be min_var or random, got {self.ccl_selection!r}"),
             (self.ccl_teacher_mode in ("code", "eval"), f"--ccl-teacher-mode must be code or eval, got {self.ccl_teacher_mode!r}"),
             (self.ccl_distill_group >= 0, "--ccl-distill-group must be >= 0 (0 = whole batch)"),
+            (self.stem in ("auto", "cifar", "imagenet"), f"--stem must be auto, cifar or imagenet, got {self.stem!r}"),
             (self.key_bn_groups >= 1, "--key-bn-groups must be >= 1"),
             (self.subset_per_class is None or self.subset_per_class >= 1, "--subset-per-class must be >= 1"),
         ]
