@@ -1,8 +1,9 @@
 """`cclnb` command line: `cclnb {train,lincls,study,data,bench} ...`.
 
 Each subcommand lives in `cclnb.commands.<name>` and exposes `add_arguments(parser)` and
-`run(args) -> int`. A `CclnbError` is printed as one clear message (no traceback) and becomes the
-process exit code, so shell scripts and `cclnb study` can tell what went wrong.
+`run(args) -> int`. Only the chosen subcommand's module is imported, so `cclnb data info` does not
+pay for importing the trainer. A `CclnbError` is printed as one clear message (no traceback) and
+becomes the process exit code, so shell scripts and `cclnb study` can tell what went wrong.
 """
 
 from __future__ import annotations
@@ -22,17 +23,21 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    """The top-level parser; only `command`'s own arguments are loaded (all names are listed)."""
     parser = argparse.ArgumentParser(prog="cclnb", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
-        module = importlib.import_module(f"cclnb.commands.{name}")
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(f"cclnb.commands.{name}").add_arguments(sub_parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in SUBCOMMANDS else None).parse_args(argv)
     module = importlib.import_module(f"cclnb.commands.{args.command}")
     try:
         return int(module.run(args) or 0)
