@@ -1,0 +1,198 @@
+"""Networks of the study: the ResNet backbone, the projection head, and MoCo v2.
+
+Parameter names follow torchvision (`conv1`, `bn1`, `layer1..4`) so that the authors' checkpoints
+(`module.encoder_q.conv1.weight`, ...) map onto ours by stripping a prefix; see `cclnb.checkpoint`.
+
+MoCo's key encoder needs *shuffled BatchNorm*: if the keys of a batch were normalized with that
+batch's own statistics, the query/key pair of an image could recognise each other through the
+statistics and the contrastive task would be solved by cheating. The authors shuffle the batch
+across 8 GPUs, so each GPU normalizes 32 samples drawn at random from the whole batch. In one
+process we emulate exactly that: shuffle the key batch and compute the BN statistics within
+`groups` groups (`GroupedBatchNorm2d`), all in one `batch_norm` call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from cclnb.config import ARCHS
+from cclnb.errors import ConfigError
+
+_OUT_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
+
+
+class GroupedBatchNorm2d(nn.BatchNorm2d):
+    """`nn.BatchNorm2d` (same parameters, buffers and state_dict keys) that, in training mode and
+    while `groups > 1`, normalizes each of `groups` groups of samples with its own statistics.
+
+    Samples are assigned to groups by position modulo `groups` (sample i -> group i % groups), which
+    lets one `batch_norm` call do the work: (B, C, H, W) is viewed as (B/G, G*C, H, W), every group
+    becomes G*C "channels". The caller shuffles the batch first, so which positions share a group
+    is random, as with the authors' random split over GPUs. Running statistics are updated with
+    the mean over groups of each group's statistics, which is what DDP would hold on average.
+    """
+
+    groups: int = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = self.groups
+        if groups <= 1 or not self.training:
+            return super().forward(x)
+        b, c, h, w = x.shape
+        if b % groups:
+            raise ConfigError(
+                f"the key batch of {b} samples cannot be split into {groups} equal BatchNorm groups; "
+                f"choose a batch size divisible by --key-bn-groups (now {groups}) or set --key-bn-groups 1")
+        factor = self._average_factor()
+        stats = self.track_running_stats and self.running_mean is not None
+        mean = self.running_mean.repeat(groups) if stats else None
+        var = self.running_var.repeat(groups) if stats else None
+        weight = self.weight.repeat(groups) if self.affine else None
+        bias = self.bias.repeat(groups) if self.affine else None
+        y = F.batch_norm(x.reshape(b // groups, groups * c, h, w), mean, var, weight, bias,
+                         True, factor, self.eps)
+        if stats:
+            with torch.no_grad():
+                self.running_mean.copy_(mean.view(groups, c).mean(0))
+                self.running_var.copy_(var.view(groups, c).mean(0))
+        return y.reshape(b, c, h, w)
+
+    def _average_factor(self) -> float:
+        """The running-average weight of this step, as `nn.BatchNorm2d` computes it (momentum, or a
+        cumulative average when momentum is None), counting the step once for all groups."""
+        if not self.track_running_stats or self.num_batches_tracked is None:
+            return 0.0 if self.momentum is None else self.momentum
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
+
+@contextlib.contextmanager
+def bn_groups(module: nn.Module, groups: int) -> Iterator[None]:
+    """Within the block, every `GroupedBatchNorm2d` of `module` normalizes in `groups` groups."""
+    layers = [m for m in module.modules() if isinstance(m, GroupedBatchNorm2d)]
+    previous = [m.groups for m in layers]
+    for m in layers:
+        m.groups = groups
+    try:
+        yield
+    finally:
+        for m, g in zip(layers, previous):
+            m.groups = g
+
+
+def build_backbone(arch: str, small_images: bool | None = None, stem: str = "auto") -> nn.Module:
+    """A torchvision ResNet without its classifier (`fc = Identity`), with `out_dim` set.
+
+    `stem="cifar"` (or `"auto"` with `small_images`) swaps the 7x7/2 convolution and max-pool for a
+    3x3/1 convolution and no pooling: at 32 px the ImageNet stem would shrink the image to 8 px
+    before the first residual block and waste most of the network.
+    """
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if stem not in ("auto", "cifar", "imagenet"):
+        raise ConfigError(f"unknown stem {stem!r}; choose auto, cifar or imagenet")
+    net = getattr(torchvision.models, arch)(weights=None, norm_layer=GroupedBatchNorm2d)
+    if stem == "cifar" or (stem == "auto" and small_images):
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    net.out_dim = _OUT_DIMS[arch]
+    return net
+
+
+class Encoder(nn.Module):
+    """Backbone + projection head; `forward` returns the *unnormalized* embedding (the losses and
+    MoCo normalize), so the same module serves as query encoder, key encoder and CCL teacher."""
+
+    def __init__(self, backbone: nn.Module, dim: int = 128, mlp: bool = True) -> None:
+        super().__init__()
+        self.backbone = backbone
+        d = backbone.out_dim
+        self.head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, dim)) if mlp else nn.Linear(d, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+class MoCo(nn.Module):
+    """MoCo v2: query encoder (trained), key encoder (momentum copy) and a FIFO queue of keys.
+
+    The training step itself lives in the trainer; this module holds the state and the pieces a
+    step needs: `forward` (the differentiable query path, so DDP wrapping this module syncs the
+    query gradients), `key_forward`, `momentum_update`, `enqueue`.
+    """
+
+    queue: torch.Tensor
+    queue_ptr: torch.Tensor
+
+    def __init__(self, arch: str, dim: int = 128, k: int = 65536, mlp: bool = True,
+                 small_images: bool | None = None, stem: str = "auto") -> None:
+        super().__init__()
+        if k < 1:
+            raise ConfigError(f"--moco-k must be >= 1, got {k}")
+        self.encoder_q = Encoder(build_backbone(arch, small_images, stem), dim, mlp)
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        self.encoder_k.requires_grad_(False)
+        self.register_buffer("queue", F.normalize(torch.randn(dim, k), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    def forward(self, im_q: torch.Tensor) -> torch.Tensor:
+        """L2-normalized query embeddings (B, dim)."""
+        return F.normalize(self.encoder_q(im_q), dim=1)
+
+    @torch.no_grad()
+    def key_forward(self, im_k: torch.Tensor, groups: int = 1,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """L2-normalized key embeddings (B, dim), computed with shuffled, grouped BatchNorm.
+
+        The batch is permuted (with `generator`, for reproducibility), forwarded with BN statistics
+        per group of `groups` (1 = the whole batch, what each rank does under DDP after the
+        trainer's cross-GPU shuffle), and put back in the original order.
+        """
+        b = im_k.shape[0]
+        device = generator.device if generator is not None else im_k.device
+        perm = torch.randperm(b, generator=generator, device=device).to(im_k.device)
+        with bn_groups(self.encoder_k, groups):
+            k = self.encoder_k(im_k[perm])
+        unshuffled = torch.empty_like(k)
+        unshuffled[perm] = k
+        return F.normalize(unshuffled, dim=1)
+
+    @torch.no_grad()
+    def momentum_update(self, m: float) -> None:
+        """key = m * key + (1 - m) * query, parameters only (BN statistics stay the key's own)."""
+        k_params = [p for p in self.encoder_k.parameters()]
+        q_params = [p.detach() for p in self.encoder_q.parameters()]
+        torch._foreach_mul_(k_params, m)
+        torch._foreach_add_(k_params, q_params, alpha=1.0 - m)
+
+    @torch.no_grad()
+    def copy_query_to_key(self) -> None:
+        """Make the key encoder an exact copy of the query encoder (start of training / a task)."""
+        self.encoder_k.load_state_dict(self.encoder_q.state_dict())
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write `keys` (B, dim) over the oldest entries, wrapping around the end of the queue.
+
+        Any batch size works (the authors require K % B == 0); with B > K only the newest K keys
+        survive, exactly as if they had been written one by one. No host sync: the pointer stays
+        on the device.
+        """
+        k = self.queue.shape[1]
+        b = keys.shape[0]
+        skip = max(0, b - k)
+        keys = keys[skip:]
+        idx = (self.queue_ptr + skip + torch.arange(keys.shape[0], device=keys.device)) % k
+        self.queue.index_copy_(1, idx, keys.t().to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + b) % k)
