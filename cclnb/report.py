@@ -1,0 +1,479 @@
+"""Read run directories into pandas and draw the study's figures.
+
+The report notebook and the task-sequence notebook only orchestrate: everything they show comes
+from the functions here, so it is tested once and looks the same everywhere. This module reads the
+run-directory contract (docs/architecture.md, "Run directory") and never trains or evaluates, so a
+report can be rebuilt at any time from what the runs left behind.
+
+Figures are plain `matplotlib.figure.Figure` objects (not pyplot figures): a notebook displays
+the returned figure exactly once, and scripts or tests leak no global pyplot state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from cclnb import metrics
+from cclnb.config import METHODS
+from cclnb.errors import DataError
+
+WHO = ("student", "teacher")
+PROTOCOLS = ("probe", "knn")  # preference order for the per-task accuracy matrix
+
+# Linear top-1 (%) on ImageNet-Sub, 10 incremental steps, ResNet-50, 224 px, 200 epochs per task
+# (paper Table; the authors' code re-run, /work/shared/reference.md).
+PAPER_SETTING = "ImageNet-Sub, ResNet-50, 224 px, 10 tasks, 200 epochs"
+PAPER_TOP1 = {"Finetuning": 52.62, "SimpleReplay": 54.28, "CCL": 55.48}
+AUTHORS_CODE_TOP1 = {"Finetuning": 53.06, "SimpleReplay": 54.36, "CCL": 55.54}
+
+
+@dataclass
+class Run:
+    """Everything one run directory holds, loaded once.
+
+    `accuracy[(protocol, who)]` is the accuracy-matrix frame indexed by `after_task` with columns
+    task_0..task_{n-1} and all; `lincls[who]` is the parsed lincls_<who>.json.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    status: dict[str, Any]
+    train_log: pd.DataFrame
+    accuracy: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)
+    lincls: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return str(self.config.get("method", "?"))
+
+    @property
+    def dataset(self) -> str:
+        return dataset_label(self.config)
+
+    @property
+    def complete(self) -> bool:
+        return self.status.get("state") == "complete"
+
+    def protocol(self, who: str = "student") -> str | None:
+        """The per-task protocol to summarise: the probe when it was measured, else kNN."""
+        return next((p for p in PROTOCOLS if (p, who) in self.accuracy), None)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}); the run "
+                        f"that wrote it was probably killed mid-write: re-run that step") from error
+
+
+def _read_accuracy(path: Path) -> pd.DataFrame:
+    frame = pd.read_csv(path)
+    if "after_task" not in frame.columns:
+        raise DataError(f"{path} has no `after_task` column; it is not an accuracy matrix written "
+                        f"by cclnb (expected columns after_task, task_0.., all)")
+    return frame.set_index("after_task").sort_index()
+
+
+def load_run(path: str | Path) -> Run:
+    """Load one run directory; a folder without config.json is a DataError naming it."""
+    run_dir = Path(path)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise DataError(f"{run_dir} has no config.json, so it is not a cclnb run directory; "
+                        f"pass a directory written by `cclnb train` or the task-sequence notebook")
+    status_path = run_dir / "status.json"
+    log_path = run_dir / "train_log.csv"
+    run = Run(path=run_dir, config=_read_json(config_path),
+              status=_read_json(status_path) if status_path.is_file() else {"state": "unknown"},
+              train_log=pd.read_csv(log_path) if log_path.is_file() else pd.DataFrame())
+    for csv_path in sorted((run_dir / "eval").glob("acc_*_*.csv")):
+        _, protocol, who = csv_path.stem.split("_", 2)
+        run.accuracy[(protocol, who)] = _read_accuracy(csv_path)
+    for who in WHO:
+        lincls_path = run_dir / f"lincls_{who}.json"
+        if lincls_path.is_file():
+            run.lincls[who] = _read_json(lincls_path)
+    return run
+
+
+def find_run_dirs(root: str | Path) -> list[Path]:
+    """Every run directory (a folder holding config.json) under `root`, in a stable order."""
+    base = Path(root)
+    if not base.is_dir():
+        raise DataError(f"runs root {base} does not exist; run the study first "
+                        f"(`cclnb study --preset demo`) or pass the folder that holds the runs")
+    return sorted(p.parent for p in base.rglob("config.json") if "checkpoints" not in p.parts)
+
+
+def load_runs(root: str | Path) -> list[Run]:
+    """All runs under `root`, ordered by dataset then by the canonical method order."""
+    runs = [load_run(p) for p in find_run_dirs(root)]
+    if not runs:
+        raise DataError(f"no run directories (folders with config.json) under {root}; "
+                        f"run the task-sequence notebook or `cclnb study` first")
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(runs, key=lambda r: (r.dataset, order.get(r.method, len(order)), str(r.path)))
+
+
+def dataset_label(config: dict[str, Any]) -> str:
+    """A short dataset name for tables: the data file's stem (`-sub` for ImageNet-Sub)."""
+    data = config.get("data")
+    if config.get("dataset") == "demo" or data == "demo":
+        return "demo-digits"
+    if not data:
+        return str(config.get("dataset", "?"))
+    name = Path(str(data).rstrip("/")).name
+    for suffix in (".zip", ".tar.gz", ".tar"):
+        name = name.removesuffix(suffix)
+    return f"{name}-sub" if config.get("imagenetsub") else name
+
+
+def matches_paper_setting(config: dict[str, Any]) -> bool:
+    """True only for the setting the published numbers were measured in (`PAPER_SETTING`)."""
+    return (bool(config.get("imagenetsub")) and config.get("arch") == "resnet50"
+            and config.get("n_tasks") == 10 and config.get("epochs") == 200
+            and config.get("image_size") in (None, 224))
+
+
+def accuracy_matrix(run: Run, protocol: str | None = None, who: str = "student") -> np.ndarray:
+    """R[i, j] = accuracy (%) on task j's classes after training task i, for the rows measured.
+
+    An unfinished run has fewer rows than tasks; the matrix then keeps every column (the plots
+    show what exists) and `summary_metrics` uses its square part.
+    """
+    protocol = protocol or run.protocol(who)
+    if protocol is None or (protocol, who) not in run.accuracy:
+        raise DataError(f"{run.path} has no eval/acc_{protocol or '<protocol>'}_{who}.csv; train "
+                        f"with eval_each_task=knn|probe|both (and eval_teacher for the teacher)")
+    frame = run.accuracy[(protocol, who)]
+    task_cols = sorted((c for c in frame.columns if c.startswith("task_")), key=lambda c: int(c[5:]))
+    return frame[task_cols].to_numpy(dtype=np.float64)
+
+
+def summary_metrics(R: np.ndarray) -> dict[str, float]:
+    """Average accuracy, average forgetting and BWT of the measured square part of `R`.
+
+    Forgetting and BWT need two tasks; with one they are NaN rather than an error, because a
+    one-task run is still a valid row of the results table.
+    """
+    t = min(R.shape)
+    square = R[:t, :t]
+    out = {"avg_acc": metrics.average_accuracy(square)[-1] if t else math.nan,
+           "avg_forgetting": math.nan, "bwt": math.nan}
+    if t >= 2:
+        out["avg_forgetting"] = metrics.average_forgetting(square)
+        out["bwt"] = metrics.backward_transfer(square)
+    return out
+
+
+def _top1(run: Run, who: str) -> float:
+    result = run.lincls.get(who)
+    return float(result["top1"]) if result and result.get("top1") is not None else math.nan
+
+
+def results_table(runs: Sequence[Run]) -> pd.DataFrame:
+    """One row per (dataset, method): final linear top-1 of student and teacher, the continual
+    metrics of the per-task accuracy matrix, and the published ImageNet-Sub numbers.
+
+    The published numbers sit in every row as a reference, and `paper_setting` says whether this
+    row's setting is the paper's ("same") or not, so nobody compares 32-px digits to ImageNet by
+    accident.
+    """
+    rows = []
+    for run in runs:
+        protocol = run.protocol("student")
+        summary = (summary_metrics(accuracy_matrix(run, protocol)) if protocol
+                   else {"avg_acc": math.nan, "avg_forgetting": math.nan, "bwt": math.nan})
+        same = matches_paper_setting(run.config)
+        rows.append({
+            "dataset": run.dataset, "method": run.method,
+            "tasks": run.config.get("n_tasks"), "epochs": run.config.get("epochs"),
+            "arch": run.config.get("arch"), "image_size": run.config.get("image_size"),
+            "state": run.status.get("state"),
+            "linear_top1_student": _top1(run, "student"),
+            "linear_top1_teacher": _top1(run, "teacher"),
+            "linear_protocol": run.lincls.get("student", {}).get("protocol"),
+            "per_task_protocol": protocol,
+            "avg_acc": summary["avg_acc"], "avg_forgetting": summary["avg_forgetting"],
+            "bwt": summary["bwt"],
+            "paper_top1": PAPER_TOP1.get(run.method, math.nan),
+            "authors_code_top1": AUTHORS_CODE_TOP1.get(run.method, math.nan),
+            "paper_setting": "same" if same else f"different (paper: {PAPER_SETTING})",
+        })
+    return pd.DataFrame(rows)
+
+
+def write_results(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
+    """results.csv plus every accuracy matrix as acc_<dataset>_<method>_<protocol>_<who>.csv."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "results.csv"]
+    results_table(runs).to_csv(written[0], index=False, float_format="%.4f")
+    for run in runs:
+        for (protocol, who), frame in sorted(run.accuracy.items()):
+            path = out / f"acc_{run.dataset}_{run.method}_{protocol}_{who}.csv"
+            frame.to_csv(path)
+            written.append(path)
+    return written
+
+
+def _panel_grid(n: int, width: float = 4.2, height: float = 3.4,
+                max_cols: int = 4) -> tuple[Figure, list[Any]]:
+    cols = max(1, min(n, max_cols))
+    rows = max(1, math.ceil(n / cols))
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel().tolist()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _title(run: Run, runs: Sequence[Run]) -> str:
+    """Method name, plus the dataset when the runs span several datasets."""
+    several = len({r.dataset for r in runs}) > 1
+    return f"{run.method} ({run.dataset})" if several else run.method
+
+
+def plot_forgetting_curves(runs: Sequence[Run], who: str = "student") -> Figure:
+    """One panel per run: accuracy on each task's classes as tasks are learned.
+
+    Solid from the task's own training on (where forgetting shows), dotted before it (transfer to
+    classes not trained yet, which a self-supervised encoder also has).
+    """
+    with_acc = [r for r in runs if r.protocol(who)]
+    if not with_acc:
+        raise DataError(f"none of the runs has a per-task accuracy matrix for the {who}; train with "
+                        f"eval_each_task=knn|probe|both")
+    fig, axes = _panel_grid(len(with_acc))
+    for run, ax in zip(with_acc, axes):
+        R = accuracy_matrix(run, who=who)
+        steps = np.arange(1, R.shape[0] + 1)
+        palette = sns.color_palette("viridis", R.shape[1])
+        for j in range(R.shape[1]):
+            seen = steps - 1 >= j
+            ax.plot(steps[seen], R[seen, j], "-o", ms=3, color=palette[j], label=f"task {j + 1}")
+            if j > 0 and (~seen).any():
+                before = np.arange(min(j + 1, R.shape[0]))
+                ax.plot(steps[before], R[before, j], ":", color=palette[j], alpha=0.6)
+        ax.set_title(f"{_title(run, with_acc)} - {run.protocol(who)}")
+        ax.set_xlabel("tasks learned")
+        ax.set_ylabel("accuracy on task's classes (%)")
+        ax.set_xticks(steps)
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7, ncols=2, loc="best")
+    fig.suptitle(f"Forgetting curves ({who}; solid = after the task was learned)")
+    return fig
+
+
+def plot_accuracy_heatmaps(runs: Sequence[Run], who: str = "student") -> Figure:
+    """One accuracy-matrix heatmap per run (rows: after task i; columns: task j), shared scale."""
+    with_acc = [r for r in runs if r.protocol(who)]
+    if not with_acc:
+        raise DataError(f"none of the runs has a per-task accuracy matrix for the {who}")
+    mats = [accuracy_matrix(r, who=who) for r in with_acc]
+    vmin, vmax = min(m.min() for m in mats), max(m.max() for m in mats)
+    fig, axes = _panel_grid(len(with_acc), width=4.4, height=3.8)
+    for run, R, ax in zip(with_acc, mats, axes):
+        sns.heatmap(R, ax=ax, vmin=vmin, vmax=vmax, cmap="mako", annot=R.shape[1] <= 10,
+                    fmt=".0f", annot_kws={"size": 7}, cbar=ax is axes[-1],
+                    xticklabels=[str(j + 1) for j in range(R.shape[1])],
+                    yticklabels=[str(i + 1) for i in range(R.shape[0])])
+        ax.set_title(f"{_title(run, with_acc)} - {run.protocol(who)}")
+        ax.set_xlabel("evaluated on task")
+        ax.set_ylabel("after task")
+    fig.suptitle(f"Accuracy matrices ({who}, %)")
+    return fig
+
+
+def _task_starts(log: pd.DataFrame) -> list[int]:
+    firsts = log.groupby("task")["global_step"].min()
+    return [int(s) for s in firsts.iloc[1:]]
+
+
+def plot_loss_curves(runs: Sequence[Run], smooth: int = 5) -> Figure:
+    """Training loss per run (total and its MoCo / extra-queue / distillation parts), with the
+    task boundaries marked, smoothed by a rolling mean over `smooth` logged points."""
+    logged = [r for r in runs if not r.train_log.empty]
+    if not logged:
+        raise DataError("none of the runs has a train_log.csv with rows yet")
+    fig, axes = _panel_grid(len(logged))
+    parts = [("loss", "total"), ("loss_moco", "MoCo"), ("loss_extra", "extra queue"),
+             ("loss_distill", "distillation")]
+    for run, ax in zip(logged, axes):
+        log = run.train_log.sort_values("global_step")
+        for column, label in parts:
+            if column in log and log[column].notna().any() and (column == "loss" or log[column].abs().sum() > 0):
+                ax.plot(log["global_step"], log[column].rolling(smooth, min_periods=1).mean(),
+                        label=label, lw=1.2)
+        for step in _task_starts(log):
+            ax.axvline(step, color="grey", lw=0.6, ls="--")
+        ax.set_title(_title(run, logged))
+        ax.set_xlabel("step (dashed: new task)")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Training loss")
+    return fig
+
+
+def throughput_table(runs: Sequence[Run]) -> pd.DataFrame:
+    """Median training throughput and wall time per run, from train_log.csv."""
+    rows = []
+    for run in runs:
+        log = run.train_log
+        has = not log.empty and "img_per_s" in log
+        rows.append({"dataset": run.dataset, "method": run.method,
+                     "median_img_per_s": float(log["img_per_s"].median()) if has else math.nan,
+                     "steps": int(log["global_step"].max()) if has else 0,
+                     "train_time_s": float(log["time_s"].max()) if has and "time_s" in log else math.nan})
+    return pd.DataFrame(rows)
+
+
+def plot_throughput(runs: Sequence[Run]) -> Figure:
+    """Bar chart of the median training throughput (images / s) per run."""
+    table = throughput_table(runs).dropna(subset=["median_img_per_s"])
+    if table.empty:
+        raise DataError("none of the runs logged img_per_s in train_log.csv")
+    fig = Figure(figsize=(max(4.0, 1.3 * len(table) + 2), 3.4), layout="constrained")
+    ax = fig.subplots()
+    labels = [f"{m}\n{d}" if table["dataset"].nunique() > 1 else m
+              for m, d in zip(table["method"], table["dataset"])]
+    bars = ax.bar(labels, table["median_img_per_s"], color=sns.color_palette("deep", len(table)))
+    ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_ylabel("images / s (median over logged steps)")
+    ax.set_title("Training throughput")
+    return fig
+
+
+def lincls_curve(result: dict[str, Any]) -> pd.DataFrame:
+    """The per-epoch curve of a lincls JSON as a frame with an `epoch` column.
+
+    The curve is a list of per-epoch records (dicts) or of top-1 values; both are accepted so
+    the notebook shows whatever the evaluation recorded.
+    """
+    curve = result.get("curve") or []
+    if curve and not isinstance(curve[0], dict):
+        curve = [{"top1": v} for v in curve]
+    frame = pd.DataFrame(curve)
+    if not frame.empty and "epoch" not in frame:
+        frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
+    return frame
+
+
+def plot_lincls_curve(result: dict[str, Any], title: str = "Linear evaluation") -> Figure:
+    """Validation top-1 (and training loss when recorded) against the epoch."""
+    frame = lincls_curve(result)
+    if frame.empty:
+        raise DataError("the linear-evaluation result has no per-epoch curve to plot")
+    fig = Figure(figsize=(6.5, 3.4), layout="constrained")
+    ax = fig.subplots()
+    metric_cols = [c for c in frame.columns if c != "epoch" and "loss" not in c]
+    for column in metric_cols:
+        ax.plot(frame["epoch"], frame[column], "-o", ms=3, label=column)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    loss_cols = [c for c in frame.columns if "loss" in c]
+    if loss_cols:
+        twin = ax.twinx()
+        for column in loss_cols:
+            twin.plot(frame["epoch"], frame[column], "--", color="grey", label=column)
+        twin.set_ylabel("loss")
+        twin.legend(loc="center right", fontsize=7)
+    ax.legend(loc="lower right", fontsize=7)
+    ax.set_title(title)
+    return fig
+
+
+def provenance_table(runs: Sequence[Run]) -> pd.DataFrame:
+    """Where each number came from: commit, versions, hardware, start, state and wall time."""
+    rows = []
+    for run, times in zip(runs, throughput_table(runs).itertuples()):
+        hardware = run.config.get("hardware") or {}
+        versions = run.config.get("versions") or {}
+        gpus = hardware.get("gpus")
+        rows.append({
+            "dataset": run.dataset, "method": run.method, "run_dir": str(run.path),
+            "git_commit": (run.config.get("git_commit") or "?")[:10],
+            "started": run.config.get("started"), "state": run.status.get("state"),
+            "train_time_min": times.train_time_s / 60,
+            "hardware": ", ".join(gpus) if gpus else f"CPU x{hardware.get('cpu_count', '?')}",
+            "torch": versions.get("torch"), "precision": run.config.get("precision"),
+            "seed": run.config.get("seed"),
+        })
+    return pd.DataFrame(rows)
+
+
+def config_table(runs: Sequence[Run]) -> pd.DataFrame:
+    """The resolved config of every run side by side (one column per run), so differences in
+    settings between methods are visible; nested provenance fields are left to
+    `provenance_table`."""
+    skip = {"versions", "hardware", "git_commit", "started"}
+    columns = {f"{r.method} ({r.dataset})": {k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
+                                             for k, v in r.config.items() if k not in skip}
+               for r in runs}
+    return pd.DataFrame(columns)
+
+
+def limits_note(runs: Sequence[Run]) -> str:
+    """Markdown: what these numbers are not, stated with the settings actually used."""
+    lines = ["**Honest limits of these numbers**", ""]
+    for dataset in sorted({r.dataset for r in runs}):
+        group = [r for r in runs if r.dataset == dataset]
+        cfg = group[0].config
+        lines.append(f"- `{dataset}`: {cfg.get('arch')} at {cfg.get('image_size') or 'native'} px, "
+                     f"{cfg.get('n_tasks')} tasks, {cfg.get('epochs')} epochs per task, "
+                     f"MoCo queue {cfg.get('moco_k')}, batch {cfg.get('batch_size')}.")
+        if dataset.startswith("tiny-imagenet-32"):
+            lines.append("  Tiny-ImageNet downsampled to 32 px is not ImageNet-Sub at 224 px: "
+                         "absolute accuracies are far lower and not comparable to the paper's; "
+                         "only the ranking of methods is.")
+        if dataset == "demo-digits":
+            lines.append("  The demo uses scikit-learn's 8x8 digits upscaled to 32 px, a tiny "
+                         "backbone budget and a fast feature probe: it shows the pipeline works, "
+                         "not how the methods compare.")
+    if not any(matches_paper_setting(r.config) for r in runs):
+        lines.append(f"- No run uses the paper's setting ({PAPER_SETTING}); the paper's numbers "
+                     f"are shown as a reference for a different setting only.")
+    if any(not r.complete for r in runs):
+        lines.append("- Some runs are not complete (see `state`): their metrics cover the tasks "
+                     "finished so far.")
+    lines.append("- One seed per method: differences of a point or two are within run-to-run noise "
+                 "unless repeated with other seeds.")
+    lines.append("- Final linear top-1 is the last epoch's (the authors report the best epoch, "
+                 "chosen on the validation set).")
+    return "\n".join(lines)
+
+
+def image_grid(images: np.ndarray, titles: Sequence[str] | None = None, n_cols: int = 8,
+               title: str = "", size: float = 1.3) -> Figure:
+    """A grid of (N, H, W, 3) uint8 images (or (N, 3, H, W)), optionally titled one by one."""
+    arr = np.asarray(images)
+    if arr.ndim != 4:
+        raise DataError(f"image_grid needs a batch of images (N, H, W, 3), got shape {arr.shape}")
+    if arr.shape[1] == 3 and arr.shape[-1] != 3:
+        arr = arr.transpose(0, 2, 3, 1)
+    n = len(arr)
+    cols = max(1, min(n_cols, n))
+    rows = max(1, math.ceil(n / cols))
+    fig = Figure(figsize=(size * cols, size * rows + (0.4 if title else 0)), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for i, ax in enumerate(axes):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(arr[i], interpolation="nearest")
+            if titles is not None:
+                ax.set_title(str(titles[i]), fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return fig
