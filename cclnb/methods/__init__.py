@@ -1,0 +1,22 @@
+"""Continual methods on the shared trainer; `get_method(config, env)` picks one by name."""
+
+from __future__ import annotations
+
+from cclnb.config import METHODS, TrainConfig, canonical_method
+from cclnb.methods.base import Method, StepOutputs, TrainerEnv
+from cclnb.methods.ccl import CCL
+from cclnb.methods.finetuning import Finetuning
+from cclnb.methods.joint import Joint
+from cclnb.methods.simple_replay import SimpleReplay
+
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (Finetuning, SimpleReplay, CCL, Joint)}
+assert set(REGISTRY) == set(METHODS), "every configured method needs a class"
+
+
+def get_method(config: TrainConfig, env: TrainerEnv) -> Method:
+    """The method object for `config.method` (aliases such as the README's `CLL` accepted)."""
+    return REGISTRY[canonical_method(config.method)](env)
+
+
+__all__ = ["CCL", "Finetuning", "Joint", "Method", "REGISTRY", "SimpleReplay", "StepOutputs",
+           "TrainerEnv", "get_method"]

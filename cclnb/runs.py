@@ -1,0 +1,238 @@
+"""The run directory: everything a pretraining run leaves behind for notebooks and reports.
+
+A run directory is the only interface between training and analysis (docs/architecture.md,
+"Run directory"). Every file here is written atomically (temporary file + fsync + rename), so a run
+killed at any moment leaves either the previous complete file or the new complete file, never a
+half-written one that a notebook would misread.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from cclnb.errors import CheckpointError, ConfigError
+
+LOG_COLUMNS = ("task", "epoch", "step", "global_step", "loss", "loss_moco", "loss_extra",
+               "loss_distill", "lr", "img_per_s", "time_s")
+STATES = ("running", "complete", "failed", "interrupted")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the old or the new content, never a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, payload: Any) -> None:
+    _atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def timestamp() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def default_run_dir(method: str, dataset_name: str, root: str | Path = "runs") -> Path:
+    """`runs/<method>-<dataset name>-<timestamp>`; a numeric suffix keeps two runs started in the
+    same second apart instead of mixing their files."""
+    base = Path(root) / f"{method}-{dataset_name}-{timestamp()}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def prepare_run_dir(path: str | Path) -> Path:
+    """Create the run directory (and its sub-folders) and prove it is writable, so a permission
+    problem surfaces before hours of training rather than at the first checkpoint."""
+    run_dir = Path(path)
+    try:
+        for sub in ("", "checkpoints", "replay", "eval"):
+            (run_dir / sub).mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"run directory {run_dir} is not writable ({error.strerror}); "
+                          f"choose another one with --run-dir") from error
+    return run_dir
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """The commit of the cclnb checkout (None outside git): ties a result to the code made it."""
+    where = Path(cwd) if cwd is not None else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
+                             text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment_info() -> dict[str, Any]:
+    """Package versions and hardware: numbers from different machines are not comparable."""
+    import sklearn
+    import torch
+    import torchvision
+
+    import cclnb
+
+    hardware: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                                "cuda_available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        hardware["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    versions = {"python": platform.python_version(), "cclnb": cclnb.__version__,
+                "torch": torch.__version__, "torchvision": torchvision.__version__,
+                "numpy": np.__version__, "sklearn": sklearn.__version__}
+    return {"versions": versions, "hardware": hardware}
+
+
+def write_config(run_dir: Path, config: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """config.json: the resolved config plus git commit, versions, hardware and start time."""
+    payload = dict(config)
+    payload["git_commit"] = git_commit()
+    payload.update(environment_info())
+    payload["started"] = _dt.datetime.now().isoformat(timespec="seconds")
+    if extra:
+        payload.update(extra)
+    write_json(run_dir / "config.json", payload)
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} has no config.json, so it is not a cclnb run directory; "
+                              f"pass a run directory written by `cclnb train` or a checkpoint file")
+    return read_json(path)
+
+
+def write_status(run_dir: Path, state: str, **fields: Any) -> None:
+    """status.json: what the run is doing now, so a notebook or `cclnb study` can tell a finished
+    run from one to resume without opening a checkpoint."""
+    if state not in STATES:
+        raise ValueError(f"state must be one of {STATES}, got {state!r}")
+    payload = {"state": state, **fields,
+               "updated": _dt.datetime.now().isoformat(timespec="seconds")}
+    write_json(Path(run_dir) / "status.json", payload)
+
+
+def read_status(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / "status.json"
+    return read_json(path) if path.is_file() else None
+
+
+def write_replay(run_dir: Path, task: int, ids: np.ndarray, selection: str) -> None:
+    write_json(Path(run_dir) / "replay" / f"task_{task}.json",
+               {"task": task, "ids": [int(i) for i in ids], "selection": selection})
+
+
+def read_replay(run_dir: Path, task: int) -> np.ndarray:
+    payload = read_json(Path(run_dir) / "replay" / f"task_{task}.json")
+    return np.asarray(payload["ids"], dtype=np.int64)
+
+
+def checkpoint_path(run_dir: Path, task: int | None = None) -> Path:
+    """checkpoints/task_<t>.pt for a finished task, checkpoints/last.pt for the newest state."""
+    name = "last.pt" if task is None else f"task_{task}.pt"
+    return Path(run_dir) / "checkpoints" / name
+
+
+def resolve_resume(resume: str | Path) -> tuple[Path, Path]:
+    """Map `--resume` (a run directory or a checkpoint inside one) to (run dir, checkpoint)."""
+    path = Path(resume)
+    if path.is_dir():
+        ckpt = checkpoint_path(path)
+        if not ckpt.is_file():
+            raise CheckpointError(f"{path} holds no checkpoints/last.pt: the run never finished an "
+                                  f"epoch, so start it again without --resume")
+        return path, ckpt
+    if path.is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return run_dir, path
+    raise CheckpointError(f"--resume {resume}: no such run directory or checkpoint file")
+
+
+class TrainLog:
+    """train_log.csv (one row per `print_freq` steps and per epoch end) and train.log (text).
+
+    Rows are appended and flushed at once so a killed run keeps its history; on resume the file
+    is reopened in append mode, so the log reads as one run.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.csv_path = Path(run_dir) / "train_log.csv"
+        self.text_path = Path(run_dir) / "train.log"
+        if enabled and not self.csv_path.exists():
+            with open(self.csv_path, "w", newline="", encoding="utf-8") as handle:
+                csv.writer(handle).writerow(LOG_COLUMNS)
+
+    def row(self, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.csv_path, "a", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerow([_fmt(values.get(c)) for c in LOG_COLUMNS])
+
+    def line(self, message: str) -> None:
+        if not self.enabled:
+            return
+        stamp = _dt.datetime.now().isoformat(timespec="seconds")
+        with open(self.text_path, "a", encoding="utf-8") as handle:
+            handle.write(f"{stamp} {message}\n")
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else value
+
+
+def accuracy_path(run_dir: Path, protocol: str, who: str) -> Path:
+    return Path(run_dir) / "eval" / f"acc_{protocol}_{who}.csv"
+
+
+def write_accuracy_row(run_dir: Path, protocol: str, who: str, after_task: int,
+                       per_task: Sequence[float], overall: float) -> None:
+    """Add (or replace, after a resume) the row "after task i" of an accuracy matrix CSV.
+
+    Rows are keyed by `after_task` so re-evaluating a task after a resume never duplicates a row.
+    """
+    path = accuracy_path(run_dir, protocol, who)
+    header = ["after_task", *[f"task_{j}" for j in range(len(per_task))], "all"]
+    rows: dict[int, list[str]] = {}
+    if path.is_file():
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            next(reader, None)
+            rows = {int(r[0]): r for r in reader if r}
+    rows[after_task] = [str(after_task), *[f"{a:.4f}" for a in per_task], f"{overall:.4f}"]
+    _atomic_write_text(path, _csv_text(header, (rows[k] for k in sorted(rows))))
+
+
+def _csv_text(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = [",".join(header)] + [",".join(r) for r in rows]
+    return "\n".join(lines) + "\n"
