@@ -1,0 +1,122 @@
+"""Frozen-backbone feature extraction, the shared first step of the kNN and the fast probe.
+
+Features are computed once per evaluation with no augmentation: the backbone runs in eval mode
+(BatchNorm uses its running statistics) under `torch.no_grad`, and its previous train/eval mode
+is restored afterwards, because the trainer calls this in the middle of a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cclnb.errors import ConfigError, DataError
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the device when asked, a no-op for fp32 (the reference precision)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """Run `module` in eval mode without gradients, then give it back in the mode it had."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        module.train(was_training)
+
+
+def as_uint8_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Check that `images` is a (N, H, W, 3) uint8 array or tensor and return it as a tensor."""
+    tensor = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tensor.ndim != 4 \
+            or tensor.shape[-1] != 3:
+        shape = tuple(getattr(images, "shape", ()))
+        dtype = getattr(images, "dtype", type(images).__name__)
+        raise DataError(f"images must be a (N, H, W, 3) uint8 array (as `cclnb.data.load_uint8` "
+                        f"returns), got shape {shape} dtype {dtype}; decode the dataset with load_uint8 "
+                        f"or pass the ImageDataset itself")
+    return tensor
+
+
+def _batches_uint8(images: torch.Tensor, device: torch.device, batch_size: int,
+                   image_size: int | None) -> Iterator[torch.Tensor]:
+    """Normalized eval views of consecutive slices, moved to the device one batch at a time."""
+    from cclnb.augment import normalize_uint8
+
+    for start in range(0, images.shape[0], batch_size):
+        chunk = images[start:start + batch_size].to(device, non_blocking=True)
+        yield normalize_uint8(chunk, image_size)
+
+
+def _batches_dataset(dataset, device: torch.device, batch_size: int, image_size: int | None,
+                     workers: int) -> Iterator[torch.Tensor]:
+    """Eval-transformed batches of an ImageDataset (decoded from files through a DataLoader)."""
+    from cclnb.augment import eval_transform
+
+    size = image_size or dataset.image_size or 224
+    transform = eval_transform(size, small_images=size <= 64)
+    loader = torch.utils.data.DataLoader(_TransformedDataset(dataset, transform), batch_size=batch_size,
+                                         shuffle=False, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    for batch in loader:
+        yield batch.to(device, non_blocking=True)
+
+
+class _TransformedDataset(torch.utils.data.Dataset):
+    """Images only (labels are the caller's business), through a PIL transform."""
+
+    def __init__(self, dataset, transform) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(self.dataset.load_pil(i))
+
+
+def extract_features(backbone: nn.Module, images, device: str | torch.device, batch_size: int = 512,
+                     image_size: int | None = None, precision: str = "fp32", workers: int = 0,
+                     progress: bool = True, desc: str = "features") -> torch.Tensor:
+    """Backbone features of every image, in order: a float32 (N, D) tensor on `device`.
+
+    `images` is either a (N, H, W, 3) uint8 array/tensor (the fast path: slices go to the device
+    and are normalized there, resized to `image_size` when given) or an `ImageDataset` (decoded
+    with the eval transform through a DataLoader with `workers` processes). No L2 normalization:
+    the kNN normalizes, the probe standardizes.
+    """
+    device = torch.device(device)
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if hasattr(images, "load_pil"):
+        total = len(images)
+        batches = _batches_dataset(images, device, batch_size, image_size, workers)
+    else:
+        tensor = as_uint8_tensor(images)
+        total = tensor.shape[0]
+        batches = _batches_uint8(tensor, device, batch_size, image_size)
+    if total == 0:
+        raise DataError("no images to extract features from; check the split and --subset-per-class")
+    chunks = []
+    with frozen(backbone), autocast(device, precision), \
+            tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for batch in batches:
+            chunks.append(backbone(batch).float())
+            bar.update(batch.shape[0])
+    return torch.cat(chunks)
