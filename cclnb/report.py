@@ -370,28 +370,48 @@ def lincls_curve(result: dict[str, Any]) -> pd.DataFrame:
     return frame
 
 
+def _draw_lincls(ax: Any, frame: pd.DataFrame, label: str = "") -> None:
+    """Accuracy columns of a lincls curve on `ax` (losses, when recorded, on a twin axis)."""
+    prefix = f"{label} " if label else ""
+    for column in (c for c in frame.columns if c != "epoch" and "loss" not in c):
+        ax.plot(frame["epoch"], frame[column], "-o", ms=3, label=f"{prefix}{column}")
+    loss_cols = [c for c in frame.columns if "loss" in c]
+    if loss_cols:
+        twin = ax.twinx()
+        for column in loss_cols:
+            twin.plot(frame["epoch"], frame[column], "--", lw=1, alpha=0.6, label=f"{prefix}{column}")
+        twin.set_ylabel("loss (dashed)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7)
+
+
 def plot_lincls_curve(result: dict[str, Any], title: str = "Linear evaluation") -> Figure:
-    """Validation top-1 (and training loss when recorded) against the epoch."""
+    """Validation top-1 (and training loss when recorded) against the epoch, for one result."""
     frame = lincls_curve(result)
     if frame.empty:
         raise DataError("the linear-evaluation result has no per-epoch curve to plot")
     fig = Figure(figsize=(6.5, 3.4), layout="constrained")
     ax = fig.subplots()
-    metric_cols = [c for c in frame.columns if c != "epoch" and "loss" not in c]
-    for column in metric_cols:
-        ax.plot(frame["epoch"], frame[column], "-o", ms=3, label=column)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    loss_cols = [c for c in frame.columns if "loss" in c]
-    if loss_cols:
-        twin = ax.twinx()
-        for column in loss_cols:
-            twin.plot(frame["epoch"], frame[column], "--", color="grey", label=column)
-        twin.set_ylabel("loss")
-        twin.legend(loc="center right", fontsize=7)
-    ax.legend(loc="lower right", fontsize=7)
+    _draw_lincls(ax, frame)
     ax.set_title(title)
+    return fig
+
+
+def plot_lincls_curves(runs: Sequence[Run]) -> Figure:
+    """One panel per run with the linear-evaluation curves of its student and teacher."""
+    with_curves = [r for r in runs if any(not lincls_curve(res).empty for res in r.lincls.values())]
+    if not with_curves:
+        raise DataError("no run has a linear-evaluation result with a per-epoch curve yet")
+    fig, axes = _panel_grid(len(with_curves))
+    for run, ax in zip(with_curves, axes):
+        for who, result in sorted(run.lincls.items()):
+            frame = lincls_curve(result)
+            if not frame.empty:
+                _draw_lincls(ax, frame, who)
+        ax.set_title(_title(run, with_curves))
+    fig.suptitle("Linear evaluation curves")
     return fig
 
 

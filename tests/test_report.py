@@ -118,6 +118,8 @@ def test_figures_have_one_panel_per_run(study_root: Path) -> None:
     curve = report.lincls_curve(runs[2].lincls["student"])
     assert list(curve["top1"]) == [39.0, 40.0, 41.0]
     assert report.plot_lincls_curve(runs[2].lincls["student"]).axes
+    panels = [ax for ax in report.plot_lincls_curves(runs).axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["Finetuning", "CCL"]  # SimpleReplay has no result
 
 
 def test_provenance_and_limits_name_the_setting(study_root: Path) -> None:

@@ -1,0 +1,45 @@
+"""`cclnb study --preset NAME [-p key=value ...]`: run a preset study and render its report.
+
+The work is in `cclnb.study`; this module only maps command-line options onto it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cclnb.config import METHODS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from cclnb.study import PRESETS
+
+    presets = "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values())
+    parser.add_argument("--preset", required=True, choices=list(PRESETS), metavar="NAME",
+                        help=f"which study ({presets})")
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a notebook parameter (checked against the notebooks' "
+                             "parameters cells; prefix linear_eval. or report. to target one)")
+    parser.add_argument("--methods", nargs="+", metavar="METHOD",
+                        help=f"only these methods (default: the preset's; from {', '.join(METHODS)})")
+    parser.add_argument("--study", metavar="NAME",
+                        help="study name for runs/<study> and reports/<study> (default: the preset)")
+    parser.add_argument("--runs-root", default="runs", help="where run directories go (default runs)")
+    parser.add_argument("--reports-root", default="reports",
+                        help="where the HTML report goes (default reports)")
+    parser.add_argument("--force", action="store_true",
+                        help="delete the selected methods' runs and train them again")
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument("--parallel", dest="parallel", action="store_true", default=None,
+                       help="run the methods' task sequences concurrently")
+    order.add_argument("--sequential", dest="parallel", action="store_false",
+                       help="run the methods one after another (overrides the preset)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cclnb.study import plan_study, run_study
+
+    study = plan_study(args.preset, args.param, runs_root=args.runs_root,
+                       reports_root=args.reports_root, methods=args.methods, study=args.study,
+                       force=args.force, parallel=args.parallel)
+    run_study(study)
+    return 0

@@ -1,0 +1,453 @@
+"""Study presets and the papermill runner behind `cclnb study`.
+
+A study is: the task-sequence notebook once per method (pretraining over the task sequence),
+the linear-evaluation notebook for each finished encoder (student, and the teacher where the
+method has one), then the report notebook, rendered to a self-contained HTML page. Every step's
+executed notebook is kept next to its run, so a result can always be traced to the cells that
+produced it.
+
+Why the checks here exist: papermill only *warns* about a misspelled parameter and then runs
+with the default, which silently produces the wrong experiment; so every `-p name=value` is
+checked against the notebooks' `parameters` cells and typed from their defaults. A finished
+step is skipped on the next call, and a failed step names the notebook and the cell, leaving
+everything already done in place.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from cclnb.config import METHODS, canonical_method
+from cclnb.errors import CclnbError, ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ("task_sequence", "linear_eval", "report")
+TEACHER_METHODS = ("CCL",)  # methods whose run keeps a momentum teacher worth probing
+# Parameters the runner sets for every step; -p cannot override them (use the CLI options).
+RUNNER_PARAMETERS = {"task_sequence": {"method", "run_dir", "resume"},
+                     "linear_eval": {"run_dir", "who"},
+                     "report": {"runs_root", "out_dir", "study"}}
+
+
+class StudyStepFailed(CclnbError):
+    """A notebook of the study raised; its executed copy shows the traceback."""
+
+    exit_code = 6
+
+
+def shared_data(filename: str) -> str | None:
+    """`../shared/data/<filename>` relative to the repository when it exists, else None."""
+    path = REPO_ROOT.parent / "shared" / "data" / filename
+    return str(path) if path.exists() else None
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named study: which methods, and the notebook parameters every method shares.
+
+    `task_sequence` / `linear_eval` / `report` hold parameter values for those notebooks (names
+    must exist in the notebook's `parameters` cell; `test_study` checks). `data_hint` is what the
+    error says when the preset's data is not on this machine. `parallel` runs the methods'
+    task sequences as concurrent processes (one GPU can hold several small runs).
+    """
+
+    name: str
+    description: str
+    task_sequence: Mapping[str, Any]
+    linear_eval: Mapping[str, Any]
+    report: Mapping[str, Any] = field(default_factory=dict)
+    methods: tuple[str, ...] = METHODS
+    data_hint: str = ""
+    parallel: bool = False
+
+    def parameters(self, notebook: str) -> dict[str, Any]:
+        return dict(getattr(self, notebook))
+
+
+# MoCo v2 with the authors' flags (mlp, aug_plus, cos, T=0.2) unless a preset says otherwise.
+_MOCO_V2 = {"mlp": True, "aug_plus": True, "cos": True, "moco_t": 0.2, "lr": 0.03, "n_save": 20}
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset(
+        name="demo",
+        description="embedded digits (10 classes, 32 px), 5 tasks of 2 classes, CPU, tiny "
+                    "ResNet-18 budget, fast feature probe: the whole study in minutes on 2 cores",
+        task_sequence={**_MOCO_V2, "dataset": "demo", "data": "demo", "n_tasks": 5, "epochs": 4,
+                       "arch": "resnet18", "stem": "imagenet", "image_size": 32, "batch_size": 64,
+                       "lr": 0.06, "moco_k": 512, "ccl_k": 128, "device": "cpu", "seed": 0,
+                       "eval_each_task": "knn", "eval_teacher": True, "knn_k": 20},
+        linear_eval={"protocol": "probe", "device": "cpu"},
+        report={"title": "cclnb demo study: continual MoCo v2 on embedded digits"}),
+    Preset(
+        name="tin100-32",
+        description="Tiny-ImageNet-32 sub100 (100 classes), 10 tasks, ResNet-18 at 32 px, "
+                    "MoCo queue 4096, bf16 on one GPU (set -p epochs=N)",
+        task_sequence={**_MOCO_V2, "dataset": "zip",
+                       "data": shared_data("tiny-imagenet-32-sub100.zip"), "n_tasks": 10,
+                       "epochs": 50, "arch": "resnet18", "stem": "cifar", "image_size": 32,
+                       "batch_size": 256, "moco_k": 4096, "precision": "bf16", "device": "cuda",
+                       "seed": 0, "eval_each_task": "knn", "eval_teacher": True},
+        linear_eval={"protocol": "lincls", "epochs": 100, "device": "cuda", "precision": "bf16"},
+        report={"title": "Continual MoCo v2 on Tiny-ImageNet-32 (100 classes, 10 tasks)"},
+        data_hint="tiny-imagenet-32-sub100.zip (ImageNet folder layout inside the zip)",
+        parallel=True),
+    Preset(
+        name="tin200-32",
+        description="Tiny-ImageNet-32, all 200 classes, 10 tasks of 20, ResNet-18 at 32 px, bf16",
+        task_sequence={**_MOCO_V2, "dataset": "zip", "data": shared_data("tiny-imagenet-32.zip"),
+                       "n_tasks": 10, "epochs": 50, "arch": "resnet18", "stem": "cifar",
+                       "image_size": 32, "batch_size": 256, "moco_k": 4096, "precision": "bf16",
+                       "device": "cuda", "seed": 0, "eval_each_task": "knn", "eval_teacher": True},
+        linear_eval={"protocol": "lincls", "epochs": 100, "device": "cuda", "precision": "bf16"},
+        report={"title": "Continual MoCo v2 on Tiny-ImageNet-32 (200 classes, 10 tasks)"},
+        data_hint="tiny-imagenet-32.zip (ImageNet folder layout inside the zip)",
+        parallel=True),
+    Preset(
+        name="imagenet-sub",
+        description="the authors' protocol exactly: ImageNet-Sub (classes 0..99), ResNet-50 at "
+                    "224 px, 10 tasks, 200 epochs per task, queue 65536, T 0.2, mlp, aug+, cos, "
+                    "lr 0.03, batch 256, fp32; lincls 100 epochs",
+        task_sequence={**_MOCO_V2, "dataset": "imagefolder", "data": None, "imagenetsub": True,
+                       "n_tasks": 10, "epochs": 200, "arch": "resnet50", "stem": "imagenet",
+                       "image_size": 224, "batch_size": 256, "moco_k": 65536, "precision": "fp32",
+                       "device": "cuda", "seed": None, "eval_each_task": "knn",
+                       "eval_teacher": True},
+        linear_eval={"protocol": "lincls", "epochs": 100, "device": "cuda", "precision": "fp32"},
+        report={"title": "CCL reproduction: ImageNet-Sub, ResNet-50, 10 tasks"},
+        data_hint="an ImageNet root holding train/ and val/ class folders"),
+    Preset(
+        name="cifar100",
+        description="CIFAR-100, 10 tasks of 10 classes, ResNet-18 at 32 px, bf16",
+        task_sequence={**_MOCO_V2, "dataset": "cifar100", "data": shared_data("cifar-100-python"),
+                       "n_tasks": 10, "epochs": 50, "arch": "resnet18", "stem": "cifar",
+                       "image_size": 32, "batch_size": 256, "moco_k": 4096, "precision": "bf16",
+                       "device": "cuda", "seed": 0, "eval_each_task": "knn", "eval_teacher": True},
+        linear_eval={"protocol": "lincls", "epochs": 100, "device": "cuda", "precision": "bf16"},
+        report={"title": "Continual MoCo v2 on CIFAR-100 (10 tasks)"},
+        data_hint="the cifar-100-python folder (or add -p download=True)",
+        parallel=True),
+)}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+# ----------------------------------------------------------------------------- parameters
+def notebook_path(notebook: str, notebooks_dir: str | Path | None = None) -> Path:
+    path = Path(notebooks_dir or REPO_ROOT / "notebooks") / f"{notebook}.ipynb"
+    if not path.is_file():
+        raise ConfigError(f"notebook {path} not found; run from a cclnb checkout (the notebooks "
+                          f"ship in its notebooks/ folder) or pass notebooks_dir")
+    return path
+
+
+def notebook_parameters(path: Path) -> dict[str, dict[str, Any]]:
+    """The `parameters` cell of a notebook as papermill reads it: name -> {default, type, help}."""
+    import papermill
+
+    params = papermill.inspect_notebook(str(path))
+    if not params:
+        raise ConfigError(f"{path} has no cell tagged `parameters`; tag the cell that holds the "
+                          f"defaults so papermill can inject values")
+    return params
+
+
+_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict,
+                           "list": list}
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _declared_type(spec: Mapping[str, Any]) -> tuple[type | None, bool]:
+    """(type, may be None) of a parameter, from its annotation or else its default's type."""
+    annotation = spec.get("inferred_type_name") or "None"
+    optional = re.fullmatch(r"Optional\[(\w+)\]", annotation)
+    if optional:
+        return _TYPES.get(optional.group(1)), True
+    if annotation in _TYPES:
+        return _TYPES[annotation], False
+    default = _literal(spec.get("default", "None"))
+    return (None, True) if default is None else (type(default), False)
+
+
+def parse_value(name: str, raw: str, spec: Mapping[str, Any]) -> Any:
+    """Convert the text of `-p name=raw` to the type of the parameter's default."""
+    kind, optional = _declared_type(spec)
+    text = raw.strip()
+    if optional and text.lower() in ("none", "null"):
+        return None
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("true", "yes", "1", "on"):
+                return True
+            if lowered in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind is str:
+            return raw
+        if kind in (list, dict):
+            value = json.loads(text) if text[:1] in "[{" else ast.literal_eval(text)
+            if not isinstance(value, kind):
+                raise ValueError
+            return value
+    except (ValueError, SyntaxError, json.JSONDecodeError):
+        expected = f"{kind.__name__}{' or None' if optional else ''}"
+        raise ConfigError(f"-p {name}={raw!r}: expected {expected} (default {spec.get('default')})")
+    return _literal(text)  # untyped default None: a Python literal, else the text itself
+
+
+def split_overrides(pairs: Sequence[str], specs: Mapping[str, Mapping[str, Mapping[str, Any]]]
+                    ) -> dict[str, dict[str, Any]]:
+    """Route `name=value` pairs to the notebooks that declare `name`, typed from the defaults.
+
+    An unprefixed name goes to the first notebook (task_sequence, linear_eval, report) that has
+    it, so `-p epochs=5` means pretraining epochs; `linear_eval.epochs=30` targets one notebook.
+    Unknown names are a ConfigError listing every valid name: papermill would only warn.
+    """
+    routed: dict[str, dict[str, Any]] = {nb: {} for nb in specs}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"-p {pair!r}: write parameters as name=value, e.g. -p epochs=5")
+        notebook, dot, name = key.rpartition(".")
+        if dot and notebook not in specs:
+            raise ConfigError(f"-p {key}: unknown notebook prefix {notebook!r}; use one of "
+                              f"{', '.join(specs)} (e.g. -p linear_eval.epochs=30)")
+        candidates = [notebook] if dot else [nb for nb in specs if name in specs[nb]]
+        target = next((nb for nb in candidates if name in specs[nb]), None)
+        if target is None:
+            valid = "; ".join(f"{nb}: {', '.join(sorted(set(specs[nb]) - RUNNER_PARAMETERS[nb]))}"
+                              for nb in specs)
+            raise ConfigError(f"unknown parameter {key!r}; valid names are -> {valid}")
+        if name in RUNNER_PARAMETERS[target]:
+            raise ConfigError(f"-p {key}: `{name}` is set by the study runner for each step; use "
+                              f"--methods, --runs-root, --reports-root or --study instead")
+        routed[target][name] = parse_value(key, raw, specs[target][name])
+    return routed
+
+
+# ----------------------------------------------------------------------------- the plan
+@dataclass
+class Step:
+    """One notebook execution of the study."""
+
+    label: str                       # "CCL: task sequence"
+    notebook: str                    # task_sequence | linear_eval | report
+    output: Path                     # the executed copy
+    parameters: dict[str, Any]
+    done: bool = False               # finished by an earlier call: skipped
+
+
+@dataclass
+class Study:
+    name: str
+    preset: Preset
+    runs_dir: Path
+    report_dir: Path
+    steps: list[Step]
+    parallel: bool
+
+    @property
+    def html(self) -> Path:
+        return self.report_dir / "index.html"
+
+
+def _training_done(run_dir: Path) -> bool:
+    status = run_dir / "status.json"
+    if not status.is_file():
+        return False
+    try:
+        return json.loads(status.read_text(encoding="utf-8")).get("state") == "complete"
+    except json.JSONDecodeError:
+        return False
+
+
+def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root: str | Path = "runs",
+               reports_root: str | Path = "reports", methods: Sequence[str] | None = None,
+               study: str | None = None, force: bool = False, parallel: bool | None = None,
+               notebooks_dir: str | Path | None = None) -> Study:
+    """Resolve the preset and `-p` overrides into the ordered steps (nothing runs yet).
+
+    With `force`, each selected method's run directory is deleted so it trains from scratch;
+    otherwise steps whose results exist are marked done and a half-finished run resumes from its
+    last checkpoint.
+    """
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    specs = {nb: notebook_parameters(notebook_path(nb, notebooks_dir)) for nb in NOTEBOOKS}
+    routed = split_overrides(overrides, specs)
+    params = {nb: {**preset.parameters(nb), **routed[nb]} for nb in NOTEBOOKS}
+    check_preset(preset, specs)
+    if params["task_sequence"].get("data") is None:
+        raise ConfigError(f"preset {preset.name!r} needs its data: pass -p data=PATH "
+                          f"({preset.data_hint or 'the dataset location'})")
+    chosen = [canonical_method(m) for m in (methods or preset.methods)]
+    name = study or preset.name
+    runs_dir = Path(runs_root).resolve() / name
+    report_dir = Path(reports_root).resolve() / name
+    steps: list[Step] = []
+    for method in chosen:
+        run_dir = runs_dir / method
+        if force and run_dir.exists():
+            shutil.rmtree(run_dir)
+        resume = str(run_dir) if (run_dir / "checkpoints" / "last.pt").is_file() else None
+        trained = _training_done(run_dir)
+        steps.append(Step(f"{method}: task sequence", "task_sequence", run_dir / "task_sequence.ipynb",
+                          {**params["task_sequence"], "method": method, "run_dir": str(run_dir),
+                           "resume": None if trained else resume}, done=trained))
+        for who in ("student", "teacher") if method in TEACHER_METHODS else ("student",):
+            steps.append(Step(f"{method}: linear eval ({who})", "linear_eval",
+                              run_dir / f"linear_eval_{who}.ipynb",
+                              {**params["linear_eval"], "run_dir": str(run_dir), "who": who},
+                              done=trained and (run_dir / f"lincls_{who}.json").is_file()))
+    steps.append(Step("report", "report", runs_dir / "report.ipynb",
+                      {**params["report"], "study": name, "runs_root": str(runs_dir),
+                       "out_dir": str(report_dir)}))
+    return Study(name, preset, runs_dir, report_dir, steps,
+                 preset.parallel if parallel is None else parallel)
+
+
+def check_preset(preset: Preset, specs: Mapping[str, Mapping[str, Any]]) -> None:
+    """A preset naming a parameter its notebook lacks is a bug in cclnb, not in the user's call."""
+    for nb in NOTEBOOKS:
+        unknown = sorted(set(preset.parameters(nb)) - set(specs[nb]))
+        if unknown:
+            raise ConfigError(f"preset {preset.name!r} sets {unknown} that {nb}.ipynb does not "
+                              f"declare; add them to its parameters cell or fix the preset")
+
+
+# ----------------------------------------------------------------------------- execution
+def _failure(step: Step, index: int, total: int, detail: str) -> StudyStepFailed:
+    return StudyStepFailed(
+        f"[{index}/{total}] {step.label} failed in notebooks/{step.notebook}.ipynb, {detail}. "
+        f"The executed notebook with the full traceback is {step.output}; everything finished "
+        f"before is kept, so fix the cause and run the same command again to continue")
+
+
+def _cell_detail(cell_index: int, exec_count: int | None, source: str, ename: str, evalue: str) -> str:
+    first_line = next((line for line in source.splitlines() if line.strip()), "")
+    return f"cell {cell_index} (In [{exec_count}]: `{first_line.strip()}`): {ename}: {evalue}"
+
+
+def failed_cell(output: Path) -> str:
+    """Describe the first cell with an error output in an executed notebook (subprocess runs)."""
+    import nbformat
+
+    if not output.is_file():
+        return "before the notebook started (no executed copy was written)"
+    nb = nbformat.read(str(output), as_version=4)
+    for index, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                return _cell_detail(index, cell.get("execution_count"), cell.source,
+                                    out.get("ename", "?"), out.get("evalue", ""))
+    return "without a cell error (the kernel died or was killed: out of memory?)"
+
+
+def execute_step(step: Step, notebooks_dir: str | Path | None = None) -> None:
+    """Run one notebook in-process through papermill (the kernel is the venv's python3)."""
+    import papermill
+    from nbclient.exceptions import DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    step.output.parent.mkdir(parents=True, exist_ok=True)  # papermill does not create it
+    try:
+        papermill.execute_notebook(str(notebook_path(step.notebook, notebooks_dir)), str(step.output),
+                                   parameters=step.parameters, kernel_name="python3",
+                                   progress_bar=True, cwd=str(step.output.parent))
+    except PapermillExecutionError as error:
+        raise _StepError(_cell_detail(error.cell_index, error.exec_count, error.source,
+                                      error.ename, error.evalue)) from error
+    except DeadKernelError as error:
+        raise _StepError(f"the kernel died ({error}); out of memory?") from error
+
+
+class _StepError(Exception):
+    """Internal: a step failed; `run_study` adds the step's number and label."""
+
+
+def _launch(step: Step, notebooks_dir: str | Path | None) -> subprocess.Popen:
+    """Start papermill for `step` as its own process (for concurrent task sequences)."""
+    step.output.parent.mkdir(parents=True, exist_ok=True)
+    params_file = step.output.with_suffix(".parameters.json")
+    params_file.write_text(json.dumps(step.parameters, indent=1))
+    log = open(step.output.with_suffix(".log"), "w", encoding="utf-8")
+    command = [sys.executable, "-m", "papermill", str(notebook_path(step.notebook, notebooks_dir)),
+               str(step.output), "-f", str(params_file), "-k", "python3", "--no-progress-bar",
+               "--cwd", str(step.output.parent)]
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
+def render_html(executed: Path, html: Path) -> Path:
+    """The executed report notebook as one offline HTML page: code hidden, images embedded."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True,
+                            exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(str(executed), as_version=4))
+    html.parent.mkdir(parents=True, exist_ok=True)
+    html.write_text(body, encoding="utf-8")
+    return html
+
+
+def run_study(study: Study, notebooks_dir: str | Path | None = None,
+              log: Callable[[str], None] = print) -> Path:
+    """Execute the plan's pending steps in order and render the report; returns index.html.
+
+    Task sequences run concurrently when `study.parallel` (each in its own papermill process,
+    its output in `<run>/task_sequence.log`); linear evals and the report follow in order.
+    A failure raises StudyStepFailed after the other concurrent runs have finished.
+    """
+    total = len(study.steps)
+    numbered = list(enumerate(study.steps, start=1))
+    started = time.monotonic()
+    for index, step in numbered:
+        if step.done:
+            log(f"[{index}/{total}] {step.label}: already complete, skipped ({step.output.parent})")
+    pending = [(i, s) for i, s in numbered if not s.done]
+    if study.parallel:
+        training = [(i, s) for i, s in pending if s.notebook == "task_sequence"]
+        procs = []
+        for index, step in training:
+            log(f"[{index}/{total}] {step.label} ... (concurrent; log {step.output.with_suffix('.log')})")
+            procs.append((index, step, _launch(step, notebooks_dir)))
+        failures = [_failure(step, index, total, failed_cell(step.output))
+                    for index, step, proc in procs if proc.wait() != 0]
+        if failures:
+            raise failures[0] if len(failures) == 1 else StudyStepFailed(
+                " | ".join(str(f) for f in failures))
+        pending = [(i, s) for i, s in pending if s.notebook != "task_sequence"]
+    for index, step in pending:
+        log(f"[{index}/{total}] {step.label} ...")
+        tic = time.monotonic()
+        try:
+            execute_step(step, notebooks_dir)
+        except _StepError as error:
+            raise _failure(step, index, total, str(error)) from error.__cause__
+        log(f"[{index}/{total}] {step.label}: done in {time.monotonic() - tic:.0f} s")
+    html = render_html(study.steps[-1].output, study.html)
+    log(f"study {study.name!r} finished in {time.monotonic() - started:.0f} s; report: {html}")
+    return html
