@@ -103,10 +103,9 @@ def _torch_load(path: Path, map_location: Any, allow_numpy: bool = False) -> Any
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = str(e).splitlines()
-        reason = next((line.strip() for line in lines if "WeightsUnpickler" in line), lines[-1] if lines else "")
-        raise CheckpointError(f"{path} holds objects other than tensors and plain data, so it is not a "
-                              f"cclnb checkpoint and was not loaded ({reason[:200]}); "
+        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
+        raise CheckpointError(f"{path} is not a cclnb checkpoint: it is corrupt or holds objects other than "
+                              f"tensors and plain data, and was not loaded {reason[:160]}; "
                               "pass a checkpoint written by cclnb") from e
     except Exception as e:  # truncated zip, random bytes, empty file, ...
         raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e)[:200]}); "
