@@ -1,0 +1,71 @@
+"""`open_dataset`: turn what the user typed (`--data`, `--dataset`) into an `ImageDataset`.
+
+Detection is by content, not by name: a zip archive is a zip, a folder holding CIFAR pickles is
+CIFAR, any other folder must have the ImageNet layout. The user can force a kind when detection
+would guess wrong (e.g. to download CIFAR into an empty folder).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+from cclnb.data.base import ImageDataset
+from cclnb.data.cifar import detect_cifar, open_cifar
+from cclnb.data.demo import open_demo
+from cclnb.data.folder import FolderDataset, ZipDataset
+from cclnb.errors import ConfigError, DataError
+
+KINDS = ("auto", "imagefolder", "zip", "cifar10", "cifar100", "demo")
+SPLITS = ("train", "val")
+
+
+def detect_kind(path: Path) -> str:
+    """The kind of the data at an existing `path` ("zip", "cifar10", "cifar100", "imagefolder")."""
+    if path.is_file():
+        if zipfile.is_zipfile(path):
+            return "zip"
+        raise DataError(f"{path} is a file but not a zip archive; pass a dataset folder, a zip of one, "
+                        f"or 'demo'")
+    return detect_cifar(path) or "imagefolder"
+
+
+def open_dataset(data: str | None, split: str = "train", kind: str = "auto",
+                 imagenetsub: bool = False, download: bool = False) -> ImageDataset:
+    """Open one split of a dataset.
+
+    `data` is a folder (`<root>/<split>/<class>/<image>`), a zip archive of one, a CIFAR pickle
+    folder (or its parent), or "demo" for the embedded digits. `imagenetsub` keeps the first 100
+    classes in sorted order (the authors' ImageNet-Sub); `download` fetches CIFAR if absent.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"unknown dataset kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; choose 'train' or 'val'")
+    if kind == "demo" or (kind == "auto" and data == "demo"):
+        if imagenetsub:
+            raise ConfigError("--imagenetsub needs 100 classes; the demo dataset has 10: drop --imagenetsub")
+        return open_demo(split)
+    if not data:
+        raise ConfigError("no dataset given: pass --data PATH (a folder, a zip, a CIFAR folder) or "
+                          "--data demo for the embedded demo dataset")
+    path = Path(data).expanduser()
+    if kind in ("cifar10", "cifar100"):
+        if imagenetsub:
+            raise ConfigError("--imagenetsub applies to ImageNet-layout data, not CIFAR: drop it")
+        return open_cifar(path, kind, split, download)
+    if not path.exists():
+        raise DataError(f"dataset path {path} does not exist; check --data (a folder with train/ and "
+                        f"val/, a zip archive of one, a CIFAR folder, or 'demo')")
+    detected = detect_kind(path) if kind == "auto" else kind
+    if detected in ("cifar10", "cifar100"):
+        return open_dataset(data, split, detected, imagenetsub, download)
+    if detected == "zip":
+        if not path.is_file():
+            raise DataError(f"--dataset zip needs a zip archive, but {path} is a folder; use --dataset "
+                            f"imagefolder or auto")
+        return ZipDataset(path, split, imagenetsub)
+    if not path.is_dir():
+        raise DataError(f"--dataset imagefolder needs a folder, but {path} is a file; use --dataset "
+                        f"zip or auto")
+    return FolderDataset(path, split, imagenetsub)
