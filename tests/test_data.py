@@ -1,0 +1,376 @@
+"""The data layer: real-data counts, zip == folder, the uint8 cache, CIFAR, demo, and bad input."""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import pickle
+import sys
+import time
+import types
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cclnb import cli
+from cclnb.data import cache as cache_module
+from cclnb.data import cache_path, load_uint8, open_dataset, subset_per_class
+from cclnb.data.folder import ZipDataset
+from cclnb.errors import ConfigError, DataError
+from tests.conftest import write_image_folder
+
+
+def _decoded(ds, ids=None) -> np.ndarray:
+    """Reference pixels: straight from `load_pil`, no cache involved."""
+    ids = range(len(ds)) if ids is None else ids
+    return np.stack([np.asarray(ds.load_pil(int(i))) for i in ids])
+
+
+def _zip_folder(folder: Path, archive: Path, top: str | None, dir_entries: bool = False) -> Path:
+    """Pack `folder` into `archive` (inside a `top/` folder when given), files only by default."""
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(folder.rglob("*")):
+            name = path.relative_to(folder).as_posix()
+            name = f"{top}/{name}" if top else name
+            if path.is_file():
+                zf.write(path, name)
+            elif dir_entries:
+                zf.writestr(name + "/", b"")
+    return archive
+
+
+def _forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any decode fail, to prove an answer came from the cache file."""
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("decoded an image although the cache should have been used")
+    monkeypatch.setattr(cache_module, "_decode_into", refuse)
+
+
+# ----------------------------------------------------------------------------- real data
+def test_sub100_counts(sub100_train, sub100_val) -> None:
+    for ds, per_class in ((sub100_train, 500), (sub100_val, 50)):
+        assert ds.kind == "zip"
+        assert len(ds.classes) == 100 and ds.classes == sorted(ds.classes)
+        assert len(ds) == 100 * per_class
+        assert ds.image_size == 32
+        assert np.array_equal(np.bincount(ds.targets), np.full(100, per_class))
+        assert ds.load_pil(len(ds) - 1).size == (32, 32)
+    assert sub100_train.classes == sub100_val.classes
+    assert sub100_train.class_names[0].startswith("goldfish")   # from the zip's classes.tsv
+
+
+def test_imagenetsub_keeps_first_100_sorted_classes(tin200_zip, sub100_train) -> None:
+    full = open_dataset(str(tin200_zip), "val")
+    sub = open_dataset(str(tin200_zip), "val", imagenetsub=True)
+    assert len(full.classes) == 200
+    assert sub.classes == full.classes[:100] == sub100_train.classes
+    assert len(sub) == 5000 and sub.targets.max() == 99
+    assert sub.files == full.files[:5000]   # class-major order: the first 100 classes come first
+
+
+@pytest.mark.slow
+def test_sub100_cache_builds_once_and_reloads_fast(sub100_train, tmp_cache_dir, monkeypatch) -> None:
+    """The full 50,000-image cache (built by the process pool, or by another test process of this
+    run) equals direct decoding, and the second load reads the file without decoding anything."""
+    start = time.perf_counter()
+    images = load_uint8(sub100_train, cache_dir=tmp_cache_dir, progress=False)
+    first = time.perf_counter() - start
+    assert images.shape == (50_000, 32, 32, 3) and images.dtype == np.uint8
+    probe = np.random.RandomState(0).choice(len(sub100_train), 25, replace=False)
+    assert np.array_equal(images[probe], _decoded(sub100_train, probe))
+    _forbid_decoding(monkeypatch)
+    start = time.perf_counter()
+    again = load_uint8(sub100_train, cache_dir=tmp_cache_dir, progress=False)
+    reload = time.perf_counter() - start
+    print(f"sub100 train cache: first load {first:.1f} s, reload {reload:.2f} s")
+    assert np.array_equal(again, images)
+    assert reload < 5.0, f"reloading the cache took {reload:.1f} s"
+    subset = load_uint8(sub100_train, cache_dir=tmp_cache_dir, progress=False, ids=probe[::-1])
+    assert np.array_equal(subset, images[probe[::-1]])
+
+
+def test_zip_and_extracted_folder_load_identically(sub100_zip, tmp_path) -> None:
+    """A few real classes, extracted to a folder and re-zipped: same classes, ids, labels, pixels."""
+    folder = tmp_path / "sub"
+    with zipfile.ZipFile(sub100_zip) as source:
+        names = source.namelist()
+        top = names[0].split("/", 1)[0]
+        classes = sorted({n.split("/")[2] for n in names if n.startswith(f"{top}/train/")})[:3]
+        for split, per_class in (("train", 4), ("val", 2)):
+            for cls in classes:
+                members = sorted(n for n in names if n.startswith(f"{top}/{split}/{cls}/"))[:per_class]
+                for member in members:
+                    target = folder / member.split("/", 1)[1]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(source.read(member))
+    archive = _zip_folder(folder, tmp_path / "sub.zip", top="sub")
+    for split in ("train", "val"):
+        from_folder = open_dataset(str(folder), split)
+        from_zip = open_dataset(str(archive), split)
+        assert (from_folder.kind, from_zip.kind) == ("imagefolder", "zip")
+        assert from_folder.classes == from_zip.classes == classes
+        assert from_folder.files == from_zip.files
+        assert np.array_equal(from_folder.targets, from_zip.targets)
+        pixels = load_uint8(from_folder, cache_dir=tmp_path / "cache", progress=False)
+        assert np.array_equal(pixels, load_uint8(from_zip, cache_dir=tmp_path / "cache", progress=False))
+        assert np.array_equal(pixels, _decoded(from_zip))
+
+
+# ----------------------------------------------------------------------------- zip specifics
+@pytest.mark.parametrize("top", [None, "data"])
+def test_zip_layouts_top_level_or_single_folder(tiny_folder, tmp_path, top) -> None:
+    archive = _zip_folder(tiny_folder, tmp_path / "t.zip", top=top, dir_entries=True)
+    ds = open_dataset(str(archive), "val")
+    reference = open_dataset(str(tiny_folder), "val")
+    assert ds.files == reference.files and ds.classes == reference.classes
+    assert np.array_equal(_decoded(ds), _decoded(reference))
+
+
+def test_zip_dataset_pickles_and_reopens_after_fork(tiny_folder, tmp_path) -> None:
+    ds = open_dataset(str(_zip_folder(tiny_folder, tmp_path / "t.zip", top="t")), "train")
+    expected = _decoded(ds)                  # the parent now holds an open handle
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._handle is None
+    assert np.array_equal(_decoded(clone), expected)
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        rows = pool.map(_decode_one, [(ds, i) for i in range(len(ds))])
+    assert np.array_equal(np.stack(rows), expected)
+
+
+def _decode_one(args: tuple) -> np.ndarray:
+    ds, i = args
+    return np.asarray(ds.load_pil(i))
+
+
+# ----------------------------------------------------------------------------- the cache
+def test_cache_round_trips_and_is_reused(tiny_folder, tmp_path, monkeypatch) -> None:
+    ds = open_dataset(str(tiny_folder), "train")
+    cache_dir = tmp_path / "cache"
+    images = load_uint8(ds, cache_dir=cache_dir, progress=False)
+    assert np.array_equal(images, _decoded(ds))
+    assert cache_path(ds, cache_dir).is_file()
+    assert [p.name for p in cache_dir.iterdir() if ".tmp-" in p.name] == []   # no leftovers
+    _forbid_decoding(monkeypatch)
+    assert np.array_equal(load_uint8(ds, cache_dir=cache_dir, progress=False), images)
+    ids = np.array([7, 0, 11, 7])
+    assert np.array_equal(load_uint8(ds, cache_dir=cache_dir, progress=False, ids=ids), images[ids])
+
+
+def test_ids_without_cache_decode_only_those(tiny_folder, tmp_path) -> None:
+    ds = open_dataset(str(tiny_folder), "train")
+    ids = np.array([5, 2, 9])
+    subset = load_uint8(ds, cache_dir=tmp_path / "cache", progress=False, ids=ids)
+    assert np.array_equal(subset, _decoded(ds, ids))
+    assert not cache_path(ds, tmp_path / "cache").exists()
+
+
+def test_cache_key_changes_with_the_source(tiny_folder, tmp_path) -> None:
+    before = open_dataset(str(tiny_folder), "train")
+    load_uint8(before, cache_dir=tmp_path, progress=False)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tiny_folder / "train" / "class_0" / "img_9.png")
+    after = open_dataset(str(tiny_folder), "train")
+    assert cache_path(after, tmp_path) != cache_path(before, tmp_path)
+    assert np.array_equal(load_uint8(after, cache_dir=tmp_path, progress=False), _decoded(after))
+
+
+def test_damaged_cache_is_rebuilt(tiny_folder, tmp_path) -> None:
+    ds = open_dataset(str(tiny_folder), "train")
+    images = load_uint8(ds, cache_dir=tmp_path, progress=False)
+    path = cache_path(ds, tmp_path)
+    path.write_bytes(path.read_bytes()[:200])          # truncated, as after a crash mid-copy
+    with pytest.warns(UserWarning, match="rebuilding"):
+        assert np.array_equal(load_uint8(ds, cache_dir=tmp_path, progress=False), images)
+
+
+def test_process_pool_builder_matches_serial(tmp_path, monkeypatch) -> None:
+    """The pool path (used above 16k images) on a small folder, chunks of 5 over 2 workers."""
+    folder = write_image_folder(tmp_path / "pool", n_classes=4, per_class=6, splits=("train",))
+    ds = open_dataset(str(folder), "train")
+    monkeypatch.setattr(cache_module, "_POOL_MIN", 0)
+    monkeypatch.setattr(cache_module, "_CHUNK", 5)
+    monkeypatch.setattr(cache_module, "_worker_count", lambda: 2)
+    assert np.array_equal(load_uint8(ds, cache_dir=tmp_path / "cache", progress=False), _decoded(ds))
+
+
+def test_default_cache_dir_follows_environment(tiny_folder, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CCLNB_CACHE", str(tmp_path / "env-cache"))
+    ds = open_dataset(str(tiny_folder), "val")
+    load_uint8(ds, progress=False)
+    assert cache_path(ds).parent == tmp_path / "env-cache" and cache_path(ds).is_file()
+
+
+# ----------------------------------------------------------------------------- demo and CIFAR
+def test_demo_dataset(demo_train, demo_val) -> None:
+    assert (demo_train.name, demo_train.kind, demo_train.image_size) == ("demo-digits", "demo", 32)
+    assert len(demo_train) + len(demo_val) == 1797 and len(demo_val) == 360
+    assert demo_train.classes == [str(d) for d in range(10)]
+    val_share = np.bincount(demo_val.targets) / (np.bincount(demo_train.targets) + np.bincount(demo_val.targets))
+    assert np.all(np.abs(val_share - 0.2) < 0.02)                       # stratified
+    images = load_uint8(demo_train, progress=False)
+    assert images.shape == (1437, 32, 32, 3) and images.dtype == np.uint8
+    assert np.array_equal(images, open_dataset("demo", "train").images)    # deterministic
+    tints = images.reshape(len(images), -1, 3).mean(axis=1)
+    assert tints.std(axis=0).min() > 10                                 # colour varies per sample
+    assert np.array_equal(np.asarray(demo_train.load_pil(3)), images[3])
+
+
+def _write_cifar(root: Path, kind: str, n_per_file: int = 6) -> np.ndarray:
+    """A miniature CIFAR pickle folder (same format as the real one); returns the train pixels."""
+    rng = np.random.RandomState(1)
+    if kind == "cifar10":
+        folder, train, val, meta = root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], \
+            ["test_batch"], {"label_names": [f"c{i}" for i in range(10)]}
+        label_key, meta_name = "labels", "batches.meta"
+    else:
+        folder, train, val, meta = root / "cifar-100-python", ["train"], ["test"], \
+            {"fine_label_names": [f"f{i}" for i in range(100)]}
+        label_key, meta_name = "fine_labels", "meta"
+    folder.mkdir(parents=True)
+    train_pixels = []
+    for name in train + val:
+        data = rng.randint(0, 256, size=(n_per_file, 3072), dtype=np.uint8)
+        labels = list(rng.randint(0, 10, size=n_per_file))
+        (folder / name).write_bytes(pickle.dumps({"data": data, label_key: labels}))
+        if name in train:
+            train_pixels.append(data)
+    (folder / meta_name).write_bytes(pickle.dumps(meta))
+    return np.concatenate(train_pixels).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("kind", ["cifar10", "cifar100"])
+def test_cifar_pickle_folders(tmp_path, kind) -> None:
+    expected = _write_cifar(tmp_path, kind)
+    ds = open_dataset(str(tmp_path), "train")                  # the parent folder, auto-detected
+    assert (ds.kind, ds.image_size, len(ds.classes)) == (kind, 32, 10 if kind == "cifar10" else 100)
+    assert np.array_equal(load_uint8(ds, progress=False), expected)
+    inner = next(tmp_path.iterdir())
+    val = open_dataset(str(inner), "val", kind=kind)            # the pickle folder itself
+    assert len(val) == 6
+
+
+def test_cifar_absent_offline_says_where_and_how(tmp_path, monkeypatch) -> None:
+    with pytest.raises(DataError, match=r"no cifar100 data at .*--download"):
+        open_dataset(str(tmp_path / "nothing"), kind="cifar100")
+
+    def offline(*_args, **_kwargs):
+        raise OSError("Temporary failure in name resolution")
+    # A stand-in torchvision whose downloader fails as it does offline (and costs no import time).
+    fake = types.ModuleType("torchvision")
+    fake.datasets = types.SimpleNamespace(CIFAR10=offline, CIFAR100=offline)
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    with pytest.raises(DataError, match=r"downloading cifar10 into .* failed .*Offline\? Fetch"):
+        open_dataset(str(tmp_path / "c10"), kind="cifar10", download=True)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_missing_path() -> None:
+    with pytest.raises(DataError, match=r"dataset path .*no/such/place does not exist; check --data"):
+        open_dataset("/no/such/place")
+
+
+def test_no_data_given() -> None:
+    with pytest.raises(ConfigError, match="--data"):
+        open_dataset(None)
+
+
+def test_folder_without_train(tmp_path) -> None:
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DataError, match=r"has no 'train/' folder \(found: images\)"):
+        open_dataset(str(tmp_path))
+
+
+def test_zip_without_train(tiny_folder, tmp_path) -> None:
+    archive = _zip_folder(tiny_folder / "val", tmp_path / "flat.zip", top=None)
+    with pytest.raises(DataError, match=r"zip archive .*flat.zip has no 'train/' folder"):
+        open_dataset(str(archive))
+
+
+def test_missing_val_split(tmp_path) -> None:
+    folder = write_image_folder(tmp_path / "d", splits=("train",))
+    with pytest.raises(DataError, match="no 'val/' folder"):
+        open_dataset(str(folder), "val")
+
+
+def test_empty_class_folder(tiny_folder, tmp_path) -> None:
+    (tiny_folder / "train" / "class_9").mkdir()
+    with pytest.raises(DataError, match=r"class folder .*train/class_9/ holds no images"):
+        open_dataset(str(tiny_folder))
+    archive = _zip_folder(tiny_folder, tmp_path / "t.zip", top=None, dir_entries=True)
+    with pytest.raises(DataError, match=r"class folder .*train/class_9/ holds no images"):
+        open_dataset(str(archive))
+
+
+def test_corrupt_jpeg_is_named(tmp_path) -> None:
+    folder = write_image_folder(tmp_path / "d", n_classes=2, per_class=20, ext=".jpg", splits=("train",))
+    victim = folder / "train" / "class_1" / "img_13.jpg"     # id 25: not one of the size probes
+    victim.write_bytes(victim.read_bytes()[:300])            # truncated: header fine, data cut
+    ds = open_dataset(str(folder))
+    victim_id = ds.files.index("class_1/img_13.jpg")
+    with pytest.raises(DataError, match=r"cannot decode image .*class_1/img_13\.jpg"):
+        ds.load_pil(victim_id)
+    with pytest.raises(DataError, match=r"cannot decode image .*class_1/img_13\.jpg"):
+        load_uint8(ds, cache_dir=tmp_path / "cache", progress=False)
+    assert list((tmp_path / "cache").glob("*.npy")) == []   # no half-built cache left behind
+    (folder / "train" / "class_0" / "img_0.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"class_0/img_0\.jpg"):
+        open_dataset(str(folder))
+
+
+def test_unequal_image_sizes_refuse_the_cache(tmp_path) -> None:
+    folder = write_image_folder(tmp_path / "d", n_classes=2, per_class=10, splits=("train",))
+    odd = folder / "train" / "class_0" / "img_1.png"          # id 1: not one of the size probes
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(odd)
+    ds = open_dataset(str(folder))
+    assert ds.image_size == 32                                 # the probe cannot see it ...
+    with pytest.raises(DataError, match=r"img_1\.png is 40x40 .*equal-size"):
+        load_uint8(ds, cache_dir=tmp_path / "cache", progress=False)   # ... the builder does
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "train" / "class_0" / "img_0.png")
+    mixed = open_dataset(str(folder))
+    assert mixed.image_size is None
+    with pytest.raises(DataError, match="equal-size"):
+        load_uint8(mixed, progress=False)
+
+
+def test_bad_arguments(tiny_folder, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"--imagenetsub keeps the first 100 classes, but .* has only 3"):
+        open_dataset(str(tiny_folder), imagenetsub=True)
+    with pytest.raises(ConfigError, match="unknown dataset kind 'tar'"):
+        open_dataset(str(tiny_folder), kind="tar")
+    with pytest.raises(ConfigError, match="unknown split 'test'"):
+        open_dataset(str(tiny_folder), split="test")
+    not_zip = tmp_path / "data.txt"
+    not_zip.write_text("hello")
+    with pytest.raises(DataError, match="is a file but not a zip archive"):
+        open_dataset(str(not_zip))
+    ds = open_dataset(str(tiny_folder))
+    with pytest.raises(ConfigError, match=r"sample ids must lie in \[0, 12\)"):
+        load_uint8(ds, progress=False, ids=np.array([3, 12]))
+
+
+def test_subset_per_class_takes_the_first_ids() -> None:
+    targets = np.array([2, 0, 2, 1, 0, 2, 0, 1])
+    assert subset_per_class(targets, 2).tolist() == [0, 1, 2, 3, 4, 7]
+    assert subset_per_class(targets, 10).tolist() == list(range(8))
+    with pytest.raises(ConfigError, match="n >= 1"):
+        subset_per_class(targets, 0)
+
+
+# ----------------------------------------------------------------------------- the CLI
+def test_cli_data_info(tiny_folder, capsys) -> None:
+    assert cli.main(["data", "info", str(tiny_folder), "--n-tasks", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "kind:        imagefolder" in out and "train:       12 images" in out
+    assert "image size:  32x32" in out and "task 2:" in out
+    assert cli.main(["data", "info", str(tiny_folder), "--n-tasks", "2"]) == ConfigError.exit_code
+    assert "3 classes cannot be split into 2 equal tasks" in capsys.readouterr().err
+
+
+def test_cli_data_cache(tiny_folder, tmp_path, capsys) -> None:
+    assert cli.main(["data", "cache", str(tiny_folder), "--cache-dir", str(tmp_path)]) == 0
+    assert cli.main(["data", "cache", str(tiny_folder), "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("train: 12 images 32x32, built ") and out[2].startswith("train: 12 images 32x32, loaded from ")
+    assert cli.main(["data", "cache", "/no/such/place"]) == DataError.exit_code
