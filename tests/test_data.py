@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import multiprocessing
+import os
 import pickle
 import sys
 import time
@@ -135,14 +136,23 @@ def test_zip_dataset_pickles_and_reopens_after_fork(tiny_folder, tmp_path) -> No
     clone = pickle.loads(pickle.dumps(ds))
     assert clone._handle is None
     assert np.array_equal(_decoded(clone), expected)
-    with multiprocessing.get_context("fork").Pool(2) as pool:
-        rows = pool.map(_decode_one, [(ds, i) for i in range(len(ds))])
-    assert np.array_equal(np.stack(rows), expected)
+    # Forked workers inherit the parent's dataset object, open handle included (nothing pickled).
+    with multiprocessing.get_context("fork").Pool(2, initializer=_inherit, initargs=(ds,)) as pool:
+        rows = pool.map(_decode_inherited, range(len(ds)))
+    assert np.array_equal(np.stack([pixels for pixels, _ in rows]), expected)
+    assert all(handle_pid not in (os.getpid(), -1) for _, handle_pid in rows)   # each reopened its own
 
 
-def _decode_one(args: tuple) -> np.ndarray:
-    ds, i = args
-    return np.asarray(ds.load_pil(i))
+_inherited = {}
+
+
+def _inherit(ds) -> None:
+    _inherited["ds"] = ds
+
+
+def _decode_inherited(i: int) -> tuple[np.ndarray, int]:
+    ds = _inherited["ds"]
+    return np.asarray(ds.load_pil(i)), ds._pid
 
 
 # ----------------------------------------------------------------------------- the cache
