@@ -1,0 +1,99 @@
+"""`cclnb lincls`: the paper's linear evaluation, with the flags of the authors' lincls_eval.py.
+
+Same names and defaults as the authors' script, so their command lines run unchanged (the
+distributed flags are accepted; one process on one device does the work). Two fixes: the
+`--use_teacher_weight` value is parsed as a real boolean (the authors' `type=bool` turns
+"False" into True), and the result is the final epoch, not the best epoch on the val set.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cclnb.config import ARCHS
+
+_TRUE = ("true", "t", "yes", "y", "1")
+_FALSE = ("false", "f", "no", "n", "0")
+
+
+def parse_bool(text: str) -> bool:
+    """'False', 'false', '0', 'no' are false; 'True', 'true', '1', 'yes' are true."""
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, 1/0, yes/no), got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The authors' lincls_eval.py flags (same names, same defaults) plus cclnb's extras."""
+    parser.add_argument("data_pos", nargs="?", metavar="DIR", default=None,
+                        help="dataset: folder with train/ and val/, a zip of one, a CIFAR folder, or demo")
+    parser.add_argument("--data", default=None, help="the dataset, as the positional DIR "
+                        "(default: the pretraining run's data when --pretrained is a run)")
+    parser.add_argument("-a", "--arch", default=None, choices=ARCHS,
+                        help="backbone (default: the run's arch, else resnet50)")
+    parser.add_argument("-j", "--workers", type=int, default=32,
+                        help="DataLoader workers for images > 64 px (capped at the CPU count; default 32)")
+    parser.add_argument("--epochs", type=int, default=100, help="training epochs (default 100)")
+    parser.add_argument("--start-epoch", type=int, default=0, help="first epoch (overwritten by --resume)")
+    parser.add_argument("-b", "--batch-size", type=int, default=256, help="mini-batch size (default 256)")
+    parser.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=30.0,
+                        help="initial learning rate (default 30)")
+    parser.add_argument("--schedule", type=int, nargs="*", default=[60, 80],
+                        help="epochs at which the LR is multiplied by 0.1 (default 60 80)")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    parser.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=0.0,
+                        help="weight decay (default 0)")
+    parser.add_argument("-p", "--print-freq", type=int, default=10, help="progress-bar update frequency (steps)")
+    parser.add_argument("--resume", default="", help="a lincls_<who>.pt written by an earlier cclnb lincls")
+    parser.add_argument("-e", "--evaluate", action="store_true",
+                        help="only score the classifier restored by --resume on the val set")
+    parser.add_argument("--world-size", type=int, default=-1, help="accepted; > 1 is refused (one process)")
+    parser.add_argument("--rank", type=int, default=-1, help="accepted for compatibility; unused")
+    parser.add_argument("--dist-url", default="tcp://224.66.41.62:23456", help="accepted; unused")
+    parser.add_argument("--dist-backend", default="nccl", help="accepted; unused")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the crop/flip draws and batch order "
+                        "(default: 0, so a rerun repeats)")
+    parser.add_argument("--gpu", type=int, default=None, help="GPU index to use")
+    parser.add_argument("--multiprocessing-distributed", action="store_true",
+                        help="accepted; one process runs the evaluation")
+    parser.add_argument("--pretrained", default="",
+                        help="cclnb run directory, cclnb checkpoint, or the authors' checkpoint")
+    parser.add_argument("--use_teacher_weight", "--use-teacher-weight", dest="use_teacher_weight",
+                        type=parse_bool, nargs="?", const=True, default=False,
+                        help="evaluate the CCL teacher instead of the student; a bare flag or True "
+                             "means yes, False/0 means no (default False)")
+    parser.add_argument("--imagenetsub", action="store_true",
+                        help="ImageNet-Sub: the first 100 classes in sorted order")
+    # --- cclnb extras ---
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="backbone forward precision (the fc always trains in fp32; default fp32)")
+    parser.add_argument("--dataset", default=None,
+                        help="dataset kind: auto | imagefolder | zip | cifar10 | cifar100 | demo")
+    parser.add_argument("--stem", default=None, choices=("auto", "cifar", "imagenet"),
+                        help="ResNet stem (default: the run's, else auto = cifar stem for <= 64 px)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="evaluation size (default: native if <= 64 px, else 224)")
+    parser.add_argument("--subset-per-class", type=int, default=None,
+                        help="train the classifier on the first N train images of each class")
+    parser.add_argument("--out", default=None, help="folder for lincls_<who>.json (default: the run "
+                        "directory, else the checkpoint's folder)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cclnb.errors import ConfigError
+    from cclnb.evaluate.lincls import BEST_NOTE, linear_eval
+
+    if args.data_pos and args.data and args.data_pos != args.data:
+        raise ConfigError(f"two datasets given ({args.data_pos!r} and --data {args.data!r}); pass one")
+    args.data = args.data or args.data_pos
+    result = linear_eval(args)
+    if "best_top1" in result:
+        print(f"lincls ({result['who']}): final epoch top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}"
+              f"  | {BEST_NOTE}: top-1 {result['best_top1']:.2f} (epoch {result['best_epoch']})"
+              f"  | {result['time_s']:.1f} s")
+    return 0

@@ -1,0 +1,350 @@
+"""The paper's linear evaluation: a new linear layer on a frozen encoder, trained with SGD.
+
+Faithful to the authors' `lincls_eval.py` where it matters: the backbone stays in eval mode
+(BatchNorm statistics never change) with no gradients, the new fc is initialised normal(0, 0.01)
+with zero bias, SGD (lr 30, momentum 0.9, no weight decay, batch 256) for 100 epochs with the LR
+x0.1 at epochs 60 and 80, training views RandomResizedCrop(224, scale 0.08-1) + flip and val
+views resize 256 + centre crop 224. Different on purpose:
+
+* The result is the **final** epoch's top-1/top-5; the best epoch's top-1 is also recorded but
+  labelled "best epoch (selected on val), as the authors report", since choosing an epoch on the
+  test set inflates the number.
+* One process on one device (CPU or one GPU): no hard-coded 8 GPUs.
+* Small images (all the same size, <= 64 px; e.g. Tiny-ImageNet at 32 px) use the same operation
+  at native resolution: RandomResizedCrop(size, scale 0.08-1) + flip for training (batched on the
+  device, `cclnb.augment.BatchLinclsAugment`), the plain image for val (resize 256/crop 224 of a
+  native-size image scaled down to 32 px keeps ~88% of it; we keep all of it, as the anchor view).
+  The uint8 images live on the device; only the augmentation and the frozen forward run per step.
+* Val features do not depend on the epoch (no augmentation, frozen eval-mode backbone), so they
+  are extracted once and every epoch's validation is one matrix product; the training features
+  are recomputed every epoch because the augmentation changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from cclnb.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from cclnb.evaluate.features import autocast, extract_features, frozen
+
+BEST_NOTE = "best epoch (selected on val), as the authors report"
+SMALL_MAX = 64
+
+
+@dataclass
+class Source:
+    """Where the encoder comes from and where results go."""
+
+    checkpoint: Path | None     # None: a randomly initialised backbone (a baseline)
+    run_config: dict[str, Any]  # the pretraining run's config.json, {} if not from a run
+    out_dir: Path
+
+
+def resolve_source(pretrained: str | None, out: str | None) -> Source:
+    """Map `--pretrained` (run directory, checkpoint file or nothing) to a `Source`.
+
+    A run directory means its checkpoints/last.pt; a checkpoint inside a run directory also brings
+    that run's config.json, whose arch/stem/data serve as defaults. Results go to `--out`, else the
+    run directory, else the checkpoint's folder, else the current folder.
+    """
+    from cclnb.runs import checkpoint_path, read_config
+
+    if not pretrained:
+        return Source(None, {}, Path(out or "."))
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        run_dir, ckpt = path, checkpoint_path(path)
+        if not ckpt.is_file():
+            raise CheckpointError(f"--pretrained {path}: the run directory has no checkpoints/last.pt; "
+                                  f"pass a finished run or a checkpoint file")
+    elif path.is_file():
+        ckpt = path
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        if not (run_dir / "config.json").is_file():
+            run_dir = None
+    else:
+        raise CheckpointError(f"--pretrained {pretrained}: no such file or run directory")
+    config = read_config(run_dir) if run_dir is not None else {}
+    return Source(ckpt, config, Path(out) if out else (run_dir or ckpt.parent))
+
+
+def resolved_settings(args: argparse.Namespace, run_config: dict[str, Any]) -> dict[str, Any]:
+    """Flags the user left unset take the pretraining run's values, then the authors' defaults."""
+    def pick(name: str, default: Any) -> Any:
+        for value in (getattr(args, name), run_config.get(name)):
+            if value is not None:
+                return value
+        return default
+
+    return {"arch": pick("arch", "resnet50"), "stem": pick("stem", "auto"), "data": pick("data", None),
+            "dataset": pick("dataset", "auto"), "image_size": pick("image_size", None),
+            "imagenetsub": bool(args.imagenetsub or run_config.get("imagenetsub", False))}
+
+
+def resident(ds, image_size: int) -> bool:
+    """Whether `ds` takes the small-image fast path: equal-size images <= 64 px kept as uint8 on
+    the device, evaluated at <= 64 px."""
+    return ds.image_size is not None and ds.image_size <= SMALL_MAX and image_size <= SMALL_MAX
+
+
+def lr_at(epoch: int, lr: float, schedule: list[int]) -> float:
+    """The authors' step schedule: x0.1 at every milestone the epoch has reached."""
+    return lr * 0.1 ** sum(epoch >= m for m in schedule)
+
+
+def topk_correct(logits: torch.Tensor, y: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
+    """Top-k accuracy in percent for each k (k capped at the number of classes)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top == y.view(-1, 1)
+    return [float(hits[:, :k].any(dim=1).double().mean() * 100.0) for k in ks]
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    from cclnb.dist import resolve_device
+
+    if args.world_size is not None and args.world_size > 1:
+        raise ConfigError(f"--world-size {args.world_size}: cclnb's linear evaluation runs in one process "
+                          f"on one device (a frozen backbone needs no more); drop the distributed flags")
+    device = resolve_device(args.device)
+    if args.gpu is not None and device.type == "cuda":
+        device = torch.device("cuda", args.gpu)
+        torch.cuda.set_device(device)
+    return device
+
+
+def load_backbone(source: Source, arch: str, stem: str, small_images: bool, who: str,
+                  device: torch.device) -> nn.Module:
+    """The frozen backbone (eval mode, no gradients) with the student's or teacher's weights."""
+    from cclnb.checkpoint import backbone_state_dict
+    from cclnb.models import build_backbone
+
+    backbone = build_backbone(arch, small_images, stem)
+    if source.checkpoint is not None:
+        state = backbone_state_dict(str(source.checkpoint), who)
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{source.checkpoint} does not fit a {arch} backbone (stem {stem}): "
+                                  f"missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}; "
+                                  f"pass the -a/--arch and --stem it was trained with")
+    backbone.requires_grad_(False)
+    return backbone.to(device).eval()
+
+
+class TrainViews:
+    """The augmented training batches of one epoch, on the device, in a seeded random order.
+
+    Small images: uint8 tensors resident on the device + `BatchLinclsAugment`. Otherwise PIL
+    images through `lincls_train_transform` in DataLoader workers (the authors' pipeline).
+    """
+
+    def __init__(self, train, ids: np.ndarray, image_size: int, batch_size: int, workers: int,
+                 device: torch.device, seed: int, progress: bool) -> None:
+        from cclnb.data import load_uint8
+
+        self.train, self.ids, self.batch_size, self.device = train, ids, batch_size, device
+        self.image_size, self.workers, self.seed = image_size, workers, seed
+        self.labels = torch.as_tensor(train.targets[ids], device=device)
+        self.fast = resident(train, image_size)
+        if self.fast:
+            from cclnb.augment import BatchLinclsAugment
+
+            self.images = torch.from_numpy(load_uint8(train, progress=progress, ids=ids)).to(device)
+            self.augment = BatchLinclsAugment(image_size)
+
+    def steps(self) -> int:
+        return math.ceil(len(self.ids) / self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.ids), generator=generator)
+        if self.fast:
+            aug_gen = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + epoch)
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size].to(self.device)
+                yield self.augment(self.images[idx], aug_gen), self.labels[idx]
+            return
+        from cclnb.augment import lincls_train_transform
+
+        dataset = _Subset(self.train, self.ids, lincls_train_transform(self.image_size))
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=self.batch_size, sampler=order.tolist(), num_workers=self.workers,
+            pin_memory=self.device.type == "cuda", worker_init_fn=_seed_worker,
+            generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        for images, labels in loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed Python's `random` (used by torchvision transforms on PIL images) per worker."""
+    random.seed(torch.initial_seed() % 2**32)
+
+
+class _Subset(torch.utils.data.Dataset):
+    def __init__(self, dataset, ids: np.ndarray, transform) -> None:
+        self.dataset, self.ids, self.transform = dataset, ids, transform
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        j = int(self.ids[i])
+        return self.transform(self.dataset.load_pil(j)), int(self.dataset.targets[j])
+
+
+def _save_state(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic torch.save so a killed run never leaves a torn resume file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: str, who: str, n_classes: int, out_dim: int) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as error:
+        raise CheckpointError(f"--resume {path}: cannot read it ({error}); pass a lincls_<who>.pt "
+                              f"written by `cclnb lincls`") from error
+    if not isinstance(state, dict) or "fc" not in state:
+        raise CheckpointError(f"--resume {path} is not a cclnb lincls state (no 'fc'); pass the "
+                              f"lincls_<who>.pt that `cclnb lincls` writes next to its JSON")
+    shape = tuple(state["fc"]["weight"].shape)
+    if shape != (n_classes, out_dim) or state.get("who", who) != who:
+        raise CheckpointError(f"--resume {path} holds a {state.get('who')} classifier of shape {shape}; "
+                              f"this evaluation needs the {who}'s ({n_classes}, {out_dim})")
+    return state
+
+
+def linear_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the linear protocol described in the module docstring; returns the result dict and
+    writes `lincls_<student|teacher>.json` (plus `lincls_<who>.pt` for --resume) to the output
+    folder. With -e/--evaluate, only scores the classifier restored by --resume."""
+    from cclnb.data import open_dataset, subset_per_class
+    from cclnb.runs import write_json
+
+    started = time.time()
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+        raise ConfigError(f"need --epochs >= 1, -b >= 1 and --lr > 0; got {args.epochs}, "
+                          f"{args.batch_size}, {args.lr}")
+    if args.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"--precision must be fp32 or bf16, got {args.precision!r}")
+    if args.evaluate and not args.resume:
+        raise ConfigError("-e/--evaluate scores a trained classifier: pass --resume lincls_<who>.pt "
+                          "(a fresh classifier is random)")
+    who = "teacher" if args.use_teacher_weight else "student"
+    source = resolve_source(args.pretrained, args.out)
+    settings = resolved_settings(args, source.run_config)
+    device = _device(args)
+    seed = 0 if args.seed is None else int(args.seed)
+    torch.manual_seed(seed)
+
+    train = open_dataset(settings["data"], "train", settings["dataset"], settings["imagenetsub"])
+    val = open_dataset(settings["data"], "val", settings["dataset"], settings["imagenetsub"])
+    if train.classes != val.classes:
+        raise DataError(f"train and val class lists differ ({len(train.classes)} vs {len(val.classes)} "
+                        f"classes); every class needs a folder in both splits")
+    n_classes = len(train.classes)
+    ids = (subset_per_class(train.targets, args.subset_per_class) if args.subset_per_class
+           else np.arange(len(train)))
+    native = train.image_size if train.image_size is not None else 224
+    image_size = settings["image_size"] or (native if native <= SMALL_MAX else 224)
+    small = image_size <= SMALL_MAX
+    workers = max(0, min(args.workers, os.cpu_count() or 1))
+
+    backbone = load_backbone(source, settings["arch"], settings["stem"], small, who, device)
+    buffers_before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    fc = nn.Linear(backbone.out_dim, n_classes).to(device)
+    nn.init.normal_(fc.weight, mean=0.0, std=0.01)
+    nn.init.zeros_(fc.bias)
+    optimizer = torch.optim.SGD(fc.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+
+    state_path = source.out_dir / f"lincls_{who}.pt"
+    curve: list[dict[str, float]] = []
+    start_epoch = args.start_epoch
+    if args.resume:
+        state = _load_state(args.resume, who, n_classes, backbone.out_dim)
+        fc.load_state_dict(state["fc"])
+        optimizer.load_state_dict(state["optimizer"])
+        curve, start_epoch = list(state["curve"]), int(state["epoch"])
+
+    progress = not args.no_progress
+    val_f = extract_features(backbone, _uint8(val, progress) if resident(val, image_size) else val,
+                             device, batch_size=args.batch_size,
+                             image_size=image_size, precision=args.precision, workers=workers,
+                             progress=progress, desc="val features")
+    val_y = torch.as_tensor(val.targets, device=device)
+
+    def score() -> tuple[float, float]:
+        with torch.no_grad():
+            return tuple(topk_correct(fc(val_f), val_y))  # type: ignore[return-value]
+
+    if args.evaluate:
+        top1, top5 = score()
+        print(f"lincls ({who}) evaluate: top-1 {top1:.2f}  top-5 {top5:.2f}")
+        return {"who": who, "top1": top1, "top5": top5}
+
+    views = TrainViews(train, ids, image_size, args.batch_size, workers, device, seed, progress)
+    source.out_dir.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(range(start_epoch, args.epochs), desc=f"lincls {who}", unit="epoch", disable=not progress)
+    for epoch in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(epoch, args.lr, args.schedule)
+        total, seen = 0.0, 0
+        for step, (images, labels) in enumerate(tqdm(views.epoch(epoch), total=views.steps(), leave=False,
+                                                     desc=f"epoch {epoch + 1}", disable=not progress)):
+            with frozen(backbone), autocast(device, args.precision):
+                feats = backbone(images)
+            loss = F.cross_entropy(fc(feats.float()), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * labels.shape[0]
+            seen += labels.shape[0]
+            if not math.isfinite(total):
+                raise TrainingDiverged(f"linear evaluation loss became {total} at epoch {epoch + 1}; "
+                                       f"lower --lr (now {args.lr})")
+            if step % max(1, args.print_freq) == 0:
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+        top1, top5 = score()
+        curve.append({"epoch": epoch + 1, "train_loss": total / seen, "val_top1": top1, "val_top5": top5})
+        bar.set_postfix(loss=f"{total / seen:.3f}", top1=f"{top1:.2f}")
+        _save_state(state_path, {"who": who, "epoch": epoch + 1, "fc": fc.state_dict(),
+                                 "optimizer": optimizer.state_dict(), "curve": curve})
+
+    for name, value in backbone.state_dict().items():
+        if not torch.equal(value, buffers_before[name]):
+            raise RuntimeError(f"backbone tensor {name} changed during linear evaluation; the frozen "
+                               f"protocol is broken (a bug in cclnb, please report it)")
+    best = max(curve, key=lambda row: row["val_top1"])
+    result = {
+        "who": who, "top1": curve[-1]["val_top1"], "top5": curve[-1]["val_top5"],
+        "result_note": "final epoch", "best_top1": best["val_top1"], "best_epoch": best["epoch"],
+        "best_note": BEST_NOTE, "epochs": args.epochs, "curve": curve,
+        "protocol": (f"native {image_size}px: RandomResizedCrop({image_size}, 0.08-1)+flip / full image"
+                     if small else f"authors {image_size}px: RandomResizedCrop+flip / resize+center crop"),
+        "n_classes": n_classes, "n_train": int(len(ids)), "n_val": int(len(val)), "image_size": image_size,
+        "pretrained": str(source.checkpoint) if source.checkpoint else None,
+        "config": {**{k: v for k, v in vars(args).items() if k != "func"}, **settings,
+                   "image_size": image_size, "device": str(device), "workers_used": workers},
+        "time_s": time.time() - started,
+    }
+    write_json(source.out_dir / f"lincls_{who}.json", result)
+    return result
+
+
+def _uint8(ds, progress: bool) -> torch.Tensor:
+    from cclnb.data import load_uint8
+
+    return torch.from_numpy(load_uint8(ds, progress=progress))

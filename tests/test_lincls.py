@@ -1,0 +1,125 @@
+"""`cclnb lincls`: flag parsing, the frozen protocol, and a tiny run on the real sub100 data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cclnb.cli import build_parser, main
+from cclnb.evaluate.lincls import Source, load_backbone, lr_at, topk_correct
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tiny-imagenet-32-sub100.zip"
+
+
+def _parse(*argv: str):
+    return build_parser("lincls").parse_args(["lincls", *argv])
+
+
+def test_authors_defaults() -> None:
+    args = _parse("some/data")
+    assert (args.lr, args.batch_size, args.epochs, args.schedule) == (30.0, 256, 100, [60, 80])
+    assert (args.momentum, args.wd, args.workers, args.print_freq) == (0.9, 0.0, 32, 10)
+    assert args.data_pos == "some/data" and args.use_teacher_weight is False
+    assert _parse("--data", "x", "-a", "resnet18", "--wd", "1e-4", "--learning-rate", "3").lr == 3.0
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ((), False), (("--use_teacher_weight",), True), (("--use_teacher_weight", "True"), True),
+    (("--use_teacher_weight", "False"), False), (("--use_teacher_weight", "false"), False),
+    (("--use_teacher_weight", "0"), False), (("--use-teacher-weight", "1"), True),
+])
+def test_use_teacher_weight_is_a_real_boolean(argv: tuple, expected: bool) -> None:
+    assert _parse("--data", "d", *argv).use_teacher_weight is expected
+
+
+def test_use_teacher_weight_rejects_garbage(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        _parse("--data", "d", "--use_teacher_weight", "maybe")
+    assert "expected a boolean" in capsys.readouterr().err
+
+
+def test_step_schedule_and_topk() -> None:
+    assert [lr_at(e, 30.0, [60, 80]) for e in (0, 59, 60, 79, 80, 99)] == pytest.approx(
+        [30, 30, 3, 3, 0.3, 0.3])
+    logits = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.2, 0.7]])
+    assert topk_correct(logits, torch.tensor([1, 2]), ks=(1, 2)) == [50.0, 100.0]
+
+
+def _checkpoint(path: Path) -> tuple[dict, dict]:
+    """A tiny cclnb checkpoint whose student and teacher backbones differ; returns both states."""
+    from cclnb.checkpoint import save_checkpoint
+    from cclnb.models import Encoder, MoCo, build_backbone
+
+    torch.manual_seed(0)
+    moco = MoCo("resnet18", dim=16, k=32, mlp=True, small_images=False, stem="imagenet")
+    teacher = Encoder(build_backbone("resnet18", False, "imagenet"), 16, True)
+    save_checkpoint({"model": moco.state_dict(), "teacher": teacher.state_dict()}, path)
+    return moco.encoder_q.backbone.state_dict(), teacher.backbone.state_dict()
+
+
+def test_teacher_flag_picks_the_weights(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt.pt"
+    student, teacher = _checkpoint(ckpt)
+    source = Source(ckpt, {}, tmp_path)
+    for who, expected, other in (("student", student, teacher), ("teacher", teacher, student)):
+        loaded = load_backbone(source, "resnet18", "imagenet", False, who, torch.device("cpu")).state_dict()
+        assert torch.equal(loaded["conv1.weight"], expected["conv1.weight"])
+        assert not torch.equal(loaded["conv1.weight"], other["conv1.weight"])
+
+
+def test_wrong_arch_is_a_checkpoint_error(tmp_path: Path) -> None:
+    from cclnb.errors import CheckpointError
+
+    ckpt = tmp_path / "ckpt.pt"
+    _checkpoint(ckpt)
+    with pytest.raises(CheckpointError, match="--arch"):
+        load_backbone(Source(ckpt, {}, tmp_path), "resnet34", "imagenet", False, "student", torch.device("cpu"))
+
+
+@pytest.mark.skipif(not DATA.is_file(), reason=f"real data {DATA} is absent (shared data folder not mounted)")
+def test_lincls_tiny_real_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 images per class (200), 2 epochs, ImageNet stem (fast on CPU) on the 32 px sub100 zip.
+
+    Also checks the frozen protocol: every backbone tensor, BatchNorm running statistics
+    included, is bit-identical after training (the evaluation itself raises if not; here we
+    compare against the checkpoint from outside too)."""
+    from cclnb.checkpoint import backbone_state_dict
+
+    monkeypatch.setenv("CCLNB_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "ckpt.pt"
+    student, _ = _checkpoint(ckpt)
+    seen = {}
+    import cclnb.evaluate.lincls as lincls
+
+    real_load = lincls.load_backbone
+
+    def spy(*a, **k):
+        seen["backbone"] = real_load(*a, **k)
+        return seen["backbone"]
+
+    monkeypatch.setattr(lincls, "load_backbone", spy)
+    code = main(["lincls", str(DATA), "--pretrained", str(ckpt), "-a", "resnet18", "--stem", "imagenet",
+                 "--subset-per-class", "2", "--epochs", "2", "--schedule", "1", "-b", "64", "--lr", "1",
+                 "--device", "cpu", "--use_teacher_weight", "False", "--no-progress"])
+    assert code == 0
+    result = json.loads((tmp_path / "lincls_student.json").read_text())
+    assert not (tmp_path / "lincls_teacher.json").exists()
+    for key in ("top1", "top5", "best_top1", "best_epoch", "epochs", "curve", "config", "time_s"):
+        assert key in result
+    assert result["n_classes"] == 100 and result["n_train"] == 200 and result["n_val"] == 5000
+    assert len(result["curve"]) == 2 and result["top1"] == result["curve"][-1]["val_top1"]
+    assert 0.0 <= result["top1"] <= result["top5"] <= 100.0
+    assert result["best_note"] == "best epoch (selected on val), as the authors report"
+    after = seen["backbone"].state_dict()
+    for name, value in backbone_state_dict(str(ckpt), "student").items():
+        assert torch.equal(after[name], value), name
+    assert any("running_mean" in k for k in after)
+    assert (tmp_path / "lincls_student.pt").is_file()
+    # Resume + evaluate scores the saved classifier without training.
+    code = main(["lincls", "--data", str(DATA), "--pretrained", str(ckpt), "-a", "resnet18",
+                 "--stem", "imagenet", "--device", "cpu", "-e", "--resume",
+                 str(tmp_path / "lincls_student.pt"), "--no-progress"])
+    assert code == 0
