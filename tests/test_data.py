@@ -169,6 +169,15 @@ def test_cache_round_trips_and_is_reused(tiny_folder, tmp_path, monkeypatch) -> 
     assert np.array_equal(load_uint8(ds, cache_dir=cache_dir, progress=False, ids=ids), images[ids])
 
 
+def test_concurrent_builders_agree(tiny_folder, tmp_path) -> None:
+    """Two processes asking for the same cache at once both get it, and one file results."""
+    ds = open_dataset(str(tiny_folder), "train")
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        first, second = pool.starmap(load_uint8, [(ds, tmp_path / "cache", False)] * 2)
+    assert np.array_equal(first, _decoded(ds)) and np.array_equal(second, first)
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".lock", ".npy"]
+
+
 def test_ids_without_cache_decode_only_those(tiny_folder, tmp_path) -> None:
     ds = open_dataset(str(tiny_folder), "train")
     ids = np.array([5, 2, 9])
