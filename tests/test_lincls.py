@@ -11,8 +11,6 @@ import torch
 from cclnb.cli import build_parser, main
 from cclnb.evaluate.lincls import Source, load_backbone, lr_at, topk_correct
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tiny-imagenet-32-sub100.zip"
-
 
 def _parse(*argv: str):
     return build_parser("lincls").parse_args(["lincls", *argv])
@@ -79,8 +77,7 @@ def test_wrong_arch_is_a_checkpoint_error(tmp_path: Path) -> None:
         load_backbone(Source(ckpt, {}, tmp_path), "resnet34", "imagenet", False, "student", torch.device("cpu"))
 
 
-@pytest.mark.skipif(not DATA.is_file(), reason=f"real data {DATA} is absent (shared data folder not mounted)")
-def test_lincls_tiny_real_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lincls_tiny_real_run(tmp_path: Path, sub100_zip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """2 images per class (200), 2 epochs, ImageNet stem (fast on CPU) on the 32 px sub100 zip.
 
     Also checks the frozen protocol: every backbone tensor, BatchNorm running statistics
@@ -88,7 +85,6 @@ def test_lincls_tiny_real_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     compare against the checkpoint from outside too)."""
     from cclnb.checkpoint import backbone_state_dict
 
-    monkeypatch.setenv("CCLNB_CACHE", str(tmp_path / "cache"))
     ckpt = tmp_path / "ckpt.pt"
     student, _ = _checkpoint(ckpt)
     seen = {}
@@ -101,7 +97,7 @@ def test_lincls_tiny_real_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         return seen["backbone"]
 
     monkeypatch.setattr(lincls, "load_backbone", spy)
-    code = main(["lincls", str(DATA), "--pretrained", str(ckpt), "-a", "resnet18", "--stem", "imagenet",
+    code = main(["lincls", str(sub100_zip), "--pretrained", str(ckpt), "-a", "resnet18", "--stem", "imagenet",
                  "--subset-per-class", "2", "--epochs", "2", "--schedule", "1", "-b", "64", "--lr", "1",
                  "--device", "cpu", "--use_teacher_weight", "False", "--no-progress"])
     assert code == 0
@@ -119,7 +115,7 @@ def test_lincls_tiny_real_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert any("running_mean" in k for k in after)
     assert (tmp_path / "lincls_student.pt").is_file()
     # Resume + evaluate scores the saved classifier without training.
-    code = main(["lincls", "--data", str(DATA), "--pretrained", str(ckpt), "-a", "resnet18",
+    code = main(["lincls", "--data", str(sub100_zip), "--pretrained", str(ckpt), "-a", "resnet18",
                  "--stem", "imagenet", "--device", "cpu", "-e", "--resume",
                  str(tmp_path / "lincls_student.pt"), "--no-progress"])
     assert code == 0
