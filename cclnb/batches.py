@@ -76,9 +76,12 @@ class TensorFeeder:
 
     def __init__(self, images_uint8: np.ndarray, ids: np.ndarray, image_size: int, blur: bool,
                  small_images: bool, device: torch.device) -> None:
-        # Only the images the run uses are moved to the device; `row` maps a sample id to them.
+        """`images_uint8[i]` is the image of sample `ids[i]`: only the images the run trains on
+        move to the device, and `row` maps a sample id to its row."""
         ids = np.asarray(ids, dtype=np.int64)
-        self.images = torch.from_numpy(np.ascontiguousarray(images_uint8[ids])).to(device)
+        if len(images_uint8) != len(ids):
+            raise ValueError(f"{len(images_uint8)} images for {len(ids)} ids")
+        self.images = torch.from_numpy(np.ascontiguousarray(images_uint8)).to(device)
         self.row = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, dtype=np.int64)
         self.row[ids] = np.arange(len(ids))
         self.device = device

@@ -94,6 +94,7 @@ class TrainConfig:
     knn_k: int = 200
     knn_t: float = 0.1
     progress: bool = True                   # tqdm bars on rank 0
+    dist_timeout: int = 1800                # seconds a collective may wait before a dead rank stops the rest
     # CCL ablation switches (defaults = the authors' code, see README)
     ccl_selection: str = "min_var"          # min_var | random
     ccl_extra_queue: bool = True

@@ -43,6 +43,7 @@ class TrainerEnv:
     views: Callable[..., Iterator[tuple[torch.Tensor, torch.Tensor]]]
     log: Callable[[str], None]
     autocast: Callable[[], Any]
+    encode_q: Callable[[torch.Tensor], torch.Tensor]   # the query encoder (compiled when asked)
 
 
 class Method:

@@ -109,7 +109,7 @@ class CCL(Method):
         if cfg.ccl_distill and self.teacher is not None:
             # Whole-batch forwards (as the authors', so BN sees the same batch); old rows are
             # selected inside distillation_kl.
-            s_a = F.normalize(self.env.model.encoder_q(batch.anchor), dim=1)
+            s_a = F.normalize(self.env.encode_q(batch.anchor).float(), dim=1)
             with torch.no_grad():
                 t_q = self.teacher(batch.q)
                 t_a = self.teacher(batch.anchor)

@@ -1,0 +1,527 @@
+"""The continual MoCo v2 trainer: tasks, epochs, steps, checkpoints, resume.
+
+`train(config)` runs a whole class-incremental sequence and returns its run directory. The loop
+is method-agnostic: a `cclnb.methods.Method` adds its loss terms, its replay selection and its
+task/epoch hooks. Labels are read once, up front, to split the classes into tasks
+(`plan_tasks`); `pretrain` only ever sees sample ids and pixels, and the per-task evaluation is a
+callback prepared outside it.
+
+Exactness of resume rests on three facts: the epoch order depends only on (seed, task, epoch);
+the augmentation generator is re-seeded per epoch and its state is saved mid-epoch; every other
+piece of state (weights, optimizer, queues, teacher, replay ids, counters, global RNG) is in the
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import secrets
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from cclnb import dist, runs
+from cclnb.batches import (TensorFeeder, WorkerFeeder, check_batch, epoch_entries, epoch_order,
+                           steps_per_epoch)
+from cclnb.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from cclnb.config import TrainConfig
+from cclnb.data import load_uint8, open_dataset, subset_per_class
+from cclnb.errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
+from cclnb.losses import info_nce_queue
+from cclnb.methods import Method, StepOutputs, TrainerEnv, get_method
+from cclnb.models import MoCo
+from cclnb.tasks import class_order, split_classes, task_sample_ids
+
+SMALL_IMAGE_MAX = 64
+Evaluator = Callable[[torch.nn.Module, int, str], None]   # (backbone, after_task, who)
+
+
+# ============================================================================ planning
+@dataclass
+class TaskPlan:
+    """The class split, fixed before training: the only place labels are used."""
+
+    task_classes: list[np.ndarray]     # class ids of each task (the sequence's split)
+    task_ids: list[np.ndarray]         # sorted sample ids of each task
+    n_classes: int
+
+    @property
+    def classes_per_task(self) -> int:
+        return self.n_classes // len(self.task_classes)
+
+    @property
+    def all_ids(self) -> np.ndarray:
+        return np.sort(np.concatenate(self.task_ids))
+
+
+def plan_tasks(config: TrainConfig, targets: np.ndarray, n_classes: int) -> TaskPlan:
+    """Class order (seed `order_seed`, 1 = the authors'), split into `n_tasks`, sample ids per task
+    (restricted to the first `subset_per_class` images of each class when set)."""
+    ids = None if config.subset_per_class is None else subset_per_class(targets, config.subset_per_class)
+    task_classes = split_classes(class_order(n_classes, config.order_seed), config.n_tasks)
+    return TaskPlan(task_classes, task_sample_ids(targets, task_classes, ids), n_classes)
+
+
+def resolve_config(config: TrainConfig, data_image_size: int | None) -> TrainConfig:
+    """Fill the values that depend on the data: image size (the data's own when <= 64 px, else
+    224, the authors'), the loader, the seed (drawn and recorded when not given, so that a resume
+    continues the same random streams)."""
+    image_size = config.image_size
+    if image_size is None:
+        image_size = data_image_size if data_image_size and data_image_size <= SMALL_IMAGE_MAX else 224
+    loader = config.loader
+    if loader == "auto":
+        loader = "tensor" if data_image_size and image_size <= SMALL_IMAGE_MAX else "workers"
+    seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
+    return dataclasses.replace(config, image_size=image_size, loader=loader, seed=seed)
+
+
+# ============================================================================ small helpers
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """The authors' per-epoch LR within a task: cosine restarting each task (`--cos`), else x0.1 at
+    every `--schedule` milestone."""
+    if config.cos:
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
+    return config.lr * 0.1 ** sum(epoch >= m for m in config.schedule)
+
+
+def _generator(device: torch.device, *key: int) -> torch.Generator:
+    seed = int(np.random.default_rng(list(key)).integers(2**62))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+class _IdSubset:
+    """`dataset` restricted to `ids`, for evaluation through the PIL path (large images)."""
+
+    def __init__(self, dataset, ids: np.ndarray) -> None:
+        self.dataset, self.ids = dataset, ids
+        self.image_size = dataset.image_size
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load_pil(self, i: int):
+        return self.dataset.load_pil(int(self.ids[i]))
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints, and stops."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:   # not the main thread (e.g. inside a notebook worker): no handler
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ============================================================================ the entry point
+def train(config: TrainConfig) -> Path:
+    """Run (or resume) a continual pretraining and return its run directory."""
+    config.validate()
+    if config.multiprocessing_distributed and dist.env_world_size() == 1:
+        if config.run_dir is None:
+            config = dataclasses.replace(config, run_dir=str(_fresh_run_dir(config)))
+        dist.spawn_per_gpu(_train_worker, config)
+        return Path(config.run_dir)
+    return _train_worker(config)
+
+
+def _train_worker(config: TrainConfig) -> Path:
+    ctx = dist.setup(config.device, config.dist_backend, config.dist_url, config.dist_timeout)
+    try:
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        return _train(config, ctx)
+    finally:
+        dist.cleanup(ctx)
+
+
+def _fresh_run_dir(config: TrainConfig) -> Path:
+    name = open_dataset(config.data, "train", config.dataset, config.imagenetsub, config.download).name
+    return runs.default_run_dir(config.method, name)
+
+
+def _identity_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    return [f"{f}: run has {saved.get(f)!r}, now {getattr(config, f)!r}"
+            for f in TrainConfig.IDENTITY_FIELDS if saved.get(f) != getattr(config, f)]
+
+
+def _train(config: TrainConfig, ctx: dist.DistContext) -> Path:
+    train_ds = open_dataset(config.data, "train", config.dataset, config.imagenetsub, config.download)
+    checkpoint = None
+    if config.resume:
+        run_dir, ckpt_path = runs.resolve_resume(config.resume)
+        saved = runs.read_config(run_dir)
+        config = resolve_config(dataclasses.replace(config, seed=saved["seed"]), train_ds.image_size)
+        differences = _identity_differences(saved, config)
+        if differences:
+            raise CheckpointError(f"cannot resume {run_dir} with a different configuration: "
+                                  + "; ".join(differences)
+                                  + ". Pass the original options (see its config.json) or start a new run.")
+        status = runs.read_status(run_dir) or {}
+        if status.get("state") == "complete":
+            if ctx.is_main:
+                print(f"{run_dir} is already complete; nothing to resume.")
+            return run_dir
+        checkpoint = load_checkpoint(ckpt_path)
+    else:
+        config = resolve_config(config, train_ds.image_size)
+        run_dir = Path(config.run_dir) if config.run_dir else _agree_run_dir(config, train_ds.name, ctx)
+    config = dataclasses.replace(config, run_dir=str(run_dir))
+    if ctx.is_main:
+        runs.prepare_run_dir(run_dir)
+        if checkpoint is None:
+            runs.write_config(run_dir, config.to_dict(), {"world_size": ctx.world_size})
+    dist.barrier(ctx)
+
+    plan = plan_tasks(config, train_ds.targets, len(train_ds.classes))
+    evaluator = _make_evaluator(config, train_ds, plan, run_dir, ctx)
+    log = runs.TrainLog(run_dir, enabled=ctx.is_main)
+    try:
+        pretrain(config, train_ds, plan, run_dir, ctx, log, evaluator, checkpoint)
+    except Interrupted:
+        raise
+    except BaseException as error:
+        if ctx.is_main:
+            runs.write_status(run_dir, "failed", error=f"{type(error).__name__}: {error}")
+        raise
+    return run_dir
+
+
+def _agree_run_dir(config: TrainConfig, dataset_name: str, ctx: dist.DistContext) -> Path:
+    """Rank 0 names the run directory and tells the other ranks (their clocks may differ)."""
+    name = [str(runs.default_run_dir(config.method, dataset_name))] if ctx.is_main else [""]
+    if ctx.distributed:
+        torch.distributed.broadcast_object_list(name, src=0)
+    return Path(name[0])
+
+
+def _make_evaluator(config: TrainConfig, train_ds, plan: TaskPlan, run_dir: Path,
+                    ctx: dist.DistContext) -> Evaluator | None:
+    """The per-task evaluation (engineer D's `evaluate_encoder`), with labels bound here so that
+    `pretrain` never holds them. Rank 0 only; writes eval/acc_<protocol>_<who>.csv rows."""
+    if config.eval_each_task == "none" or not ctx.is_main:
+        return None
+    from cclnb.evaluate import evaluate_encoder
+
+    val_ds = open_dataset(config.data, "val", config.dataset, config.imagenetsub, config.download)
+    train_ids = plan.all_ids
+    small = config.small_images
+    if config.loader == "tensor":
+        train_images = load_uint8(train_ds, ids=train_ids, progress=config.progress)
+        val_images = load_uint8(val_ds, progress=config.progress)
+    else:
+        train_images, val_images = _IdSubset(train_ds, train_ids), val_ds
+    train_y, val_y = train_ds.targets[train_ids], val_ds.targets
+
+    def evaluate(backbone: torch.nn.Module, after_task: int, who: str) -> None:
+        results = evaluate_encoder(backbone, train_images, train_y, val_images, val_y, plan.task_classes,
+                                   config.eval_each_task, ctx.device, knn_k=config.knn_k, knn_t=config.knn_t,
+                                   precision=config.precision, n_classes=plan.n_classes,
+                                   batch_size=max(256, config.batch_size),
+                                   image_size=None if small else config.image_size, progress=config.progress)
+        for protocol, result in results.items():
+            runs.write_accuracy_row(run_dir, protocol, who, after_task, result["per_task"], result["all"])
+
+    return evaluate
+
+
+# ============================================================================ pretraining
+class _Trainer:
+    """State of one pretraining run; `pretrain` drives it."""
+
+    def __init__(self, config: TrainConfig, images_source, plan: TaskPlan, run_dir: Path,
+                 ctx: dist.DistContext, log: runs.TrainLog, evaluator: Evaluator | None) -> None:
+        self.config, self.plan, self.run_dir, self.ctx, self.log = config, plan, run_dir, ctx, log
+        self.evaluator = evaluator
+        self.device = ctx.device
+        self.seed = int(config.seed)
+        torch.manual_seed(self.seed)
+        np.random.seed(self.seed % 2**32)
+        self.model = MoCo(config.arch, config.moco_dim, config.moco_k, config.mlp,
+                          config.small_images, config.stem).to(self.device)
+        if self.device.type == "cuda" and config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model.copy_query_to_key()
+        self._broadcast_model()
+        self.encode_q = torch.compile(self.model.encoder_q) if config.compile else self.model.encoder_q
+        self.optimizer = torch.optim.SGD(self.model.encoder_q.parameters(), lr=config.lr,
+                                         momentum=config.momentum, weight_decay=config.weight_decay)
+        self.feeder = self._make_feeder(images_source)
+        env = TrainerEnv(config=config, model=self.model, ctx=ctx, seed=self.seed,
+                         classes_per_task=plan.classes_per_task, views=self.feeder.views,
+                         log=self._say, autocast=lambda: _autocast(self.device, config.precision),
+                         encode_q=self.encode_q)
+        self.method: Method = get_method(config, env)
+        self.tasks = self.method.training_tasks(plan.task_ids)
+        self.replay: list[np.ndarray] = []
+        self.task = self.epoch = self.step = self.global_step = 0
+        self.generator_state: torch.Tensor | None = None
+        self.started = time.time()
+        self.trained_ids: list[np.ndarray] | None = None    # set by tests to audit the data seen
+
+    # ------------------------------------------------------------------ set-up
+    def _make_feeder(self, images_source) -> TensorFeeder | WorkerFeeder:
+        cfg, small = self.config, self.config.small_images
+        blur = not small
+        if cfg.loader == "tensor":
+            ids = self.plan.all_ids
+            images = (images_source[ids] if isinstance(images_source, np.ndarray) else
+                      load_uint8(images_source, ids=ids, progress=cfg.progress and self.ctx.is_main))
+            return TensorFeeder(images, ids, cfg.image_size, blur, small, self.device)
+        return WorkerFeeder(images_source, cfg.image_size, blur, small, cfg.workers, self.device)
+
+    def _broadcast_model(self) -> None:
+        """Every rank starts from rank 0's weights (DDP does the same at wrap time)."""
+        if self.ctx.distributed:
+            for tensor in self.model.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+
+    def _say(self, message: str) -> None:
+        self.log.line(message)
+        if self.ctx.is_main and self.config.progress:
+            tqdm.write(message)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict[str, Any]:
+        method_state = self.method.state_dict()
+        # "teacher" also at the top level: `checkpoint.backbone_state_dict(..., who="teacher")`
+        # reads it there (torch.save stores the shared tensors once).
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "method": method_state, "teacher": method_state.get("teacher"),
+                "replay": [torch.from_numpy(r.astype(np.int64)) for r in self.replay],
+                "task": self.task, "epoch": self.epoch, "step": self.step,
+                "global_step": self.global_step, "seed": self.seed,
+                "generator": self.generator_state, "rng": rng_state(),
+                "config": self.config.to_dict()}
+
+    def load(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.method.load_state_dict(ckpt["method"])
+        self.replay = [r.numpy().astype(np.int64) for r in ckpt["replay"]]
+        self.task, self.epoch, self.step = int(ckpt["task"]), int(ckpt["epoch"]), int(ckpt["step"])
+        self.global_step = int(ckpt["global_step"])
+        self.generator_state = ckpt["generator"]
+        set_rng_state(ckpt["rng"])
+        self._say(f"resumed at task {self.task} epoch {self.epoch} step {self.step}")
+
+    def save(self, task_end: bool = False) -> None:
+        """checkpoints/last.pt (and task_<t>.pt at a task end), rank 0 only, atomically."""
+        if not self.ctx.is_main:
+            return
+        state = self.state()
+        save_checkpoint(state, runs.checkpoint_path(self.run_dir))
+        if task_end:
+            save_checkpoint(state, runs.checkpoint_path(self.run_dir, self.task - 1))
+
+    def status(self, state: str, **extra: Any) -> None:
+        if self.ctx.is_main:
+            runs.write_status(self.run_dir, state, task=self.task, epoch=self.epoch, step=self.step,
+                              global_step=self.global_step, n_tasks=len(self.tasks), **extra)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> None:
+        with _StopFlag() as stop:
+            while self.task < len(self.tasks):
+                self._run_task(stop)
+        self.status("complete")
+        self._say(f"run complete: {self.run_dir}")
+
+    def _entries(self) -> tuple[np.ndarray, np.ndarray]:
+        old = (np.concatenate(self.replay) if self.method.uses_replay and self.replay
+               else np.zeros(0, dtype=np.int64))
+        return epoch_entries(self.tasks[self.task], old)
+
+    def _run_task(self, stop: _StopFlag) -> None:
+        t, cfg = self.task, self.config
+        entries = self._entries()
+        check_batch(len(entries[0]), cfg.batch_size, self.ctx.world_size, t)
+        if self.epoch == 0 and self.step == 0:
+            self.method.on_task_start(t)
+            self._say(f"task {t}: {len(self.tasks[t])} images + {int(entries[1].sum())} replayed")
+        while self.epoch < cfg.epochs:
+            self._run_epoch(entries, stop)
+            self.method.on_epoch_end(t, self.epoch)
+            self.epoch += 1
+            self.step = 0
+            self.generator_state = None
+            if cfg.save_every and self.epoch % cfg.save_every == 0 and self.epoch < cfg.epochs:
+                self.save()
+                self.status("running")
+        self._finish_task()
+
+    def _finish_task(self) -> None:
+        """Replay selection, evaluation, then the task checkpoint. A kill anywhere in here resumes
+        from the last epoch checkpoint and redoes this (selection and evaluation are seeded)."""
+        t = self.task
+        ids = self.method.select_replay(t, self.tasks[t]) if self.ctx.is_main else None
+        if self.ctx.distributed:
+            box = [ids]
+            torch.distributed.broadcast_object_list(box, src=0)
+            ids = box[0]
+        ids = np.asarray(ids, dtype=np.int64)
+        self.replay.append(ids)
+        if self.ctx.is_main:
+            runs.write_replay(self.run_dir, t, ids, self.method.selection)
+        if self.method.uses_replay:
+            self._say(f"task {t}: replay keeps {len(ids)} ids ({len(np.unique(ids))} distinct, "
+                      f"selection {self.method.selection})")
+        self._evaluate(t)
+        self.task, self.epoch, self.step = t + 1, 0, 0
+        self.save(task_end=True)
+        self.status("running")
+        dist.barrier(self.ctx)
+
+    def _evaluate(self, t: int) -> None:
+        """Per-task evaluation on rank 0, with the global RNG saved and restored around it so
+        that measuring a run never changes how it trains."""
+        if self.evaluator is not None:
+            saved = rng_state()
+            self.evaluator(self.model.encoder_q.backbone, t, "student")
+            if self.config.eval_teacher and hasattr(self.method, "teacher"):
+                teacher = self.method.teacher or self.model.encoder_q   # task 0: teacher = student
+                self.evaluator(teacher.backbone, t, "teacher")
+            set_rng_state(saved)
+            self.model.train()
+        dist.barrier(self.ctx)
+
+    def _run_epoch(self, entries: tuple[np.ndarray, np.ndarray], stop: _StopFlag) -> None:
+        cfg, t, e, ctx = self.config, self.task, self.epoch, self.ctx
+        lr = learning_rate(cfg, e)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        self.method.on_epoch_start(t, e)
+        generator = _generator(self.device, self.seed, t, e, ctx.rank)
+        if self.generator_state is not None:
+            generator.set_state(self.generator_state)
+        order = epoch_order(len(entries[0]), self.seed, t, e)
+        n_steps = steps_per_epoch(len(entries[0]), cfg.batch_size)
+        bar = tqdm(total=n_steps, initial=self.step, desc=f"task {t} epoch {e}", unit="step",
+                   disable=not (cfg.progress and ctx.is_main), leave=False, dynamic_ncols=True)
+        sums = np.zeros(4)
+        count, window_start, window_steps = 0, time.time(), 0
+        batches = self.feeder.batches(entries, order, cfg.batch_size, ctx.rank, ctx.world_size,
+                                      self.step, generator)
+        for batch in batches:
+            values = self._train_step(batch, generator)
+            if self.trained_ids is not None:
+                self.trained_ids.append(batch.ids.numpy())
+            self.step += 1
+            self.global_step += 1
+            sums += values
+            count += 1
+            window_steps += 1
+            if dist.any_rank(stop.signal is not None, ctx):
+                self.generator_state = generator.get_state()
+                self._interrupt(bar)
+            speed = window_steps * cfg.batch_size / max(time.time() - window_start, 1e-9)
+            bar.set_postfix(loss=f"{values[0]:.4f}", img_s=f"{speed:.0f}", refresh=False)
+            bar.update(1)
+            if self.step % cfg.print_freq == 0:
+                self._log_row(values, lr, speed)
+                window_start, window_steps = time.time(), 0
+        bar.close()
+        if count:
+            speed = window_steps * cfg.batch_size / max(time.time() - window_start, 1e-9)
+            self._log_row(sums / count, lr, speed)
+            self._say(f"task {t} epoch {e}: loss {sums[0] / count:.4f} (moco {sums[1] / count:.4f}, "
+                      f"extra {sums[2] / count:.4f}, distill {sums[3] / count:.4f}) lr {lr:.4g}")
+
+    def _train_step(self, batch, generator: torch.Generator) -> np.ndarray:
+        """One MoCo v2 step (+ the method's terms); returns [total, moco, extra, distill]."""
+        cfg, model, ctx = self.config, self.model, self.ctx
+        if self.device.type == "cuda" and cfg.channels_last:
+            batch.q = batch.q.contiguous(memory_format=torch.channels_last)
+            batch.k = batch.k.contiguous(memory_format=torch.channels_last)
+            batch.anchor = batch.anchor.contiguous(memory_format=torch.channels_last)
+        with _autocast(self.device, cfg.precision):
+            q = F.normalize(self.encode_q(batch.q).float(), dim=1)
+            with torch.no_grad():
+                model.momentum_update(cfg.moco_m)
+                if ctx.distributed:
+                    k = dist.shuffled_key_forward(
+                        lambda x: model.key_forward(x, 1, generator), batch.k, ctx, generator)
+                else:
+                    k = model.key_forward(batch.k, cfg.key_bn_groups, generator)
+                k = k.float()
+            loss_moco = info_nce_queue(q, k, model.queue, cfg.moco_t)
+            extras = self.method.extra_losses(self.task, batch, StepOutputs(q=q, k=k))
+        zero = loss_moco.new_zeros(())
+        extra, distill = extras.get("extra", zero), extras.get("distill", zero)
+        loss = loss_moco + extra + distill
+        values = torch.stack([loss, loss_moco, extra, distill]).detach().cpu().numpy().astype(float)
+        if dist.any_rank(not np.isfinite(values[0]), ctx):
+            raise TrainingDiverged(
+                f"the loss became {values[0]} at task {self.task}, epoch {self.epoch}, step {self.step}; "
+                f"the last good checkpoint {runs.checkpoint_path(self.run_dir)} is kept (if any). "
+                f"Lower --lr, use --precision fp32, or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        dist.average_gradients(list(model.encoder_q.parameters()), ctx)
+        self.optimizer.step()
+        if ctx.distributed:
+            dist.broadcast_buffers(model.encoder_q, ctx)
+            dist.broadcast_buffers(model.encoder_k, ctx)
+        keys_all = dist.all_gather_cat(k.detach(), ctx)
+        old_all = dist.all_gather_cat(batch.is_old, ctx)
+        model.enqueue(keys_all)
+        self.method.after_step(batch, keys_all, old_all)
+        return values
+
+    def _interrupt(self, bar) -> None:
+        bar.close()
+        self.save()
+        self.status("interrupted")
+        raise Interrupted(f"stopped by a signal at task {self.task}, epoch {self.epoch}, step {self.step}; "
+                          f"the state is saved in {runs.checkpoint_path(self.run_dir)}. Continue with "
+                          f"`cclnb train ... --resume {self.run_dir}` (the same options)")
+
+    def _log_row(self, values: np.ndarray, lr: float, speed: float) -> None:
+        self.log.row({"task": self.task, "epoch": self.epoch, "step": self.step,
+                      "global_step": self.global_step, "loss": float(values[0]),
+                      "loss_moco": float(values[1]), "loss_extra": float(values[2]),
+                      "loss_distill": float(values[3]), "lr": lr, "img_per_s": speed,
+                      "time_s": time.time() - self.started})
+
+
+def pretrain(config: TrainConfig, images_source, plan: TaskPlan, run_dir: Path, ctx: dist.DistContext,
+             log: runs.TrainLog, evaluator: Evaluator | None = None,
+             checkpoint: dict[str, Any] | None = None, audit: list | None = None) -> "_Trainer":
+    """Train every task of `plan` on `images_source` (an ImageDataset or a uint8 array indexed by
+    sample id) without access to labels. `audit`, when a list, receives the ids of every batch."""
+    trainer = _Trainer(config, images_source, plan, run_dir, ctx, log, evaluator)
+    trainer.trained_ids = audit
+    if checkpoint is not None:
+        trainer.load(checkpoint)
+    trainer.status("running")
+    trainer.run()
+    return trainer
+
