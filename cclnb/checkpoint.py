@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -81,7 +82,8 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
         raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; free disk space or "
                               f"choose a writable --run-dir (the previous checkpoint is intact)") from e
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # gone already, or its folder never existed
+            tmp.unlink(missing_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run killed mid-write
         stale.unlink(missing_ok=True)
 

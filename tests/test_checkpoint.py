@@ -1,0 +1,184 @@
+"""Checkpoints: weights_only round trip, atomic writes, clear errors, the authors' format."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from cclnb.checkpoint import (FORMAT, backbone_state_dict, load_checkpoint, rng_state, save_checkpoint,
+                              set_rng_state)
+from cclnb.errors import CheckpointError, ConfigError
+from cclnb.models import MoCo, build_backbone
+
+
+@pytest.fixture(scope="module")
+def run_state() -> dict:
+    """What a trainer saves: MoCo, teacher, optimizer (with momentum buffers), counters, replay ids."""
+    torch.manual_seed(0)
+    model = MoCo("resnet18", dim=8, k=16, small_images=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    return {"model": model.state_dict(), "teacher": model.encoder_q.state_dict(), "optimizer": opt.state_dict(),
+            "task": 1, "epoch": 3, "replay": [[1, 2, 2], [7]], "config": {"method": "CCL", "lr": 0.03}}
+
+
+def _assert_same(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+def test_round_trip_loads_with_weights_only(run_state: dict, tmp_path) -> None:
+    path = tmp_path / "new" / "folder" / "last.pt"            # the folder is created
+    save_checkpoint({**run_state, "rng": rng_state()}, path)
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == FORMAT
+    loaded = load_checkpoint(path)
+    _assert_same({k: v for k, v in loaded.items() if k not in ("rng", "format")}, run_state)
+    assert os.listdir(path.parent) == ["last.pt"]            # no temporary file left
+
+
+def test_rng_state_round_trip(tmp_path) -> None:
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    save_checkpoint({"rng": rng_state()}, tmp_path / "rng.pt")
+    first = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    assert (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()) == first
+
+
+def test_unloadable_entries_are_refused_before_writing(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match=r"state\['replay'\]\[0\] is a ndarray"):
+        save_checkpoint({"replay": [np.arange(3)]}, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match="float64"):
+        save_checkpoint({"loss": np.float64(1.0)}, tmp_path / "x.pt")
+    assert not any(tmp_path.iterdir())
+
+
+def test_failure_during_save_keeps_previous_file(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "last.pt"
+    save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+
+    def dies_midway(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise RuntimeError("killed while writing")
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(RuntimeError, match="killed"):
+        save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"PK")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="No space left.*previous checkpoint is intact"):
+        save_checkpoint({"epoch": 3, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_stale_temporary_files_are_cleaned(tmp_path) -> None:
+    stale = tmp_path / ".last.pt.deadbeef.tmp"                 # left by a run killed mid-write
+    stale.write_bytes(b"partial")
+    save_checkpoint({"epoch": 1}, tmp_path / "last.pt")
+    assert not stale.exists()
+
+
+def test_truncated_and_corrupt_files_are_named(tmp_path) -> None:
+    good = tmp_path / "good.pt"
+    save_checkpoint({"w": torch.randn(1000)}, good)
+    data = good.read_bytes()
+    cases = {"truncated.pt": data[: len(data) // 2], "empty.pt": b"", "noise.pt": os.urandom(256)}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=name) as info:
+            load_checkpoint(tmp_path / name)
+        assert "cclnb checkpoint" in str(info.value) or "truncated or corrupt" in str(info.value)
+
+
+def test_missing_folder_and_foreign_files(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint at .*missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="is a folder"):
+        load_checkpoint(tmp_path)
+    torch.save({"state_dict": {}, "epoch": 3}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="foreign.pt is not a cclnb checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="list.pt is not a cclnb checkpoint"):
+        load_checkpoint(tmp_path / "list.pt")
+    torch.save({"format": "cclnb-checkpoint-v9"}, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match="cclnb-checkpoint-v9"):
+        load_checkpoint(tmp_path / "future.pt")
+
+
+def test_unwritable_destination(tmp_path) -> None:
+    """A run directory that cannot hold files (here its parent is a file; as root, permissions
+    would not stop the write) gives a CheckpointError that says what to do."""
+    blocker = tmp_path / "runs"
+    blocker.write_text("not a folder")
+    with pytest.raises(CheckpointError, match="could not write checkpoint .*writable --run-dir"):
+        save_checkpoint({"epoch": 1}, blocker / "checkpoints" / "last.pt")
+
+
+def test_backbone_from_cclnb_checkpoint(run_state: dict, tmp_path) -> None:
+    path = tmp_path / "last.pt"
+    save_checkpoint(run_state, path)
+    for who, source in (("student", "encoder_q.backbone."), ("teacher", None)):
+        weights = backbone_state_dict(path, who=who)
+        net = build_backbone("resnet18", small_images=True)
+        net.load_state_dict(weights)                          # strict: every name maps
+        expected = run_state["model"]["encoder_q.backbone.conv1.weight"] if source else \
+            run_state["teacher"]["backbone.conv1.weight"]
+        assert torch.equal(net.conv1.weight, expected)
+    with pytest.raises(CheckpointError, match="only CCL runs have a teacher"):
+        backbone_state_dict({**run_state, "format": FORMAT, "teacher": None}, who="teacher")
+    with pytest.raises(ConfigError, match="student"):
+        backbone_state_dict(path, who="key")
+
+
+def _authors_state_dict(enc_state: dict, module: str) -> dict:
+    """The authors' key layout: torchvision ResNet whose `fc` is the (MLP) head, under DDP's `module.`."""
+    renamed = {}
+    for k, v in enc_state.items():
+        name = k[len("backbone."):] if k.startswith("backbone.") else "fc." + k[len("head."):]
+        renamed[f"module.{module}.{name}"] = v
+    return renamed
+
+
+def test_backbone_from_authors_checkpoint(run_state: dict, tmp_path) -> None:
+    student = {k[len("encoder_q."):]: v for k, v in run_state["model"].items() if k.startswith("encoder_q.")}
+    teacher = {k: v + 1 if v.is_floating_point() else v for k, v in student.items()}
+    path = tmp_path / "moco_checkpoint_0.pth.tar"
+    torch.save({"epoch": 200, "arch": "resnet18",
+                "state_dict": {**_authors_state_dict(student, "encoder_q"), **_authors_state_dict(teacher, "teacher"),
+                               "module.queue": torch.zeros(8, 16)},
+                "optimizer": {"state": {}, "param_groups": []},
+                "saved_X": [np.array(["train/n01/a.JPEG", "train/n02/b.JPEG"])], "saved_Y": [np.array([0, 1])]},
+               path)
+    for who, source in (("student", student), ("teacher", teacher)):
+        weights = backbone_state_dict(path, who=who)
+        assert not any(k.startswith("fc.") for k in weights)
+        net = build_backbone("resnet18", small_images=True)
+        net.load_state_dict(weights)
+        assert torch.equal(net.layer4[1].bn2.weight, source["backbone.layer4.1.bn2.weight"])
+    torch.save({"weights": {}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="neither a cclnb checkpoint .* nor the authors'"):
+        backbone_state_dict(tmp_path / "other.pt")
