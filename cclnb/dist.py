@@ -20,7 +20,7 @@ import torch.distributed as tdist
 
 from cclnb.errors import ConfigError
 
-DEFAULT_TIMEOUT_S = 300
+DEFAULT_TIMEOUT_S = 1800
 
 
 @dataclass(frozen=True)
@@ -60,11 +60,13 @@ def env_world_size() -> int:
 
 
 def setup(device: str, backend: str = "auto", dist_url: str = "env://",
-          timeout_s: int = DEFAULT_TIMEOUT_S) -> DistContext:
-    """Join the process group when launched by torchrun/spawn, else describe the single process."""
+          timeout_s: int = DEFAULT_TIMEOUT_S, gpu: int | None = None) -> DistContext:
+    """Join the process group when launched by torchrun/spawn, else describe the single process
+    (on GPU `gpu` when given, the authors' `--gpu`)."""
     world = env_world_size()
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    single_gpu = gpu if gpu is not None and world == 1 else rank
+    local_rank = int(os.environ.get("LOCAL_RANK", str(single_gpu)))
     dev = resolve_device(device, local_rank)
     if world > 1 and not tdist.is_initialized():
         chosen = ("nccl" if dev.type == "cuda" else "gloo") if backend == "auto" else backend

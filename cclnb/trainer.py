@@ -153,7 +153,7 @@ def train(config: TrainConfig) -> Path:
 
 
 def _train_worker(config: TrainConfig) -> Path:
-    ctx = dist.setup(config.device, config.dist_backend, config.dist_url, config.dist_timeout)
+    ctx = dist.setup(config.device, config.dist_backend, config.dist_url, config.dist_timeout, config.gpu)
     try:
         if config.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -521,6 +521,9 @@ def pretrain(config: TrainConfig, images_source, plan: TaskPlan, run_dir: Path, 
     trainer.trained_ids = audit
     if checkpoint is not None:
         trainer.load(checkpoint)
+    if not config.aug_plus:
+        trainer.log.line("note: --aug-plus not given; cclnb always uses MoCo v2's augmentation "
+                         "(the authors' MoCo v1 augmentation is not implemented)")
     trainer.status("running")
     trainer.run()
     return trainer

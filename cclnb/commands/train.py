@@ -1,0 +1,115 @@
+"""`cclnb train`: continual MoCo v2 pretraining with the authors' `train.py` command line.
+
+Every flag of the authors' script keeps its name and default, so their ImageNet-Sub command runs
+with `python train.py` replaced by `cclnb train` (the positional DIR works too). cclnb's extras
+(device, precision, run directory, CCL ablation switches, ...) map one-to-one onto
+`cclnb.config.TrainConfig`; defaults are read from it, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from cclnb.config import ARCHS, METHODS, METHOD_ALIASES, TrainConfig
+from cclnb.errors import ConfigError
+
+D = TrainConfig()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument_group("the authors' train.py flags (same names and defaults)")
+    a.add_argument("data_dir", nargs="?", metavar="DIR", help="dataset (same as --data)")
+    a.add_argument("--data", default=None, help="folder with train/ and val/, a zip of one, a CIFAR folder, or 'demo'")
+    a.add_argument("-a", "--arch", default=D.arch, choices=ARCHS)
+    a.add_argument("-j", "--workers", type=int, default=D.workers, help="DataLoader workers (large images)")
+    a.add_argument("--epochs", type=int, default=D.epochs, help="epochs per task")
+    a.add_argument("--start-epoch", type=int, default=D.start_epoch,
+                   help="accepted for compatibility; a resume restores the epoch itself")
+    a.add_argument("-b", "--batch-size", type=int, default=D.batch_size, help="global batch over all processes")
+    a.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=D.lr)
+    a.add_argument("--schedule", type=int, nargs="*", default=D.schedule, help="LR x0.1 at these epochs (without --cos)")
+    a.add_argument("--momentum", type=float, default=D.momentum)
+    a.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=D.weight_decay)
+    a.add_argument("-p", "--print-freq", type=int, default=D.print_freq, help="log every N steps")
+    a.add_argument("--resume", default=None, help="a run directory or a checkpoint to continue")
+    a.add_argument("--world-size", type=int, default=D.world_size, help="accepted; torchrun's WORLD_SIZE rules")
+    a.add_argument("--rank", type=int, default=D.rank, help="accepted; torchrun's RANK rules")
+    a.add_argument("--dist-url", default=D.dist_url)
+    a.add_argument("--dist-backend", default=D.dist_backend, choices=("auto", "nccl", "gloo"))
+    a.add_argument("--seed", type=int, default=D.seed)
+    a.add_argument("--gpu", type=int, default=D.gpu, help="GPU index for a single-process run")
+    a.add_argument("--multiprocessing-distributed", action="store_true",
+                   help="one process per visible GPU on this machine")
+    a.add_argument("--moco-dim", type=int, default=D.moco_dim)
+    a.add_argument("--moco-k", type=int, default=D.moco_k)
+    a.add_argument("--moco-m", type=float, default=D.moco_m)
+    a.add_argument("--moco-t", type=float, default=D.moco_t)
+    a.add_argument("--ccl-teacher-m", type=float, default=D.ccl_teacher_m)
+    a.add_argument("--ccl-k", type=int, default=D.ccl_k)
+    a.add_argument("--mlp", action="store_true")
+    a.add_argument("--aug-plus", action="store_true", help="MoCo v2 augmentation (cclnb always uses it)")
+    a.add_argument("--cos", action="store_true", help="cosine LR per task")
+    a.add_argument("--method", default=D.method, choices=sorted(set(METHODS) | set(METHOD_ALIASES)))
+    a.add_argument("--n-tasks", "--n_tasks", dest="n_tasks", type=int, default=D.n_tasks)
+    a.add_argument("--n-save", "--n_save", dest="n_save", type=int, default=D.n_save)
+    a.add_argument("--imagenetsub", action="store_true", help="the first 100 classes (ImageNet-Sub)")
+
+    x = p.add_argument_group("cclnb extras")
+    x.add_argument("--dataset", default=D.dataset, choices=("auto", "imagefolder", "zip", "cifar10", "cifar100", "demo"))
+    x.add_argument("--download", action="store_true", help="CIFAR: download through torchvision if absent")
+    x.add_argument("--image-size", type=int, default=D.image_size, help="default: the data's size if <= 64 px, else 224")
+    x.add_argument("--stem", default=D.stem, choices=("auto", "cifar", "imagenet"))
+    x.add_argument("--subset-per-class", type=int, default=D.subset_per_class, help="first N images of each class")
+    x.add_argument("--order-seed", type=int, default=D.order_seed, help="class order seed (1 = the authors')")
+    x.add_argument("--device", default=D.device, choices=("auto", "cpu", "cuda"))
+    x.add_argument("--precision", default=D.precision, choices=("fp32", "bf16"))
+    x.add_argument("--loader", default=D.loader, choices=("auto", "tensor", "workers"))
+    x.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    x.add_argument("--compile", action="store_true", help="torch.compile the query encoder")
+    x.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resume tests)")
+    x.add_argument("--run-dir", default=D.run_dir, help="default runs/<method>-<dataset>-<time>")
+    x.add_argument("--save-every", type=int, default=D.save_every, help="also checkpoint every N epochs")
+    x.add_argument("--key-bn-groups", type=int, default=D.key_bn_groups,
+                   help="single process: BN groups for the key encoder (stand-in for shuffled BN)")
+    x.add_argument("--eval-each-task", default=D.eval_each_task, choices=("knn", "probe", "both", "none"))
+    x.add_argument("--eval-teacher", action="store_true", help="also evaluate CCL's teacher after each task")
+    x.add_argument("--knn-k", type=int, default=D.knn_k)
+    x.add_argument("--knn-t", type=float, default=D.knn_t)
+    x.add_argument("--no-progress", dest="progress", action="store_false")
+    x.add_argument("--dist-timeout", type=int, default=D.dist_timeout, help="seconds before a dead rank stops the others")
+
+    c = p.add_argument_group("CCL ablation switches (defaults = the authors' code)")
+    c.add_argument("--ccl-selection", default=D.ccl_selection, choices=("min_var", "random"))
+    c.add_argument("--no-ccl-extra-queue", dest="ccl_extra_queue", action="store_false")
+    c.add_argument("--no-ccl-distill", dest="ccl_distill", action="store_false")
+    c.add_argument("--ccl-teacher-mode", default=D.ccl_teacher_mode, choices=("code", "eval"))
+    c.add_argument("--ccl-distill-group", type=int, default=D.ccl_distill_group, help="0 = whole batch")
+    c.add_argument("--ccl-extra-weight", type=float, default=D.ccl_extra_weight)
+    c.add_argument("--ccl-distill-weight", type=float, default=D.ccl_distill_weight)
+    c.add_argument("--ccl-t-student", type=float, default=D.ccl_t_student)
+    c.add_argument("--ccl-t-teacher", type=float, default=D.ccl_t_teacher)
+    c.add_argument("--replay-without-replacement", dest="replay_with_replacement", action="store_false",
+                   help="draw random replay ids without duplicates")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Map parsed arguments onto a TrainConfig (every field has a flag)."""
+    values = vars(args).copy()
+    positional = values.pop("data_dir", None)
+    if positional and values.get("data") and positional != values["data"]:
+        raise ConfigError(f"two datasets given: DIR {positional!r} and --data {values['data']!r}; pass one")
+    values["data"] = values.get("data") or positional
+    if values["start_epoch"] and not values["resume"]:
+        raise ConfigError("--start-epoch only makes sense with --resume, and then the checkpoint's "
+                          "epoch is used; drop --start-epoch")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig.from_dict({k: v for k, v in values.items() if k in fields})
+
+
+def run(args: argparse.Namespace) -> int:
+    from cclnb.trainer import train
+
+    run_dir = train(config_from_args(args))
+    print(f"run directory: {run_dir}")
+    return 0
