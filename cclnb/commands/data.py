@@ -60,12 +60,13 @@ def _info(args: argparse.Namespace) -> int:
         print(f"{split + ':':<12} {len(ds):,} images")
     print(f"image size:  {size}")
     print(f"task split:  {args.n_tasks} tasks x {len(tasks[0])} classes, order seed {args.order_seed}"
-          f"{' (the authors order)' if args.order_seed == 1 else ''}")
+          f"{' (the authors' order)' if args.order_seed == 1 else ''}")
     for t, classes in enumerate(tasks):
         print(f"  task {t}: classes {' '.join(str(c) for c in classes)}")
-        labels = [train.classes[c] if train.classes[c] == train.class_names[c]
-                  else f"{train.classes[c]} ({_short(train.class_names[c])})" for c in classes]
-        print(f"          {'; '.join(labels)}")
+        if any(train.classes[c] != str(c) for c in classes):   # names that add something
+            labels = [train.classes[c] if train.classes[c] == train.class_names[c]
+                      else f"{train.classes[c]} ({_short(train.class_names[c])})" for c in classes]
+            print(f"          {'; '.join(labels)}")
     return 0
 
 
