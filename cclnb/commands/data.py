@@ -59,8 +59,8 @@ def _info(args: argparse.Namespace) -> int:
     for split, ds in splits.items():
         print(f"{split + ':':<12} {len(ds):,} images")
     print(f"image size:  {size}")
-    print(f"task split:  {args.n_tasks} tasks x {len(tasks[0])} classes, order seed {args.order_seed}"
-          f"{' (the authors' order)' if args.order_seed == 1 else ''}")
+    authors = " (the authors' order)" if args.order_seed == 1 else ""
+    print(f"task split:  {args.n_tasks} tasks x {len(tasks[0])} classes, order seed {args.order_seed}{authors}")
     for t, classes in enumerate(tasks):
         print(f"  task {t}: classes {' '.join(str(c) for c in classes)}")
         if any(train.classes[c] != str(c) for c in classes):   # names that add something
