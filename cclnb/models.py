@@ -171,7 +171,7 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def momentum_update(self, m: float) -> None:
         """key = m * key + (1 - m) * query, parameters only (BN statistics stay the key's own)."""
-        k_params = [p for p in self.encoder_k.parameters()]
+        k_params = list(self.encoder_k.parameters())
         q_params = [p.detach() for p in self.encoder_q.parameters()]
         torch._foreach_mul_(k_params, m)
         torch._foreach_add_(k_params, q_params, alpha=1.0 - m)
