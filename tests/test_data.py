@@ -180,10 +180,14 @@ def test_concurrent_builders_agree(tiny_folder, tmp_path) -> None:
 
 def test_ids_without_cache_decode_only_those(tiny_folder, tmp_path) -> None:
     ds = open_dataset(str(tiny_folder), "train")
-    ids = np.array([5, 2, 9])
+    ids = np.array([5, 2, 9, 2, 5])                      # 3 distinct of 12: decode just those
     subset = load_uint8(ds, cache_dir=tmp_path / "cache", progress=False, ids=ids)
     assert np.array_equal(subset, _decoded(ds, ids))
     assert not cache_path(ds, tmp_path / "cache").exists()
+    most = np.arange(11, 4, -1)                          # 7 of 12: worth building the full cache
+    assert np.array_equal(load_uint8(ds, cache_dir=tmp_path / "cache", progress=False, ids=most),
+                          _decoded(ds, most))
+    assert cache_path(ds, tmp_path / "cache").is_file()
 
 
 def test_cache_key_changes_with_the_source(tiny_folder, tmp_path) -> None:

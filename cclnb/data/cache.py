@@ -181,7 +181,9 @@ def load_uint8(ds: ImageDataset, cache_dir: str | os.PathLike | None = None, pro
     Array-backed datasets (CIFAR, demo) return their pixels directly (treat them as read-only).
     File-backed datasets of images <= 64 px are decoded once into a cache file under `cache_dir`
     (default `$CCLNB_CACHE` or `~/.cache/cclnb`) and read from it afterwards. With `ids`, only
-    those images are decoded unless the full cache already exists. Larger images are not cached:
+    those images are decoded unless the full cache already exists, or unless they are at least
+    half of the dataset (a training run's ids): then the full cache is built, so the next run
+    starts fast. Larger images are not cached:
     only `ids` loads are allowed for them (a full array of them would not fit in memory).
     """
     ids = _checked_ids(ds, ids)
@@ -198,7 +200,7 @@ def load_uint8(ds: ImageDataset, cache_dir: str | os.PathLike | None = None, pro
         cached = _read_cache(path, shape, mmap=ids is not None)
         if cached is not None:
             return cached if ids is None else np.ascontiguousarray(cached[ids])
-    if ids is not None:
+    if ids is not None and (size > MAX_CACHED_SIZE or 2 * len(np.unique(ids)) < len(ds)):
         out = np.empty((len(ids), size, size, 3), dtype=np.uint8)
         with tqdm(total=len(ids), desc=f"decoding {ds.name}/{ds.split}", unit="img",
                   disable=not progress) as bar:
@@ -214,4 +216,4 @@ def load_uint8(ds: ImageDataset, cache_dir: str | os.PathLike | None = None, pro
         if cached is None:
             _build(ds, path, size, progress)
             cached = np.load(path)
-    return cached
+    return cached if ids is None else cached[ids]
