@@ -218,3 +218,15 @@ def test_bad_inputs_raise_clear_errors():
         aug(torch.zeros(2, 32, 32, 4, dtype=torch.uint8))
     with pytest.raises(ConfigError, match="image size"):
         BatchMoCoV2Augment(0, blur=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the batched path's real home)")
+def test_cuda_equals_cpu_for_the_same_parameters():
+    images = _images(32)
+    aug = BatchMoCoV2Augment(32, blur=True)
+    params = aug.sample_params(32, 32, 32, torch.Generator().manual_seed(0))
+    cpu = aug.apply(images, params)
+    gpu = aug.apply(images.cuda(), params.to("cuda"))
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    assert aug(images.cuda(), generator).device.type == "cuda"

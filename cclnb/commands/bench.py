@@ -1,0 +1,54 @@
+"""`cclnb bench`: one throughput table, the authors' data path vs cclnb's fast path vs the ceiling.
+
+Runs anywhere: `cclnb bench --device cpu --batch-size 16 --steps 3` takes seconds on a laptop (the
+demo data needs no files); on a GPU the defaults (ResNet-18, 32 px, batch 512) give the numbers
+of docs/performance.md. The table is printed and written to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from cclnb.bench import BenchOptions, default_out, run_bench, write_table
+from cclnb.config import ARCHS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = BenchOptions()
+    parser.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "cuda"),
+                        help="where to train (default: cuda if present)")
+    parser.add_argument("--arch", default=defaults.arch, choices=ARCHS, help="backbone (default resnet18)")
+    parser.add_argument("--image-size", type=int, default=defaults.image_size,
+                        help="training resolution; <= 64 px uses the small-image protocol (default 32)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="batch (default 512)")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="timed steps per cell (default 50)")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup,
+                        help="untimed steps before each cell (default 3)")
+    parser.add_argument("--precision", default=defaults.precision, choices=("auto", "fp32", "bf16"),
+                        help="autocast precision of rows 1-3 (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--data", default=defaults.data,
+                        help="dataset folder / zip / CIFAR folder, or 'demo' (embedded, default)")
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
+                        help="DataLoader workers of the authors' row (default: min(16, CPUs))")
+    parser.add_argument("--compile", action="store_true",
+                        help="add rows with the query encoder under torch.compile")
+    parser.add_argument("--out", default=None,
+                        help="markdown file for the table (default benchmarks/bench-<device>-<arch>-<size>px.md)")
+
+
+def run(args: argparse.Namespace) -> int:
+    options = BenchOptions(device=args.device, arch=args.arch, image_size=args.image_size,
+                           batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                           precision=args.precision, data=args.data, workers=args.workers,
+                           compile=args.compile, out=args.out)
+    command = "cclnb " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "cclnb bench"
+    result = run_bench(options, command)
+    device_type = "cuda" if result.header["device"].find("CUDA") >= 0 else "cpu"
+    out = write_table(result, Path(args.out) if args.out else default_out(options, device_type))
+    print(result.to_markdown())
+    print(f"table written to {out}")
+    return 0
