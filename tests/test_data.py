@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import multiprocessing
 import os
 import pickle
@@ -19,7 +18,6 @@ from PIL import Image
 from cclnb import cli
 from cclnb.data import cache as cache_module
 from cclnb.data import cache_path, load_uint8, open_dataset, subset_per_class
-from cclnb.data.folder import ZipDataset
 from cclnb.errors import ConfigError, DataError
 from tests.conftest import write_image_folder
 
