@@ -497,3 +497,37 @@ def image_grid(images: np.ndarray, titles: Sequence[str] | None = None, n_cols: 
     if title:
         fig.suptitle(title)
     return fig
+
+
+def denormalize(images: Any) -> np.ndarray:
+    """ImageNet-normalized float images (B, 3, S, S) -> (B, S, S, 3) uint8 for display, so the
+    augmented views the model sees can be looked at."""
+    from cclnb.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    arr = np.asarray(images.detach().cpu().float() if hasattr(images, "detach") else images,
+                     dtype=np.float32)
+    if arr.ndim != 4 or arr.shape[1] != 3:
+        raise DataError(f"denormalize needs (B, 3, S, S) normalized images, got shape {arr.shape}")
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(1, 3, 1, 1)
+    return np.uint8(np.clip((arr * std + mean) * 255.0 + 0.5, 0, 255)).transpose(0, 2, 3, 1)
+
+
+def plot_embedding(points: np.ndarray, groups: Sequence[int], title: str = "",
+                   group_name: str = "task") -> Figure:
+    """A 2-D scatter of embedded features, one colour per group (e.g. the task of each image)."""
+    pts = np.asarray(points)
+    if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) != len(groups):
+        raise DataError(f"plot_embedding needs (N, 2) points and N group ids; got {pts.shape} and "
+                        f"{len(groups)}")
+    fig = Figure(figsize=(6.0, 5.0), layout="constrained")
+    ax = fig.subplots()
+    labels = np.asarray(groups)
+    palette = sns.color_palette("tab10", len(np.unique(labels)))
+    for colour, group in zip(palette, np.unique(labels)):
+        mask = labels == group
+        ax.scatter(pts[mask, 0], pts[mask, 1], s=8, alpha=0.7, color=colour,
+                   label=f"{group_name} {group + 1}")
+    ax.legend(fontsize=7, markerscale=2)
+    ax.set_title(title)
+    return fig

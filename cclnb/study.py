@@ -85,7 +85,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                        "arch": "resnet18", "stem": "imagenet", "image_size": 32, "batch_size": 64,
                        "lr": 0.06, "moco_k": 512, "ccl_k": 128, "device": "cpu", "seed": 0,
                        "eval_each_task": "knn", "eval_teacher": True, "knn_k": 20},
-        linear_eval={"protocol": "probe", "device": "cpu"},
+        linear_eval={"protocol": "probe", "epochs": 100, "device": "cpu", "workers": 0},
         report={"title": "cclnb demo study: continual MoCo v2 on embedded digits"}),
     Preset(
         name="tin100-32",
