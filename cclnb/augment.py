@@ -216,7 +216,8 @@ def _blend(a: Tensor, b: Tensor, factor: Tensor) -> Tensor:
 
 
 def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
-    return _blend(x, torch.zeros_like(x), factor.view(-1, 1, 1, 1))
+    """torchvision blends with black: f * x + (1 - f) * 0, which is exactly f * x."""
+    return (factor.view(-1, 1, 1, 1) * x).clamp_(0.0, 1.0)
 
 
 def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
