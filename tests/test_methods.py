@@ -1,0 +1,155 @@
+"""Method semantics inside the real trainer: queues, teacher, replay buffers, which images a method
+trains on, and that pretraining never reads a label."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cclnb import dist, runs
+from cclnb.data import open_dataset
+from cclnb.trainer import _Trainer, plan_tasks, pretrain, resolve_config
+from test_trainer import one_thread, tiny_config  # noqa: F401  (fixture re-used)
+
+CPU = dist.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def make_trainer(tmp_path, method: str, **overrides):
+    config = resolve_config(tiny_config(tmp_path, method, **overrides), 32)
+    ds = open_dataset("demo")
+    plan = plan_tasks(config, ds.targets, len(ds.classes))
+    run_dir = runs.prepare_run_dir(tmp_path / "run")
+    trainer = _Trainer(config, ds, plan, run_dir, CPU, runs.TrainLog(run_dir), None)
+    return trainer, plan
+
+
+def record_steps(trainer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Wrap the method's after_step to record (keys, is_old) of every step."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = trainer.method.after_step
+
+    def after_step(batch, keys_all, is_old_all):
+        seen.append((keys_all.clone(), is_old_all.clone()))
+        original(batch, keys_all, is_old_all)
+
+    trainer.method.after_step = after_step
+    return seen
+
+
+def test_main_queue_is_fifo_over_all_keys_and_extra_queue_takes_only_replayed_keys(tmp_path):
+    trainer, _ = make_trainer(tmp_path, "CCL", moco_k=96, ccl_k=16, n_save=3)
+    seen = record_steps(trainer)
+    extra_at_task_1 = {}
+    original_start = trainer.method.on_task_start
+
+    def on_task_start(task):
+        main_before = trainer.model.queue.clone()
+        original_start(task)
+        if task == 1:
+            extra_at_task_1["extra"] = trainer.method.extra_queue.queue.clone()
+            extra_at_task_1["main"] = main_before
+
+    trainer.method.on_task_start = on_task_start
+    trainer.run()
+    model, extra = trainer.model, trainer.method.extra_queue
+    keys = torch.cat([k for k, _ in seen])                          # every key, in order
+    assert int(model.queue_ptr) == len(keys) % 96
+    newest = keys[-96:] if len(keys) >= 96 else keys
+    ring = torch.roll(model.queue, -int(model.queue_ptr), dims=1)[:, -len(newest):]
+    torch.testing.assert_close(ring, newest.t())                    # FIFO: the newest keys, in order
+    # extra queue: the main queue's first ccl_k columns at the start of task 1, then old keys only
+    torch.testing.assert_close(extra_at_task_1["extra"], extra_at_task_1["main"][:, :16])
+    steps_task_0 = len(seen) // 2
+    old_keys = torch.cat([k[o] for k, o in seen[steps_task_0:]])
+    assert 0 < len(old_keys) < 16
+    assert int(extra.queue_ptr) == len(old_keys)
+    torch.testing.assert_close(extra.queue[:, :len(old_keys)], old_keys.t())
+    torch.testing.assert_close(extra.queue[:, len(old_keys):], extra_at_task_1["main"][:, len(old_keys):16])
+    assert all(not o.any() for _, o in seen[:steps_task_0])         # task 0 has no replayed image
+
+
+def test_teacher_reset_at_task_start_and_ema_once_per_epoch(tmp_path):
+    trainer, _ = make_trainer(tmp_path, "CCL", epochs=2)
+    method, model = trainer.method, trainer.model
+    events = []
+    original_end = method.on_epoch_end
+
+    def on_epoch_end(task, epoch):
+        before = None if method.teacher is None else [p.clone() for p in method.teacher.parameters()]
+        events.append((task, epoch, method.teacher.training if method.teacher is not None else None))
+        original_end(task, epoch)
+        if before is not None:
+            m = trainer.config.ccl_teacher_m
+            for t_old, t_new, s in zip(before, method.teacher.parameters(), model.encoder_q.parameters()):
+                torch.testing.assert_close(t_new, m * t_old + (1 - m) * s.detach())
+
+    method.on_epoch_end = on_epoch_end
+    original_start = method.on_task_start
+
+    def on_task_start(task):
+        original_start(task)
+        if task >= 1:
+            q = model.encoder_q.state_dict()
+            for name, value in method.teacher.state_dict().items():
+                torch.testing.assert_close(value, q[name])
+            for name, value in model.encoder_k.state_dict().items():
+                torch.testing.assert_close(value, q[name])
+
+    method.on_task_start = on_task_start
+    trainer.run()
+    # teacher mode "code": eval during a task's first epoch, train from the second
+    assert events == [(0, 0, None), (0, 1, None), (1, 0, False), (1, 1, True)]
+
+
+def test_teacher_mode_eval_keeps_the_teacher_in_eval_mode(tmp_path):
+    trainer, _ = make_trainer(tmp_path, "CCL", epochs=2, ccl_teacher_mode="eval")
+    trainer.method.on_task_start(1)
+    for epoch in (0, 1):
+        trainer.method.on_epoch_start(1, epoch)
+        assert not trainer.method.teacher.training
+
+
+@pytest.mark.parametrize("method", ["Finetuning", "SimpleReplay"])
+def test_methods_train_only_on_their_task_and_replay(tmp_path, method):
+    audit: list[np.ndarray] = []
+    trainer, plan = make_trainer(tmp_path, method)
+    trainer.trained_ids = audit
+    trainer.run()
+    per_task = len(audit) // 2
+    seen_0, seen_1 = np.concatenate(audit[:per_task]), np.concatenate(audit[per_task:])
+    assert set(seen_0) <= set(plan.task_ids[0])
+    replayed = set(trainer.replay[0])
+    if method == "Finetuning":
+        assert set(seen_1) <= set(plan.task_ids[1]) and not replayed
+    else:
+        assert len(trainer.replay[0]) == trainer.config.n_save * plan.classes_per_task
+        assert set(seen_1) <= set(plan.task_ids[1]) | replayed
+        assert replayed <= set(plan.task_ids[0])
+
+
+class LabelFree:
+    """A dataset whose labels cannot be read: pixels yes, targets no."""
+
+    def __init__(self, dataset) -> None:
+        self._dataset = dataset
+
+    @property
+    def targets(self):
+        raise AssertionError("pretraining read the labels")
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __getattr__(self, name):
+        return getattr(self._dataset, name)
+
+
+@pytest.mark.parametrize("loader", ["tensor", "workers"])
+def test_pretraining_and_min_variance_selection_never_read_labels(tmp_path, loader):
+    config = resolve_config(tiny_config(tmp_path, "CCL", loader=loader), 32)
+    ds = open_dataset("demo")
+    plan = plan_tasks(config, ds.targets, len(ds.classes))     # the class split, made up front
+    run_dir = runs.prepare_run_dir(tmp_path / "run")
+    trainer = pretrain(config, LabelFree(ds), plan, run_dir, CPU, runs.TrainLog(run_dir))
+    assert trainer.task == 2 and 0 < len(trainer.replay[1]) <= config.n_save * plan.classes_per_task
