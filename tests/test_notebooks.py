@@ -1,0 +1,83 @@
+"""Every notebook executed under papermill on tiny real runs (the embedded demo dataset).
+
+One test drives the whole chain in order, because each notebook needs what the previous one left
+behind and a module fixture would be rebuilt by every pytest-xdist worker: `cclnb study` runs the
+task-sequence, linear-eval (fast probe) and report notebooks and renders the HTML; a second call
+skips what is finished; then the linear-eval notebook runs the paper's SGD protocol for one epoch
+and the exploration notebook runs on the trained encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import papermill
+import pytest
+
+from cclnb import study
+
+# 2 tasks of 5 digit classes, 8 train images per class, 1 epoch, a 64-key queue: seconds per step.
+TINY = ["subset_per_class=8", "n_tasks=2", "epochs=1", "batch_size=16", "moco_k=64", "ccl_k=16",
+        "n_save=2", "knn_k=5", "progress=False", "linear_eval.subset_per_class=8",
+        "linear_eval.progress=False"]
+
+
+def _run(notebook: str, output: Path, **parameters: object) -> nbformat.NotebookNode:
+    papermill.execute_notebook(str(study.notebook_path(notebook)), str(output), parameters=parameters,
+                               kernel_name="python3", progress_bar=False, cwd=str(output.parent))
+    return nbformat.read(str(output), as_version=4)
+
+
+def _images(nb: nbformat.NotebookNode) -> int:
+    return sum("image/png" in out.get("data", {}) for c in nb.cells for out in c.get("outputs", []))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_study_notebooks_end_to_end(tmp_path: Path) -> None:
+    lines: list[str] = []
+    plan = study.plan_study("demo", TINY, runs_root=tmp_path / "runs",
+                            reports_root=tmp_path / "reports", methods=["CCL"])
+    html = study.run_study(plan, log=lines.append)
+    run_dir = tmp_path / "runs" / "demo" / "CCL"
+    assert lines[0] == "[1/4] CCL: task sequence ..." and "[4/4] report ..." in lines
+
+    # task sequence: a complete run directory and the notebook's own figures
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "complete"
+    assert _images(nbformat.read(str(run_dir / "task_sequence.ipynb"), as_version=4)) >= 3
+    # linear eval (probe) for student and teacher
+    for who in ("student", "teacher"):
+        result = json.loads((run_dir / f"lincls_{who}.json").read_text())
+        assert 10.0 < result["top1"] <= 100.0 and result["protocol"].startswith("probe")
+
+    # report: results table + CSV + matrices, HTML with code hidden and figures embedded
+    results = pd.read_csv(tmp_path / "reports" / "demo" / "results.csv")
+    assert list(results["method"]) == ["CCL"] and results.loc[0, "tasks"] == 2
+    assert results.loc[0, "linear_top1_teacher"] > 0 and results.loc[0, "state"] == "complete"
+    assert (tmp_path / "reports" / "demo" / "acc_demo-digits_CCL_knn_student.csv").is_file()
+    page = html.read_text(encoding="utf-8")
+    assert "linear_top1_student" in page and "Forgetting curves" in page
+    assert len(re.findall(r"data:image/png;base64", page)) >= 4
+    assert "report.load_runs" not in page  # code cells are hidden
+
+    # a second call skips the finished steps and only rebuilds the report
+    again: list[str] = []
+    study.run_study(study.plan_study("demo", TINY, runs_root=tmp_path / "runs",
+                                     reports_root=tmp_path / "reports", methods=["CCL"]), log=again.append)
+    assert sum("already complete, skipped" in line for line in again) == 3
+
+    # linear eval with the paper's SGD protocol (1 epoch), curve shown
+    nb = _run("linear_eval", run_dir / "lincls_check.ipynb", run_dir=str(run_dir), who="student",
+              protocol="lincls", epochs=1, batch_size=32, schedule=[], device="cpu", workers=0,
+              subset_per_class=8, progress=False)
+    result = json.loads((run_dir / "lincls_student.json").read_text())
+    assert result["epochs"] == 1 and len(result["curve"]) == 1 and _images(nb) == 1
+
+    # exploration on the trained encoder: task images, views, two replay grids, embedding
+    nb = _run("explore", tmp_path / "explore.ipynb", run_dir=str(run_dir), n_tasks=2,
+              n_views=2, n_save=2, max_points=200)
+    assert _images(nb) == 5

@@ -1,0 +1,134 @@
+"""`cclnb study`: presets, -p validation and typing, the plan, failure reporting.
+
+These tests never train: they read the notebooks' parameters cells and, for the failure path,
+run a task-sequence notebook that stops at its config check (one kernel start).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+
+from cclnb import cli, study
+from cclnb.errors import ConfigError
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+@pytest.fixture(scope="module")
+def specs() -> dict[str, dict]:
+    return {nb: study.notebook_parameters(study.notebook_path(nb)) for nb in study.NOTEBOOKS}
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
+def test_notebooks_are_stripped_and_every_parameter_parses(path: Path) -> None:
+    """Committed without outputs, kernel python3, and papermill sees every parameter (a comment
+    with an apostrophe once hid one: it would then silently ignore -p for that name)."""
+    nb = nbformat.read(str(path), as_version=4)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{path.name} has outputs"
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    assigned = {t.id for node in ast.parse(tagged[0].source).body
+                for t in (node.targets if isinstance(node, ast.Assign) else [node.target])}
+    assert set(papermill.inspect_notebook(str(path))) == assigned
+
+
+def test_every_preset_names_only_declared_parameters(specs: dict) -> None:
+    for preset in study.PRESETS.values():
+        study.check_preset(preset, specs)
+    assert set(study.PRESETS) == {"demo", "tin100-32", "tin200-32", "imagenet-sub", "cifar100"}
+    sub = study.PRESETS["imagenet-sub"].task_sequence
+    assert (sub["arch"], sub["image_size"], sub["n_tasks"], sub["epochs"], sub["moco_k"],
+            sub["moco_t"], sub["lr"], sub["batch_size"]) == ("resnet50", 224, 10, 200, 65536, 0.2, 0.03, 256)
+    assert sub["mlp"] and sub["aug_plus"] and sub["cos"] and sub["imagenetsub"]
+
+
+def test_check_preset_rejects_an_undeclared_name(specs: dict) -> None:
+    bad = study.Preset("bad", "", task_sequence={"epoch": 1}, linear_eval={})
+    with pytest.raises(ConfigError, match=r"\['epoch'\].*task_sequence.ipynb"):
+        study.check_preset(bad, specs)
+
+
+def test_overrides_are_typed_from_the_defaults_and_routed(specs: dict) -> None:
+    routed = study.split_overrides(
+        ["epochs=3", "lr=0.5", "cos=false", "image_size=None", "seed=7", "extra={\"knn_t\": 0.2}",
+         "linear_eval.epochs=30", "linear_eval.schedule=[2, 3]", "data=/x=y.zip", "title=A b"], specs)
+    assert routed["task_sequence"] == {"epochs": 3, "lr": 0.5, "cos": False, "image_size": None,
+                                       "seed": 7, "extra": {"knn_t": 0.2}, "data": "/x=y.zip"}
+    assert routed["linear_eval"] == {"epochs": 30, "schedule": [2, 3]}
+    assert routed["report"] == {"title": "A b"}
+    assert isinstance(routed["task_sequence"]["lr"], float)
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("epoch=3", r"unknown parameter 'epoch'; valid names are -> task_sequence: .*epochs"),
+    ("epochs=three", r"epochs='three': expected int"),
+    ("cos=maybe", r"expected bool"),
+    ("schedule=5", r"expected list"),
+    ("nb.epochs=1", r"unknown notebook prefix 'nb'"),
+    ("run_dir=/tmp/x", r"set by the study runner"),
+    ("epochs", r"name=value"),
+])
+def test_bad_overrides_are_config_errors(specs: dict, pair: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        study.split_overrides([pair], specs)
+
+
+def test_cli_typo_lists_the_valid_names(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    code = cli.main(["study", "--preset", "demo", "-p", "epoch=3", "--runs-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == ConfigError.exit_code
+    assert "unknown parameter 'epoch'" in err and "epochs" in err and "n_tasks" in err
+    assert not any(tmp_path.iterdir()), "nothing may run after a rejected parameter"
+
+
+def test_plan_orders_steps_and_marks_finished_ones(tmp_path: Path) -> None:
+    runs_root = tmp_path / "runs"
+    done = runs_root / "demo" / "Finetuning"
+    done.mkdir(parents=True)
+    (done / "status.json").write_text(json.dumps({"state": "complete"}))
+    (done / "lincls_student.json").write_text("{}")
+    plan = study.plan_study("demo", ["epochs=2"], runs_root=runs_root, reports_root=tmp_path / "rep",
+                            methods=["Finetuning", "CLL"])
+    assert [s.label for s in plan.steps] == [
+        "Finetuning: task sequence", "Finetuning: linear eval (student)", "CCL: task sequence",
+        "CCL: linear eval (student)", "CCL: linear eval (teacher)", "report"]
+    assert [s.done for s in plan.steps] == [True, True, False, False, False, False]
+    ccl = plan.steps[2]
+    assert ccl.parameters["epochs"] == 2 and ccl.parameters["method"] == "CCL"
+    assert ccl.parameters["run_dir"] == str(runs_root.resolve() / "demo" / "CCL")
+    assert ccl.output == runs_root.resolve() / "demo" / "CCL" / "task_sequence.ipynb"
+    assert plan.steps[-1].parameters["out_dir"] == str((tmp_path / "rep" / "demo").resolve())
+    assert plan.html == (tmp_path / "rep" / "demo" / "index.html").resolve()
+    forced = study.plan_study("demo", runs_root=runs_root, methods=["Finetuning"], force=True)
+    assert not forced.steps[0].done and not done.exists()
+
+
+def test_preset_without_data_asks_for_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="pass -p data=PATH"):
+        study.plan_study("imagenet-sub", runs_root=tmp_path)
+    with pytest.raises(ConfigError, match="unknown preset 'dem'"):
+        study.plan_study("dem", runs_root=tmp_path)
+
+
+@pytest.mark.slow
+def test_a_failing_step_names_the_notebook_and_cell(tmp_path: Path) -> None:
+    """resnet9 passes -p typing (a str) but TrainConfig.validate rejects it inside the notebook."""
+    plan = study.plan_study("demo", ["arch=resnet9"], runs_root=tmp_path / "runs",
+                            reports_root=tmp_path / "reports", methods=["Joint"])
+    with pytest.raises(study.StudyStepFailed) as info:
+        study.run_study(plan, log=lambda _: None)
+    message = str(info.value)
+    assert "[1/3] Joint: task sequence failed in notebooks/task_sequence.ipynb" in message
+    assert "ConfigError" in message and "resnet9" in message
+    assert "cell " in message and str(plan.steps[0].output) in message
+    assert plan.steps[0].output.is_file()  # the executed copy with the traceback is kept
+    assert info.value.exit_code == study.StudyStepFailed.exit_code != 0
