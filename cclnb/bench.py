@@ -89,6 +89,7 @@ class Row:
 @dataclass
 class BenchResult:
     options: BenchOptions
+    device_type: str          # "cuda" | "cpu", where the run happened
     rows: list[Row]
     header: dict[str, str]
     notes: list[str]
@@ -284,7 +285,7 @@ def run_bench(options: BenchOptions, command: str = "cclnb bench") -> BenchResul
         f"BatchMoCoV2Augment alone (q, k and anchor views, no step): {aug_speed:,.0f} img/s",
         "ratios are to row 3 (eager ceiling at the chosen precision)",
     ]
-    return BenchResult(options, rows, header, notes)
+    return BenchResult(options, device.type, rows, header, notes)
 
 
 def _augmentation_speed(make_batches: Callable[[], Iterator[Batch]], options: BenchOptions,

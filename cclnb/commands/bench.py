@@ -47,8 +47,7 @@ def run(args: argparse.Namespace) -> int:
                            compile=args.compile, out=args.out)
     command = "cclnb " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "cclnb bench"
     result = run_bench(options, command)
-    device_type = "cuda" if result.header["device"].find("CUDA") >= 0 else "cpu"
-    out = write_table(result, Path(args.out) if args.out else default_out(options, device_type))
+    out = write_table(result, Path(args.out) if args.out else default_out(options, result.device_type))
     print(result.to_markdown())
     print(f"table written to {out}")
     return 0
