@@ -490,6 +490,8 @@ class _Trainer:
         if ctx.distributed:
             dist.broadcast_buffers(model.encoder_q, ctx)
             dist.broadcast_buffers(model.encoder_k, ctx)
+            for module in self.method.synced_modules():
+                dist.broadcast_buffers(module, ctx)
         keys_all = dist.all_gather_cat(k.detach(), ctx)
         old_all = dist.all_gather_cat(batch.is_old, ctx)
         model.enqueue(keys_all)

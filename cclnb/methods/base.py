@@ -80,6 +80,11 @@ class Method:
     def after_step(self, batch: "Batch", keys_all: torch.Tensor, is_old_all: torch.Tensor) -> None:
         """After the optimizer step, with every rank's keys and flags (in rank order)."""
 
+    def synced_modules(self) -> list[torch.nn.Module]:
+        """Modules whose buffers (BatchNorm statistics) rank 0 broadcasts after each step under
+        DDP, so every rank holds the same state (CCL's teacher in train mode)."""
+        return []
+
     # ---------------------------------------------------------------- replay
     def select_replay(self, task: int, task_ids: np.ndarray) -> np.ndarray:
         """Sample ids of the finished `task` to replay later, chosen without labels."""

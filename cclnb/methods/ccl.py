@@ -122,6 +122,9 @@ class CCL(Method):
         if self.teacher is not None and self.config.ccl_extra_queue:
             self.extra_queue.enqueue(keys_all[is_old_all])
 
+    def synced_modules(self) -> list[nn.Module]:
+        return [] if self.teacher is None else [self.teacher]
+
     # ---------------------------------------------------------------- replay
     def select_replay(self, task: int, task_ids: np.ndarray) -> np.ndarray:
         if self.selection == "random":
