@@ -213,6 +213,25 @@ def results_table(runs: Sequence[Run]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def display_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The results table for reading: short headings, the linear protocol in one word, and the
+    published numbers' columns titled with whether they are comparable. `results.csv` keeps the
+    full columns."""
+    same = bool(len(table)) and (table["paper_setting"] == "same").all()
+    where = "same setting" if same else "ImageNet-Sub R50, different setting"
+    protocol = table["linear_protocol"].fillna("").map(
+        lambda p: "probe" if str(p).startswith("probe") else ("lincls" if p else "-"))
+    return pd.DataFrame({
+        "dataset": table["dataset"], "method": table["method"], "tasks": table["tasks"],
+        "epochs/task": table["epochs"], "state": table["state"], "final eval": protocol,
+        "student top-1": table["linear_top1_student"], "teacher top-1": table["linear_top1_teacher"],
+        f"avg acc ({'/'.join(sorted(set(table['per_task_protocol'].dropna())))})": table["avg_acc"],
+        "avg forgetting": table["avg_forgetting"], "BWT": table["bwt"],
+        f"paper top-1 ({where})": table["paper_top1"],
+        f"authors' code top-1 ({where})": table["authors_code_top1"],
+    })
+
+
 def write_results(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
     """results.csv plus every accuracy matrix as acc_<dataset>_<method>_<protocol>_<who>.csv."""
     out = Path(out_dir)

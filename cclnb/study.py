@@ -367,7 +367,11 @@ def failed_cell(output: Path) -> str:
 
 
 def execute_step(step: Step, notebooks_dir: str | Path | None = None) -> None:
-    """Run one notebook in-process through papermill (the kernel is the venv's python3)."""
+    """Run one notebook in-process through papermill (the kernel is the venv's python3).
+
+    The notebook's own output (the trainer's and evaluation's tqdm bars) is streamed to this
+    terminal as it runs, so a long step shows its progress rather than one silent cell.
+    """
     import papermill
     from nbclient.exceptions import DeadKernelError
     from papermill.exceptions import PapermillExecutionError
@@ -376,7 +380,8 @@ def execute_step(step: Step, notebooks_dir: str | Path | None = None) -> None:
     try:
         papermill.execute_notebook(str(notebook_path(step.notebook, notebooks_dir)), str(step.output),
                                    parameters=step.parameters, kernel_name="python3",
-                                   progress_bar=True, cwd=str(step.output.parent))
+                                   progress_bar=False, log_output=True, stdout_file=sys.stdout,
+                                   stderr_file=sys.stderr, cwd=str(step.output.parent))
     except PapermillExecutionError as error:
         raise _StepError(_cell_detail(error.cell_index, error.exec_count, error.source,
                                       error.ename, error.evalue)) from error
@@ -393,11 +398,11 @@ def _launch(step: Step, notebooks_dir: str | Path | None) -> subprocess.Popen:
     step.output.parent.mkdir(parents=True, exist_ok=True)
     params_file = step.output.with_suffix(".parameters.json")
     params_file.write_text(json.dumps(step.parameters, indent=1))
-    log = open(step.output.with_suffix(".log"), "w", encoding="utf-8")
     command = [sys.executable, "-m", "papermill", str(notebook_path(step.notebook, notebooks_dir)),
                str(step.output), "-f", str(params_file), "-k", "python3", "--no-progress-bar",
-               "--cwd", str(step.output.parent)]
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+               "--log-output", "--cwd", str(step.output.parent)]
+    with open(step.output.with_suffix(".log"), "w", encoding="utf-8") as log:  # the child keeps its copy
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
 
 def render_html(executed: Path, html: Path) -> Path:

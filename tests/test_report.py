@@ -49,6 +49,7 @@ def write_fixture_run(root: Path, method: str, R: np.ndarray, *, state: str = "c
     for who, value in (top1 or {}).items():
         (run_dir / f"lincls_{who}.json").write_text(json.dumps(
             {"top1": value, "top5": value + 20, "best_top1": value + 1, "best_epoch": 2, "epochs": 3,
+             "protocol": "native 32px: RandomResizedCrop(32, 0.08-1)+flip / full image",
              "curve": [{"epoch": e, "top1": value - 3 + e, "loss": 2.0 / e} for e in (1, 2, 3)]}))
     return run_dir
 
@@ -88,6 +89,13 @@ def test_results_table_metrics_match_hand_computation(study_root: Path) -> None:
     assert table.loc["CCL", "paper_top1"] == 55.48
     assert table.loc["Finetuning", "authors_code_top1"] == 53.06
     assert table["paper_setting"].str.startswith("different").all()
+
+
+def test_display_table_labels_the_published_numbers_setting(study_root: Path) -> None:
+    shown = report.display_table(report.results_table(report.load_runs(study_root)))
+    assert "paper top-1 (ImageNet-Sub R50, different setting)" in shown.columns
+    assert "avg acc (knn)" in shown.columns
+    assert list(shown["final eval"]) == ["lincls", "-", "lincls"]
 
 
 def test_paper_setting_is_recognised_only_when_it_matches(tmp_path: Path) -> None:

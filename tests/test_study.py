@@ -120,15 +120,18 @@ def test_preset_without_data_asks_for_it(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_failing_step_names_the_notebook_and_cell(tmp_path: Path) -> None:
-    """resnet9 passes -p typing (a str) but TrainConfig.validate rejects it inside the notebook."""
+@pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
+def test_a_failing_step_names_the_notebook_and_cell(tmp_path: Path, parallel: bool) -> None:
+    """resnet9 passes -p typing (a str) but TrainConfig.validate rejects it inside the notebook;
+    in parallel mode the cell is read back from the executed copy the subprocess left."""
     plan = study.plan_study("demo", ["arch=resnet9"], runs_root=tmp_path / "runs",
-                            reports_root=tmp_path / "reports", methods=["Joint"])
+                            reports_root=tmp_path / "reports", methods=["Joint"], parallel=parallel)
     with pytest.raises(study.StudyStepFailed) as info:
         study.run_study(plan, log=lambda _: None)
     message = str(info.value)
-    assert "[1/3] Joint: task sequence failed in notebooks/task_sequence.ipynb" in message
-    assert "ConfigError" in message and "resnet9" in message
-    assert "cell " in message and str(plan.steps[0].output) in message
+    assert "[1/3] Joint: task sequence failed in notebooks/task_sequence.ipynb, cell " in message
+    assert "In [" in message and "ConfigError" in message and "resnet9" in message
+    assert str(plan.steps[0].output) in message
     assert plan.steps[0].output.is_file()  # the executed copy with the traceback is kept
     assert info.value.exit_code == study.StudyStepFailed.exit_code != 0
+    assert not plan.html.exists()
