@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One device call that answers every GPU question of issues 6 and 7, in order of cost:
+#   1. environment (GPU, versions), the uint8 cache of the sub100 zip;
+#   2. the GPU-only tests;
+#   3. `cclnb bench` at 32 px (ResNet-18, batch 512) and 224 px (ResNet-50, batch 256);
+#   4. the tin100-32 study (4 methods, 10 tasks) with epochs per task chosen from step 3's
+#      measured throughput so that it fits STUDY_BUDGET seconds (the arithmetic is written to
+#      $OUT/plan.md), then the report.
+# Every step has its own timeout and a failure does not stop the later steps; what exists is
+# packed under $OUT at the end (at most 8 files come back from the device).
+#
+# Run from the repository root on the device machine, with the data and wheels carried:
+#   mkdir -p .devdata && cp ../shared/data/tiny-imagenet-32-sub100.zip .devdata/
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".devdata", ".whl"], timeout_s=570)
+# Rehearse on a CPU first:  REHEARSAL=1 OUT=/tmp/gpu_out bash benchmarks/gpu_session.sh
+set -u
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 CCLNB_CACHE=${CCLNB_CACHE:-/tmp/cclnb-cache}
+PY=${PY:-python3}
+DATA=${DATA:-.devdata/tiny-imagenet-32-sub100.zip}
+STUDY_BUDGET=${STUDY_BUDGET:-270}      # seconds of training for the four methods together
+START=$(date +%s)
+log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/session.log"; }
+
+if ls .whl/*.whl >/dev/null 2>&1; then   # papermill & co. travel as wheels (not on the device image)
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+if [ "${REHEARSAL:-0}" = 1 ]; then       # CPU rehearsal: same steps, toy sizes
+  DEV=cpu; BENCH32="--batch-size 16 --steps 2 --warmup 1 --workers 1"
+  BENCH224="--batch-size 4 --steps 1 --warmup 1 --workers 1"
+  STUDY_EXTRA="-p subset_per_class=3 -p batch_size=16 -p device=cpu -p precision=fp32 -p linear_eval.device=cpu -p linear_eval.precision=fp32"
+  LIN_EPOCHS=1
+else
+  DEV=cuda; BENCH32="--steps 50 --workers 16"; BENCH224="--steps 15 --workers 16"
+  STUDY_EXTRA=""; LIN_EPOCHS=${LIN_EPOCHS:-30}
+fi
+
+log "1. environment"
+{ nvidia-smi 2>/dev/null; $PY -c "import torch, torchvision, sys; print(sys.version); print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"; git rev-parse HEAD; } > "$OUT/env.txt" 2>&1
+timeout 120 $PY -m cclnb data cache "$DATA" 2>&1 | tail -3 | tee -a "$OUT/session.log"
+
+log "2. GPU tests"
+if [ "$DEV" = cuda ]; then
+  timeout 120 $PY -m pytest -q -x -m gpu tests -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+  log "gpu tests exit $?: $(tail -1 "$OUT/gpu_tests.log")"
+fi
+
+log "3. benchmarks"
+timeout 150 $PY -m cclnb bench --device $DEV --data "$DATA" $BENCH32 --out "$OUT/bench-32px.md" > "$OUT/bench.log" 2>&1
+log "bench 32 px exit $?"
+timeout 90 $PY -m cclnb bench --device $DEV --data "$DATA" --arch resnet50 --image-size 224 \
+  --batch-size 256 $BENCH224 --out "$OUT/bench-224px.md" >> "$OUT/bench.log" 2>&1
+log "bench 224 px exit $?"
+
+log "4. study: plan the epochs from the measured throughput"
+EPOCHS=$($PY benchmarks/plan_epochs.py "$OUT/bench-32px.md" --budget "$STUDY_BUDGET" \
+         --out "$OUT/plan.md") || EPOCHS=5
+log "epochs per task: $EPOCHS"
+REMAIN=$(( 540 - ($(date +%s) - START) - 20 ))
+timeout $REMAIN $PY -m cclnb study --preset tin100-32 -p data="$DATA" -p epochs="$EPOCHS" \
+  -p linear_eval.epochs=$LIN_EPOCHS $STUDY_EXTRA > "$OUT/study.log" 2>&1
+log "study exit $? after $(( $(date +%s) - START ))s"
+
+tar czf "$OUT/study.tgz" --exclude='*.pt' runs/tin100-32 reports/tin100-32 2>/dev/null
+log "done in $(( $(date +%s) - START ))s"
