@@ -278,6 +278,9 @@ def linear_eval(args: argparse.Namespace) -> dict[str, Any]:
         fc.load_state_dict(state["fc"])
         optimizer.load_state_dict(state["optimizer"])
         curve, start_epoch = list(state["curve"]), int(state["epoch"])
+    if start_epoch >= args.epochs and not curve and not args.evaluate:
+        raise ConfigError(f"--start-epoch {start_epoch} leaves no epoch of --epochs {args.epochs} to run; "
+                          f"lower --start-epoch")
 
     progress = not args.no_progress
     val_f = extract_features(backbone, _uint8(val, progress) if resident(val, image_size) else val,
@@ -310,13 +313,14 @@ def linear_eval(args: argparse.Namespace) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss.detach()) * labels.shape[0]
+            loss_value = float(loss.detach())
+            total += loss_value * labels.shape[0]
             seen += labels.shape[0]
             if not math.isfinite(total):
                 raise TrainingDiverged(f"linear evaluation loss became {total} at epoch {epoch + 1}; "
                                        f"lower --lr (now {args.lr})")
             if step % max(1, args.print_freq) == 0:
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{loss_value:.3f}")
         top1, top5 = score()
         curve.append({"epoch": epoch + 1, "train_loss": total / seen, "val_top1": top1, "val_top5": top5})
         bar.set_postfix(loss=f"{total / seen:.3f}", top1=f"{top1:.2f}")
