@@ -119,3 +119,39 @@ def test_lincls_tiny_real_run(tmp_path: Path, sub100_zip: Path, monkeypatch: pyt
                  "--stem", "imagenet", "--device", "cpu", "-e", "--resume",
                  str(tmp_path / "lincls_student.pt"), "--no-progress"])
     assert code == 0
+
+
+def test_run_directory_supplies_defaults_and_output_folder(tmp_path: Path) -> None:
+    from cclnb.evaluate.lincls import resolve_source, resolved_settings
+    from cclnb.runs import write_json
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"")
+    write_json(run / "config.json", {"arch": "resnet18", "stem": "cifar", "data": "demo", "dataset": "demo",
+                                     "image_size": 32, "imagenetsub": False})
+    for pretrained in (run, run / "checkpoints" / "last.pt"):
+        source = resolve_source(str(pretrained), None)
+        assert source.checkpoint == run / "checkpoints" / "last.pt" and source.out_dir == run
+        settings = resolved_settings(_parse(), source.run_config)
+        assert (settings["arch"], settings["stem"], settings["data"], settings["image_size"]) == \
+            ("resnet18", "cifar", "demo", 32)
+    explicit = resolved_settings(_parse("-a", "resnet34", "--data", "other"), source.run_config)
+    assert (explicit["arch"], explicit["data"]) == ("resnet34", "other")
+    assert resolve_source(str(run), str(tmp_path / "elsewhere")).out_dir == tmp_path / "elsewhere"
+
+
+def test_missing_pretrained_and_evaluate_without_resume(tmp_path: Path) -> None:
+    from cclnb.errors import CheckpointError, ConfigError
+    from cclnb.evaluate.lincls import resolve_source
+
+    with pytest.raises(CheckpointError, match="no such file or run directory"):
+        resolve_source(str(tmp_path / "nope"), None)
+    empty_run = tmp_path / "empty"
+    empty_run.mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoints/last.pt"):
+        resolve_source(str(empty_run), None)
+    args = _parse("--data", "demo", "-e")
+    with pytest.raises(ConfigError, match="--resume"):
+        from cclnb.evaluate.lincls import linear_eval
+        linear_eval(args)
