@@ -19,7 +19,7 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 import numpy as np
@@ -116,8 +116,12 @@ def _fill(ds: ImageDataset, out_path: Path, size: int, progress: bool) -> None:
             out.flush()
             del out
             return
-        # spawn: no inherited threads or locks (torch may be imported), same on every OS.
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+        # fork where the OS has it: a spawned child re-imports the caller's `__main__`, and a script
+        # without a `__main__` guard would then call load_uint8 again and wait forever on the
+        # build lock its parent holds. The workers only decode with PIL into a memory map (no
+        # torch, no CUDA), which is what fork is safe for, as in DataLoader workers.
+        context = "fork" if "fork" in get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context(context),
                                  initializer=_init_worker, initargs=(ds, str(out_path), size)) as pool:
             futures = [pool.submit(_decode_chunk, start, min(start + _CHUNK, n)) for start in range(0, n, _CHUNK)]
             try:
