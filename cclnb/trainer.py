@@ -35,7 +35,7 @@ from cclnb.batches import (TensorFeeder, WorkerFeeder, check_batch, epoch_entrie
 from cclnb.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from cclnb.config import TrainConfig
 from cclnb.data import load_uint8, open_dataset, subset_per_class
-from cclnb.errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
+from cclnb.errors import CheckpointError, Interrupted, TrainingDiverged
 from cclnb.losses import info_nce_queue
 from cclnb.methods import Method, StepOutputs, TrainerEnv, get_method
 from cclnb.models import MoCo
