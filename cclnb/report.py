@@ -160,12 +160,16 @@ def accuracy_matrix(run: Run, protocol: str | None = None, who: str = "student")
     return frame[task_cols].to_numpy(dtype=np.float64)
 
 
-def summary_metrics(R: np.ndarray) -> dict[str, float]:
+def summary_metrics(R: np.ndarray, all_learned: bool = False) -> dict[str, float]:
     """Average accuracy, average forgetting and BWT of the measured square part of `R`.
 
     Forgetting and BWT need two tasks; with one they are NaN rather than an error, because a
-    one-task run is still a valid row of the results table.
+    one-task run is still a valid row of the results table. `all_learned` is for Joint, which
+    trains every task's classes at once: its average accuracy is the mean over all tasks of the
+    last row, and forgetting does not apply.
     """
+    if all_learned:
+        return {"avg_acc": float(R[-1].mean()), "avg_forgetting": math.nan, "bwt": math.nan}
     t = min(R.shape)
     square = R[:t, :t]
     out = {"avg_acc": metrics.average_accuracy(square)[-1] if t else math.nan,
@@ -192,7 +196,7 @@ def results_table(runs: Sequence[Run]) -> pd.DataFrame:
     rows = []
     for run in runs:
         protocol = run.protocol("student")
-        summary = (summary_metrics(accuracy_matrix(run, protocol)) if protocol
+        summary = (summary_metrics(accuracy_matrix(run, protocol), run.method == "Joint") if protocol
                    else {"avg_acc": math.nan, "avg_forgetting": math.nan, "bwt": math.nan})
         same = matches_paper_setting(run.config)
         rows.append({
@@ -267,7 +271,8 @@ def plot_forgetting_curves(runs: Sequence[Run], who: str = "student") -> Figure:
     """One panel per run: accuracy on each task's classes as tasks are learned.
 
     Solid from the task's own training on (where forgetting shows), dotted before it (transfer to
-    classes not trained yet, which a self-supervised encoder also has).
+    classes not trained yet, which a self-supervised encoder also has). Joint learns every task
+    in its one training phase, so all its tasks are solid points from step 1.
     """
     with_acc = [r for r in runs if r.protocol(who)]
     if not with_acc:
@@ -278,9 +283,11 @@ def plot_forgetting_curves(runs: Sequence[Run], who: str = "student") -> Figure:
         R = accuracy_matrix(run, who=who)
         steps = np.arange(1, R.shape[0] + 1)
         palette = sns.color_palette("viridis", R.shape[1])
+        joint = run.method == "Joint"
         for j in range(R.shape[1]):
-            seen = steps - 1 >= j
-            ax.plot(steps[seen], R[seen, j], "-o", ms=3, color=palette[j], label=f"task {j + 1}")
+            seen = (steps - 1 >= j) | joint
+            ax.plot(steps[seen], R[seen, j], "-o", ms=6 if joint else 3, color=palette[j],
+                    label=f"task {j + 1}")
             if j > 0 and (~seen).any():
                 before = np.arange(min(j + 1, R.shape[0]))
                 ax.plot(steps[before], R[before, j], ":", color=palette[j], alpha=0.6)

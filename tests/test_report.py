@@ -98,6 +98,16 @@ def test_display_table_labels_the_published_numbers_setting(study_root: Path) ->
     assert list(shown["final eval"]) == ["lincls", "-", "lincls"]
 
 
+def test_joint_learns_every_task_at_once(tmp_path: Path) -> None:
+    """Joint has one training phase (one matrix row) covering all tasks' classes."""
+    write_fixture_run(tmp_path, "Joint", np.array([[50.0, 70.0, 90.0]]))
+    runs = report.load_runs(tmp_path)
+    row = report.results_table(runs).iloc[0]
+    assert row["avg_acc"] == pytest.approx(70.0) and math.isnan(row["avg_forgetting"])
+    lines = report.plot_forgetting_curves(runs).axes[0].get_lines()
+    assert [len(line.get_xdata()) for line in lines] == [1, 1, 1]  # every task solid at step 1
+
+
 def test_paper_setting_is_recognised_only_when_it_matches(tmp_path: Path) -> None:
     same = {"imagenetsub": True, "arch": "resnet50", "n_tasks": 10, "epochs": 200, "image_size": 224}
     write_fixture_run(tmp_path, "CCL", R_FINETUNE, data="/data/imagenet", extra_config=same)
