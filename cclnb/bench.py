@@ -9,7 +9,7 @@ ratios on whatever machine runs it:
 3. *ceiling*: pre-augmented batches already on the device, so only the step is timed.
 
 Each row is timed for a MoCo step (Finetuning) and a CCL step (second task: extra queue and
-distillation on, teacher forwards), both the trainer's own `_train_step`, so the table measures
+distillation on, teacher forwards), both the trainer's own `train_step`, so the table measures
 the code that trains, not a lookalike. Times are wall clocks around `torch.cuda.synchronize()`,
 after warm-up steps (cuDNN autotuning, compilation) that are excluded.
 """
@@ -37,7 +37,7 @@ from cclnb.batches import Batch, TensorFeeder, WorkerFeeder, epoch_order
 from cclnb.config import ARCHS, TrainConfig
 from cclnb.data import load_uint8, open_dataset
 from cclnb.errors import ConfigError
-from cclnb.trainer import SMALL_IMAGE_MAX, TaskPlan, _Trainer
+from cclnb.trainer import SMALL_IMAGE_MAX, TaskPlan, Trainer
 
 REPLAY_FRACTION = 0.2        # share of replayed ("old") samples per batch in the CCL step
 CEILING_BATCHES = 4          # distinct pre-augmented batches cycled through for the ceiling rows
@@ -156,7 +156,7 @@ def _config(options: BenchOptions, method: str, precision: str, compile_: bool, 
 
 class StepFactory:
     """One trainer per (step kind, precision, compile), built on first use and kept: the trainer
-    owns the model, optimizer, queues and method, and its `_train_step` is what is timed."""
+    owns the model, optimizer, queues and method, and its `train_step` is what is timed."""
 
     def __init__(self, options: BenchOptions, images: np.ndarray, ctx: dist.DistContext, run_dir: Path) -> None:
         self.options, self.images, self.ctx, self.run_dir = options, images, ctx, run_dir
@@ -173,14 +173,14 @@ class StepFactory:
         config = _config(self.options, STEP_KINDS[kind], precision, compile_, "tensor")
         ids = np.arange(len(self.images))
         plan = TaskPlan(task_classes=[np.arange(1)], task_ids=[ids], n_classes=1)
-        trainer = _Trainer(config, self.images, plan, self.run_dir, self.ctx,
-                           runs.TrainLog(self.run_dir, enabled=False), evaluator=None)
+        trainer = Trainer(config, self.images, plan, self.run_dir, self.ctx,
+                          runs.TrainLog(self.run_dir, enabled=False), evaluator=None)
         trainer.model.train()
         if kind == "CCL":       # the second task: teacher and extra queue exist, both losses on
             trainer.task = 1
             trainer.method.on_task_start(1)
             trainer.method.on_epoch_start(1, 0)
-        return lambda batch: trainer._train_step(batch, self.generator)
+        return lambda batch: trainer.train_step(batch, self.generator)
 
 
 # ---------------------------------------------------------------------------- the run

@@ -253,7 +253,7 @@ def _make_evaluator(config: TrainConfig, train_ds, plan: TaskPlan, run_dir: Path
 
 
 # ============================================================================ pretraining
-class _Trainer:
+class Trainer:
     """State of one pretraining run; `pretrain` drives it."""
 
     def __init__(self, config: TrainConfig, images_source, plan: TaskPlan, run_dir: Path,
@@ -428,26 +428,37 @@ class _Trainer:
                    disable=not (cfg.progress and ctx.is_main), leave=False, dynamic_ncols=True)
         sums = np.zeros(4)
         count, window_start, window_steps = 0, time.time(), 0
+        # Loss values stay on the device and reach the host every `print_freq` steps, in one copy:
+        # a copy per step would make the CPU wait for the GPU and stop it from queuing the next
+        # batch's augmentation, which at 32 px costs a large part of the throughput.
+        pending: list[torch.Tensor] = []
         batches = self.feeder.batches(entries, order, cfg.batch_size, ctx.rank, ctx.world_size,
                                       self.step, generator)
         for batch in batches:
-            values = self._train_step(batch, generator)
+            pending.append(self.train_step(batch, generator))
             if self.trained_ids is not None:
                 self.trained_ids.append(batch.ids.numpy())
             self.step += 1
             self.global_step += 1
-            sums += values
-            count += 1
             window_steps += 1
             if dist.any_rank(stop.signal is not None, ctx):
                 self.generator_state = generator.get_state()
+                self._check_losses(pending)
                 self._interrupt(bar)
-            speed = window_steps * cfg.batch_size / max(time.time() - window_start, 1e-9)
-            bar.set_postfix(loss=f"{values[0]:.4f}", img_s=f"{speed:.0f}", refresh=False)
             bar.update(1)
             if self.step % cfg.print_freq == 0:
-                self._log_row(values, lr, speed)
+                values = self._check_losses(pending)
+                pending = []
+                sums += values.sum(axis=0)
+                count += len(values)
+                speed = window_steps * cfg.batch_size / max(time.time() - window_start, 1e-9)
+                bar.set_postfix(loss=f"{values[-1, 0]:.4f}", img_s=f"{speed:.0f}")
+                self._log_row(values[-1], lr, speed)
                 window_start, window_steps = time.time(), 0
+        if pending:
+            values = self._check_losses(pending)
+            sums += values.sum(axis=0)
+            count += len(values)
         bar.close()
         if count:
             speed = window_steps * cfg.batch_size / max(time.time() - window_start, 1e-9)
@@ -455,8 +466,30 @@ class _Trainer:
             self._say(f"task {t} epoch {e}: loss {sums[0] / count:.4f} (moco {sums[1] / count:.4f}, "
                       f"extra {sums[2] / count:.4f}, distill {sums[3] / count:.4f}) lr {lr:.4g}")
 
-    def _train_step(self, batch, generator: torch.Generator) -> np.ndarray:
-        """One MoCo v2 step (+ the method's terms); returns [total, moco, extra, distill]."""
+    def _check_losses(self, pending: list[torch.Tensor]) -> np.ndarray:
+        """The pending steps' [total, moco, extra, distill] on the host (one sync), (n, 4).
+
+        A NaN/inf total stops the run naming the first bad step. The steps after it in the window
+        have already updated the weights in memory, but nothing is saved before this check (every
+        checkpoint write comes after one), so the newest checkpoint on disk is the last good one.
+        """
+        values = torch.stack(pending).float().cpu().numpy().astype(float)
+        bad = ~np.isfinite(values[:, 0])
+        if dist.any_rank(bool(bad.any()), self.ctx):
+            first = int(np.argmax(bad)) if bad.any() else len(values) - 1
+            raise TrainingDiverged(
+                f"the loss became {values[first, 0]} at task {self.task}, epoch {self.epoch}, "
+                f"step {self.step - len(values) + first}; the last good checkpoint "
+                f"{runs.checkpoint_path(self.run_dir)} is kept (if any). Lower --lr, use "
+                f"--precision fp32, or check the data")
+        return values
+
+    def train_step(self, batch, generator: torch.Generator) -> torch.Tensor:
+        """One MoCo v2 step (+ the method's terms): forward, backward, SGD step, queue updates.
+
+        Returns [total, moco, extra, distill] as a device tensor, without waiting for the device
+        (`_check_losses` brings a window of them to the host). `cclnb bench` times this method.
+        """
         cfg, model, ctx = self.config, self.model, self.ctx
         if self.device.type == "cuda" and cfg.channels_last:
             batch.q = batch.q.contiguous(memory_format=torch.channels_last)
@@ -477,12 +510,6 @@ class _Trainer:
         zero = loss_moco.new_zeros(())
         extra, distill = extras.get("extra", zero), extras.get("distill", zero)
         loss = loss_moco + extra + distill
-        values = torch.stack([loss, loss_moco, extra, distill]).detach().cpu().numpy().astype(float)
-        if dist.any_rank(not np.isfinite(values[0]), ctx):
-            raise TrainingDiverged(
-                f"the loss became {values[0]} at task {self.task}, epoch {self.epoch}, step {self.step}; "
-                f"the last good checkpoint {runs.checkpoint_path(self.run_dir)} is kept (if any). "
-                f"Lower --lr, use --precision fp32, or check the data")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         dist.average_gradients(list(model.encoder_q.parameters()), ctx)
@@ -496,7 +523,7 @@ class _Trainer:
         old_all = dist.all_gather_cat(batch.is_old, ctx)
         model.enqueue(keys_all)
         self.method.after_step(batch, keys_all, old_all)
-        return values
+        return torch.stack([loss, loss_moco, extra, distill]).detach()
 
     def _interrupt(self, bar) -> None:
         bar.close()
@@ -516,10 +543,10 @@ class _Trainer:
 
 def pretrain(config: TrainConfig, images_source, plan: TaskPlan, run_dir: Path, ctx: dist.DistContext,
              log: runs.TrainLog, evaluator: Evaluator | None = None,
-             checkpoint: dict[str, Any] | None = None, audit: list | None = None) -> "_Trainer":
+             checkpoint: dict[str, Any] | None = None, audit: list | None = None) -> "Trainer":
     """Train every task of `plan` on `images_source` (an ImageDataset or a uint8 array indexed by
     sample id) without access to labels. `audit`, when a list, receives the ids of every batch."""
-    trainer = _Trainer(config, images_source, plan, run_dir, ctx, log, evaluator)
+    trainer = Trainer(config, images_source, plan, run_dir, ctx, log, evaluator)
     trainer.trained_ids = audit
     if checkpoint is not None:
         trainer.load(checkpoint)

@@ -9,7 +9,7 @@ import torch
 
 from cclnb import dist, runs
 from cclnb.data import open_dataset
-from cclnb.trainer import _Trainer, plan_tasks, pretrain, resolve_config
+from cclnb.trainer import Trainer, plan_tasks, pretrain, resolve_config
 from test_trainer import one_thread, tiny_config  # noqa: F401  (fixture re-used)
 
 CPU = dist.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -20,7 +20,7 @@ def make_trainer(tmp_path, method: str, **overrides):
     ds = open_dataset("demo")
     plan = plan_tasks(config, ds.targets, len(ds.classes))
     run_dir = runs.prepare_run_dir(tmp_path / "run")
-    trainer = _Trainer(config, ds, plan, run_dir, CPU, runs.TrainLog(run_dir), None)
+    trainer = Trainer(config, ds, plan, run_dir, CPU, runs.TrainLog(run_dir), None)
     return trainer, plan
 
 
