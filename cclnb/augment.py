@@ -145,6 +145,18 @@ def normalize_uint8(images_uint8: Tensor, size: int | None = None) -> Tensor:
     return normalize_float(x)
 
 
+def anchor_uint8(images_uint8: Tensor, image_size: int, small_images: bool) -> Tensor:
+    """The anchor / evaluation view of a uint8 batch, on its device: the batched twin of
+    `anchor_transform`. Small images are resized to `image_size` (a no-op at native size);
+    larger ones get the ImageNet geometry, resize to image_size*256/224 then a centre crop,
+    with torchvision's `CenterCrop` offset."""
+    if small_images:
+        return normalize_uint8(images_uint8, image_size)
+    resized = round(image_size * 256 / 224)
+    top = int(round((resized - image_size) / 2.0))
+    return normalize_uint8(images_uint8, resized)[..., top:top + image_size, top:top + image_size]
+
+
 def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None,
              device: torch.device) -> Tensor:
     return torch.rand(shape, generator=generator, device=device).mul_(high - low).add_(low)

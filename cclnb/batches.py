@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from cclnb.augment import BatchMoCoV2Augment, anchor_transform, moco_v2_transform, normalize_uint8
+from cclnb.augment import BatchMoCoV2Augment, anchor_transform, anchor_uint8, moco_v2_transform
 from cclnb.errors import ConfigError
 
 
@@ -86,7 +86,7 @@ class TensorFeeder:
         self.row[ids] = np.arange(len(ids))
         self.device = device
         self.augment = BatchMoCoV2Augment(image_size, blur)
-        self.anchor_size = None if small_images else image_size
+        self.image_size, self.small_images = image_size, small_images
 
     def _rows(self, ids: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self.row[ids]).to(self.device)
@@ -98,7 +98,7 @@ class TensorFeeder:
             pos = rank_positions(order, step, batch_size, rank, world)
             images = self.images[self._rows(ids[pos])]
             yield Batch(q=self.augment(images, generator), k=self.augment(images, generator),
-                        anchor=normalize_uint8(images, self.anchor_size),
+                        anchor=anchor_uint8(images, self.image_size, self.small_images),
                         is_old=torch.from_numpy(is_old[pos]).to(self.device),
                         ids=torch.from_numpy(ids[pos]))
 
@@ -108,7 +108,7 @@ class TensorFeeder:
         for start in range(0, len(ids), batch_size):
             images = self.images[self._rows(ids[start:start + batch_size])]
             views = torch.stack([self.augment(images, generator) for _ in range(n_views)])
-            yield views, normalize_uint8(images, self.anchor_size)
+            yield views, anchor_uint8(images, self.image_size, self.small_images)
 
 
 class _ViewDataset(torch.utils.data.Dataset):

@@ -230,3 +230,23 @@ def test_cuda_equals_cpu_for_the_same_parameters():
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
     generator = torch.Generator(device="cuda").manual_seed(0)
     assert aug(images.cuda(), generator).device.type == "cuda"
+
+
+def test_anchor_uint8_matches_the_anchor_transform_geometry():
+    """The batched anchor view equals torchvision's Resize(S*256/224) + CenterCrop(S) +
+    Normalize on the same tensor (large protocol) and a plain resize (small protocol)."""
+    import torchvision.transforms as T
+
+    from cclnb.augment import IMAGENET_MEAN, IMAGENET_STD, anchor_uint8
+
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=gen)
+    x = images.permute(0, 3, 1, 2).float() / 255
+    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    large = T.Compose([T.Resize(round(96 * 256 / 224), antialias=True), T.CenterCrop(96), normalize])
+    got = anchor_uint8(images, 96, small_images=False)
+    assert got.shape == (4, 3, 96, 96)
+    torch.testing.assert_close(got, large(x), atol=1e-4, rtol=0)
+    small = T.Compose([T.Resize((16, 16), antialias=True), normalize])
+    torch.testing.assert_close(anchor_uint8(images, 16, small_images=True), small(x), atol=1e-4, rtol=0)
+    torch.testing.assert_close(anchor_uint8(images, 32, small_images=True), normalize(x), atol=1e-5, rtol=0)

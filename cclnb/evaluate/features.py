@@ -57,11 +57,12 @@ def as_uint8_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 def _batches_uint8(images: torch.Tensor, device: torch.device, batch_size: int,
                    image_size: int | None) -> Iterator[torch.Tensor]:
     """Normalized eval views of consecutive slices, moved to the device one batch at a time."""
-    from cclnb.augment import normalize_uint8
+    from cclnb.augment import anchor_uint8
 
+    size = image_size or images.shape[1]
     for start in range(0, images.shape[0], batch_size):
         chunk = images[start:start + batch_size].to(device, non_blocking=True)
-        yield normalize_uint8(chunk, image_size)
+        yield anchor_uint8(chunk, size, small_images=size <= 64)
 
 
 def _batches_dataset(dataset, device: torch.device, batch_size: int, image_size: int | None,
