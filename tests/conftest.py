@@ -22,6 +22,17 @@ from cclnb.data import ImageDataset, open_dataset
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist every worker gets one thread (and so do the processes it starts):
+    with 2 workers on 2 cores, 2 BLAS threads per worker oversubscribe the CPU and run the
+    small-tensor tests about ten times slower."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 def write_image_folder(root: Path, n_classes: int = 3, per_class: int = 4, size: int = 32,
                        splits: tuple[str, ...] = ("train", "val"), ext: str = ".png",
                        seed: int = 0) -> Path:
