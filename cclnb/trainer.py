@@ -333,13 +333,17 @@ class Trainer:
         self._say(f"resumed at task {self.task} epoch {self.epoch} step {self.step}")
 
     def save(self, task_end: bool = False) -> None:
-        """checkpoints/last.pt (and task_<t>.pt at a task end), rank 0 only, atomically."""
+        """checkpoints/last.pt (and task_<t>.pt at a task end), rank 0 only, atomically.
+
+        task_<t>.pt is written first: a kill between the two writes leaves last.pt at the previous
+        epoch, so the resume redoes the task's end and writes task_<t>.pt. The other order would
+        let last.pt say the task is done while task_<t>.pt never gets written."""
         if not self.ctx.is_main:
             return
         state = self.state()
-        save_checkpoint(state, runs.checkpoint_path(self.run_dir))
         if task_end:
             save_checkpoint(state, runs.checkpoint_path(self.run_dir, self.task - 1))
+        save_checkpoint(state, runs.checkpoint_path(self.run_dir))
 
     def status(self, state: str, **extra: Any) -> None:
         if self.ctx.is_main:
