@@ -60,7 +60,7 @@ def test_study_notebooks_end_to_end(tmp_path: Path) -> None:
     assert results.loc[0, "linear_top1_teacher"] > 0 and results.loc[0, "state"] == "complete"
     assert (tmp_path / "reports" / "demo" / "acc_demo-digits_CCL_knn_student.csv").is_file()
     page = html.read_text(encoding="utf-8")
-    assert "linear_top1_student" in page and "Forgetting curves" in page
+    assert "student top-1" in page and "teacher top-1" in page and "Forgetting curves" in page
     assert len(re.findall(r"data:image/png;base64", page)) >= 4
     assert "report.load_runs" not in page  # code cells are hidden
 
