@@ -75,6 +75,12 @@ class Preset:
 
 # MoCo v2 with the authors' flags (mlp, aug_plus, cos, T=0.2) unless a preset says otherwise.
 _MOCO_V2 = {"mlp": True, "aug_plus": True, "cos": True, "moco_t": 0.2, "lr": 0.03, "n_save": 20}
+# The 32 px GPU studies: 10 tasks, ResNet-18 with the CIFAR stem, a queue sized for 5,000-image
+# tasks (65,536 keys would hold every image of a task many times), bf16, per-task kNN.
+_GPU_32PX = {**_MOCO_V2, "n_tasks": 10, "epochs": 50, "arch": "resnet18", "stem": "cifar",
+             "image_size": 32, "batch_size": 256, "moco_k": 4096, "precision": "bf16",
+             "device": "cuda", "seed": 0, "eval_each_task": "knn", "eval_teacher": True}
+_GPU_LINCLS = {"protocol": "lincls", "epochs": 100, "device": "cuda", "precision": "bf16"}
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset(
@@ -91,23 +97,17 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         name="tin100-32",
         description="Tiny-ImageNet-32 sub100 (100 classes), 10 tasks, ResNet-18 at 32 px, "
                     "MoCo queue 4096, bf16 on one GPU (set -p epochs=N)",
-        task_sequence={**_MOCO_V2, "dataset": "zip",
-                       "data": shared_data("tiny-imagenet-32-sub100.zip"), "n_tasks": 10,
-                       "epochs": 50, "arch": "resnet18", "stem": "cifar", "image_size": 32,
-                       "batch_size": 256, "moco_k": 4096, "precision": "bf16", "device": "cuda",
-                       "seed": 0, "eval_each_task": "knn", "eval_teacher": True},
-        linear_eval={"protocol": "lincls", "epochs": 100, "device": "cuda", "precision": "bf16"},
+        task_sequence={**_GPU_32PX, "dataset": "zip",
+                       "data": shared_data("tiny-imagenet-32-sub100.zip")},
+        linear_eval=_GPU_LINCLS,
         report={"title": "Continual MoCo v2 on Tiny-ImageNet-32 (100 classes, 10 tasks)"},
         data_hint="tiny-imagenet-32-sub100.zip (ImageNet folder layout inside the zip)",
         parallel=True),
     Preset(
         name="tin200-32",
         description="Tiny-ImageNet-32, all 200 classes, 10 tasks of 20, ResNet-18 at 32 px, bf16",
-        task_sequence={**_MOCO_V2, "dataset": "zip", "data": shared_data("tiny-imagenet-32.zip"),
-                       "n_tasks": 10, "epochs": 50, "arch": "resnet18", "stem": "cifar",
-                       "image_size": 32, "batch_size": 256, "moco_k": 4096, "precision": "bf16",
-                       "device": "cuda", "seed": 0, "eval_each_task": "knn", "eval_teacher": True},
-        linear_eval={"protocol": "lincls", "epochs": 100, "device": "cuda", "precision": "bf16"},
+        task_sequence={**_GPU_32PX, "dataset": "zip", "data": shared_data("tiny-imagenet-32.zip")},
+        linear_eval=_GPU_LINCLS,
         report={"title": "Continual MoCo v2 on Tiny-ImageNet-32 (200 classes, 10 tasks)"},
         data_hint="tiny-imagenet-32.zip (ImageNet folder layout inside the zip)",
         parallel=True),
@@ -127,11 +127,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset(
         name="cifar100",
         description="CIFAR-100, 10 tasks of 10 classes, ResNet-18 at 32 px, bf16",
-        task_sequence={**_MOCO_V2, "dataset": "cifar100", "data": shared_data("cifar-100-python"),
-                       "n_tasks": 10, "epochs": 50, "arch": "resnet18", "stem": "cifar",
-                       "image_size": 32, "batch_size": 256, "moco_k": 4096, "precision": "bf16",
-                       "device": "cuda", "seed": 0, "eval_each_task": "knn", "eval_teacher": True},
-        linear_eval={"protocol": "lincls", "epochs": 100, "device": "cuda", "precision": "bf16"},
+        task_sequence={**_GPU_32PX, "dataset": "cifar100", "data": shared_data("cifar-100-python")},
+        linear_eval=_GPU_LINCLS,
         report={"title": "Continual MoCo v2 on CIFAR-100 (10 tasks)"},
         data_hint="the cifar-100-python folder (or add -p download=True)",
         parallel=True),
