@@ -18,9 +18,20 @@ from typing import Callable
 import torch
 import torch.distributed as tdist
 
-from cclnb.errors import ConfigError
+from cclnb.errors import CclnbError, ConfigError
 
 DEFAULT_TIMEOUT_S = 1800
+# How a collective reports a peer that died (gloo: the socket closes; NCCL: the communicator
+# aborts) or hung past the process group's timeout. torch raises these as RuntimeError (gloo) or
+# DistError subclasses (NCCL, the store), so the message is what tells them from a bug.
+_PEER_FAILURE_MARKS = ("connection closed by peer", "connection reset by peer", "broken pipe",
+                       "timed out", "timeout", "nccl communicator was aborted", "socket")
+
+
+class RankLost(CclnbError):
+    """Another process of a multi-process run died or stopped answering; this one stops too."""
+
+    exit_code = 6
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,17 @@ def setup(device: str, backend: str = "auto", dist_url: str = "env://",
         tdist.init_process_group(chosen, init_method=dist_url, world_size=world, rank=rank,
                                  timeout=datetime.timedelta(seconds=timeout_s))
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def lost_peer(error: BaseException, ctx: DistContext) -> bool:
+    """Whether `error` is a collective failing because another rank died or hung (as opposed to a
+    bug or a bad input, which keep their own message)."""
+    if not ctx.distributed or not isinstance(error, RuntimeError):
+        return False
+    if isinstance(error, getattr(tdist, "DistError", ())):
+        return True
+    text = str(error).lower()
+    return any(mark in text for mark in _PEER_FAILURE_MARKS)
 
 
 def cleanup(ctx: DistContext) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import random
 import secrets
 import signal
 import time
@@ -208,10 +209,30 @@ def _train(config: TrainConfig, ctx: dist.DistContext) -> Path:
     except Interrupted:
         raise
     except BaseException as error:
+        failure = error
+        if dist.lost_peer(error, ctx):
+            # torchrun SIGTERMs the survivors of a dead rank; this process is stopping already, so
+            # let its status and message out instead of dying silently halfway through them
+            with contextlib.suppress(ValueError):   # not the main thread: no signal handling
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            failure = _rank_lost(error, config, run_dir, ctx)
         if ctx.is_main:
-            runs.write_status(run_dir, "failed", error=f"{type(error).__name__}: {error}")
-        raise
+            runs.write_status(run_dir, "failed", error=f"{type(failure).__name__}: {failure}")
+        if failure is error:
+            raise
+        raise failure from error
     return run_dir
+
+
+def _rank_lost(error: BaseException, config: TrainConfig, run_dir: Path,
+               ctx: dist.DistContext) -> dist.RankLost:
+    """A collective failed because another process died or hung: say so, and how to go on."""
+    first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    return dist.RankLost(
+        f"rank {ctx.rank} of {ctx.world_size} lost contact with the other processes: one of them died "
+        f"or did not answer within --dist-timeout {config.dist_timeout} s ({first_line}). Look at the "
+        f"other ranks' output for the cause. Only rank 0 writes checkpoints, always completely: rerun "
+        f"the same command with --resume {run_dir} to continue from {runs.checkpoint_path(run_dir)}")
 
 
 def _agree_run_dir(config: TrainConfig, dataset_name: str, ctx: dist.DistContext) -> Path:
@@ -262,6 +283,9 @@ class Trainer:
         self.evaluator = evaluator
         self.device = ctx.device
         self.seed = int(config.seed)
+        # every generator a checkpoint records starts from the seed, so a run (and its
+        # checkpoints) depend on nothing but the config, whichever process started it
+        random.seed(self.seed)
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % 2**32)
         self.model = MoCo(config.arch, config.moco_dim, config.moco_k, config.mlp,
