@@ -45,7 +45,7 @@ timeout 120 $PY -m cclnb data cache "$DATA" 2>&1 | tail -3 | tee -a "$OUT/sessio
 
 log "2. GPU tests"
 if [ "$DEV" = cuda ]; then
-  timeout 120 $PY -m pytest -q -x -m gpu tests -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+  timeout 150 $PY -m pytest -q -m gpu tests -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
   log "gpu tests exit $?: $(tail -1 "$OUT/gpu_tests.log")"
 fi
 

@@ -220,6 +220,7 @@ def test_bad_inputs_raise_clear_errors():
         BatchMoCoV2Augment(0, blur=False)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the batched path's real home)")
 def test_cuda_equals_cpu_for_the_same_parameters():
     images = _images(32)
