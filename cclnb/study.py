@@ -297,9 +297,14 @@ def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root
     routed = split_overrides(overrides, specs)
     params = {nb: {**preset.parameters(nb), **routed[nb]} for nb in NOTEBOOKS}
     check_preset(preset, specs)
-    if params["task_sequence"].get("data") is None:
+    data = params["task_sequence"].get("data")
+    if data is None:
         raise ConfigError(f"preset {preset.name!r} needs its data: pass -p data=PATH "
                           f"({preset.data_hint or 'the dataset location'})")
+    if data != "demo" and Path(data).exists():
+        # The notebooks run in other working directories: a path relative to the caller's
+        # must reach them absolute.
+        params["task_sequence"]["data"] = str(Path(data).resolve())
     chosen = [canonical_method(m) for m in (methods or preset.methods)]
     name = study or preset.name
     runs_dir = Path(runs_root).resolve() / name

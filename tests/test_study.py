@@ -135,3 +135,17 @@ def test_a_failing_step_names_the_notebook_and_cell(tmp_path: Path, parallel: bo
     assert plan.steps[0].output.is_file()  # the executed copy with the traceback is kept
     assert info.value.exit_code == study.StudyStepFailed.exit_code != 0
     assert not plan.html.exists()
+
+
+def test_a_relative_data_path_reaches_the_notebooks_absolute(tmp_path, monkeypatch):
+    """Notebooks run in their own working directory: `-p data=rel/path.zip` must still resolve."""
+    from cclnb.study import plan_study
+
+    data = tmp_path / "data" / "set.zip"
+    data.parent.mkdir()
+    data.write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    study = plan_study("tin100-32", ["data=data/set.zip"], runs_root=tmp_path / "runs",
+                       reports_root=tmp_path / "reports")
+    first = study.steps[0]
+    assert first.parameters["data"] == str(data.resolve())
