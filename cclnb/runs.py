@@ -69,17 +69,23 @@ def default_run_dir(method: str, dataset_name: str, root: str | Path = "runs") -
 def prepare_run_dir(path: str | Path) -> Path:
     """Create the run directory (and its sub-folders) and prove it is writable, so a permission
     problem surfaces before hours of training rather than at the first checkpoint."""
-    run_dir = Path(path)
+    return writable_folder(path, "run directory", "--run-dir", ("checkpoints", "replay", "eval"))
+
+
+def writable_folder(path: str | Path, what: str, option: str, subfolders: Sequence[str] = ()) -> Path:
+    """Create `path` (and `subfolders`) and write a probe file there, so an unwritable output
+    folder is a ConfigError naming `option` before any work, not a traceback after it."""
+    folder = Path(path)
     try:
-        for sub in ("", "checkpoints", "replay", "eval"):
-            (run_dir / sub).mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
+        for sub in ("", *subfolders):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write_test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
-        raise ConfigError(f"run directory {run_dir} is not writable ({error.strerror}); "
-                          f"choose another one with --run-dir") from error
-    return run_dir
+        raise ConfigError(f"{what} {folder} is not writable ({error.strerror}); "
+                          f"choose another one with {option}") from error
+    return folder
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:

@@ -36,7 +36,7 @@ from cclnb.batches import (TensorFeeder, WorkerFeeder, check_batch, epoch_entrie
 from cclnb.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from cclnb.config import TrainConfig
 from cclnb.data import load_uint8, open_dataset, subset_per_class
-from cclnb.errors import CheckpointError, Interrupted, TrainingDiverged
+from cclnb.errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
 from cclnb.losses import info_nce_queue
 from cclnb.methods import Method, StepOutputs, TrainerEnv, get_method
 from cclnb.models import MoCo
@@ -194,14 +194,15 @@ def _train(config: TrainConfig, ctx: dist.DistContext) -> Path:
     else:
         config = resolve_config(config, train_ds.image_size)
         run_dir = Path(config.run_dir) if config.run_dir else _agree_run_dir(config, train_ds.name, ctx)
+        _refuse_finished_work(run_dir)
     config = dataclasses.replace(config, run_dir=str(run_dir))
+    plan = plan_tasks(config, train_ds.targets, len(train_ds.classes))   # a bad split: no run dir yet
     if ctx.is_main:
         runs.prepare_run_dir(run_dir)
         if checkpoint is None:
             runs.write_config(run_dir, config.to_dict(), {"world_size": ctx.world_size})
     dist.barrier(ctx)
 
-    plan = plan_tasks(config, train_ds.targets, len(train_ds.classes))
     evaluator = _make_evaluator(config, train_ds, plan, run_dir, ctx)
     log = runs.TrainLog(run_dir, enabled=ctx.is_main)
     try:
@@ -222,6 +223,17 @@ def _train(config: TrainConfig, ctx: dist.DistContext) -> Path:
             raise
         raise failure from error
     return run_dir
+
+
+def _refuse_finished_work(run_dir: Path) -> None:
+    """A new run must not start over a run directory that holds checkpoints: it would overwrite
+    them and config.json. (A directory without checkpoints lost nothing worth keeping, so a
+    rerun of a run killed in its first epoch may reuse it.)"""
+    if runs.checkpoint_path(run_dir).is_file():
+        state = (runs.read_status(run_dir) or {}).get("state", "unknown")
+        raise ConfigError(f"run directory {run_dir} already holds a run ({state}) with checkpoints; "
+                          f"continue it with --resume {run_dir} (and the same options) or choose "
+                          f"another --run-dir. Nothing in it was changed")
 
 
 def _rank_lost(error: BaseException, config: TrainConfig, run_dir: Path,
@@ -304,6 +316,7 @@ class Trainer:
                          encode_q=self.encode_q)
         self.method: Method = get_method(config, env)
         self.tasks = self.method.training_tasks(plan.task_ids)
+        self._check_replay_budget()
         self.replay: list[np.ndarray] = []
         self.task = self.epoch = self.step = self.global_step = 0
         self.generator_state: torch.Tensor | None = None
@@ -320,6 +333,21 @@ class Trainer:
                       load_uint8(images_source, ids=ids, progress=cfg.progress and self.ctx.is_main))
             return TensorFeeder(images, ids, cfg.image_size, blur, small, self.device)
         return WorkerFeeder(images_source, cfg.image_size, blur, small, cfg.workers, self.device)
+
+    def _check_replay_budget(self) -> None:
+        """A draw without replacement cannot keep more distinct ids than a task has: refuse now,
+        not after the first task's training."""
+        if self.method.selection != "random" or self.config.replay_with_replacement:
+            return
+        budget = self.method.replay_budget()
+        sizes = [len(ids) for ids in self.tasks]
+        t = int(np.argmin(sizes))
+        if budget > sizes[t]:
+            raise ConfigError(
+                f"--replay-without-replacement keeps n_save * C/n = {budget} distinct images of every "
+                f"task, but task {t} has only {sizes[t]}; lower --n-save to at most "
+                f"{sizes[t] // self.plan.classes_per_task} or drop --replay-without-replacement "
+                f"(the authors draw with replacement)")
 
     def _broadcast_model(self) -> None:
         """Every rank starts from rank 0's weights (DDP does the same at wrap time)."""

@@ -91,6 +91,11 @@ def run(args: argparse.Namespace) -> int:
     if args.data_pos and args.data and args.data_pos != args.data:
         raise ConfigError(f"two datasets given ({args.data_pos!r} and --data {args.data!r}); pass one")
     args.data = args.data or args.data_pos
+    if not args.evaluate:   # results are written at the end: refuse an unwritable folder first
+        from cclnb.evaluate.lincls import resolve_source
+        from cclnb.runs import writable_folder
+
+        writable_folder(resolve_source(args.pretrained, args.out).out_dir, "output folder", "--out")
     result = linear_eval(args)
     if "best_top1" in result:
         print(f"lincls ({result['who']}): final epoch top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}"
