@@ -1,0 +1,241 @@
+"""The bad-input catalogue (docs/reliability.md): every row runs the real command line and checks
+the exit code and that the message names the problem *and* the fix.
+
+Each row is (command line, exit code, problem, fix), the last two regular expressions the
+message must contain. Rows that need an earlier run share one tiny finished SimpleReplay run,
+whose files must come out of every refused command untouched: a failed command never costs work
+already done.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import re
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from cclnb import cli
+from cclnb.errors import CheckpointError, ConfigError, DataError
+from conftest import write_image_folder
+
+TINY = ["-a", "resnet18", "--stem", "imagenet", "--epochs", "1", "-b", "16", "--moco-k", "64",
+        "--n-tasks", "2", "--subset-per-class", "10", "--seed", "0", "--eval-each-task", "none",
+        "--device", "cpu", "--no-progress", "--key-bn-groups", "4"]
+FINISHED = ["train", "--data", "demo", *TINY, "--method", "SimpleReplay", "--n-save", "12"]
+LINCLS = ["lincls", "--data", "demo", "-a", "resnet18", "--stem", "imagenet", "--epochs", "1",
+          "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_cache_dir: Path) -> Path:
+    """A complete two-task run, built once per test session and shared by the xdist workers (the
+    first one builds it under a lock; the rows only read it). n_save 12 keeps 12 * 5 = 60 ids of
+    50-image tasks: with replacement (the authors' draw) that works and train.log says so."""
+    run = tmp_cache_dir.parent / "catalogue-finished-run"
+    with open(tmp_cache_dir.parent / "catalogue-finished.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        status = run / "status.json"
+        if not (status.is_file() and json.loads(status.read_text())["state"] == "complete"):
+            shutil.rmtree(run, ignore_errors=True)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                assert cli.main([*FINISHED, "--run-dir", str(run)]) == 0
+            finally:
+                torch.set_num_threads(threads)
+    return run
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
+    """(size, mtime, content hash of small files) of every file under `folder`."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns,
+                                         hashlib.sha256(p.read_bytes()).hexdigest() if p.stat().st_size < 2**20 else "")
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- inputs to build
+def not_a_dataset_zip(tmp: Path, run: Path) -> str:
+    path = tmp / "notes.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("readme/notes.txt", "no images here")
+    return str(path)
+
+
+def plain_file(tmp: Path, run: Path) -> str:
+    path = tmp / "notes.txt"
+    path.write_text("no images here")
+    return str(path)
+
+
+def corrupt_image_folder(tmp: Path, run: Path) -> str:
+    folder = write_image_folder(tmp / "data", n_classes=2, per_class=20, ext=".jpg")
+    victim = folder / "train" / "class_1" / "img_13.jpg"
+    victim.write_bytes(victim.read_bytes()[:300])          # the header survives, the data does not
+    return str(folder)
+
+
+def under_a_file(tmp: Path, run: Path) -> str:
+    """A folder that cannot be created: its parent is a regular file. (Tests run as root, where
+    chmod does not stop writes, and a read-only bind mount needs privileges CI lacks.)"""
+    blocker = tmp / "a_file"
+    blocker.write_text("x")
+    return str(blocker / "out")
+
+
+def run_copy_with(last_pt: Callable[[Path, Path], None]) -> Callable[[Path, Path], str]:
+    """A copy of the finished run's small files, marked interrupted (so --resume would continue),
+    whose checkpoints/last.pt is written by `last_pt(path, the finished run's last.pt)`."""
+    def build(tmp: Path, run: Path) -> str:
+        copy = tmp / "copy"
+        (copy / "checkpoints").mkdir(parents=True)
+        for name in ("config.json", "train.log", "train_log.csv"):
+            shutil.copy(run / name, copy / name)
+        (copy / "status.json").write_text(json.dumps({"state": "interrupted", "task": 1}))
+        last_pt(copy / "checkpoints" / "last.pt", run / "checkpoints" / "last.pt")
+        return str(copy)
+    return build
+
+
+def truncated(path: Path, real: Path) -> None:
+    path.write_bytes(real.read_bytes()[:100_000])
+
+
+def random_bytes(path: Path, real: Path) -> None:
+    path.write_bytes(bytes(range(256)) * 64)
+
+
+def foreign(path: Path, real: Path) -> None:
+    torch.save({"weights": torch.zeros(3)}, path)       # a loadable file, but not cclnb's
+
+
+class Gadget:
+    """What a malicious pickle would carry: weights_only=True must refuse to build it."""
+
+
+def with_code(path: Path, real: Path) -> None:
+    torch.save({"format": "cclnb-checkpoint-v1", "payload": Gadget()}, path)
+
+
+def checkpoint_file(last_pt: Callable[[Path, Path], None]) -> Callable[[Path, Path], str]:
+    def build(tmp: Path, run: Path) -> str:
+        path = tmp / "model.pt"
+        last_pt(path, run / "checkpoints" / "last.pt")
+        return str(path)
+    return build
+
+
+# ----------------------------------------------------------------------------- the catalogue
+@dataclass
+class Row:
+    id: str
+    argv: Callable[[Path, Path], list[str]]     # (tmp_path, finished run) -> command line
+    code: int
+    problem: str                                # regex: what is wrong (and where)
+    fix: str                                    # regex: what to do
+
+
+def _row(id: str, argv, code: int, problem: str, fix: str) -> pytest.param:
+    return pytest.param(Row(id, argv, code, problem, fix), id=id)
+
+
+CATALOGUE = [
+    _row("wrong data path", lambda t, r: ["train", "--data", str(t / "no" / "such"), *TINY],
+         DataError.exit_code, r"dataset path .*no/such does not exist", r"check --data"),
+    _row("zip without images", lambda t, r: ["data", "info", not_a_dataset_zip(t, r)],
+         DataError.exit_code, r"notes.zip has no 'train/' folder .*top level holds: readme",
+         r"expected \[<top>/\]train/<class>/<image>"),
+    _row("file that is not a zip", lambda t, r: ["train", "--data", plain_file(t, r), *TINY],
+         DataError.exit_code, r"notes.txt is a file but not a zip archive", r"pass a dataset folder"),
+    _row("corrupt image", lambda t, r: ["train", "--data", corrupt_image_folder(t, r), *TINY],
+         DataError.exit_code, r"cannot decode image .*class_1/img_13\.jpg", r"(replace|remove|delete)"),
+    _row("classes not divisible by tasks", lambda t, r: ["train", "--data", "demo", *TINY, "--n-tasks", "3"],
+         ConfigError.exit_code, r"10 classes cannot be split into 3 equal tasks",
+         r"choose --n-tasks from 1, 2, 5, 10"),
+    _row("classes not divisible (data info)", lambda t, r: ["data", "info", "demo", "--n-tasks", "4"],
+         ConfigError.exit_code, r"10 classes cannot be split into 4 equal tasks", r"choose --n-tasks from"),
+    _row("n_save beyond a task, without replacement",
+         lambda t, r: ["train", "--data", "demo", *TINY, "--method", "SimpleReplay", "--n-save", "12",
+                       "--replay-without-replacement", "--run-dir", str(t / "run")],
+         ConfigError.exit_code, r"keeps n_save \* C/n = 60 distinct images .* task 0 has only 50",
+         r"lower --n-save to at most 10 or drop --replay-without-replacement"),
+    _row("unknown method", lambda t, r: ["train", "--data", "demo", "--method", "MoCo"],
+         2, r"argument --method: invalid choice: 'MoCo'", r"choose from .*'CCL'.*'SimpleReplay'"),
+    _row("unknown architecture", lambda t, r: ["train", "--data", "demo", "-a", "resnet9"],
+         2, r"argument -a/--arch: invalid choice: 'resnet9'", r"choose from 'resnet18'"),
+    _row("unknown architecture (lincls)", lambda t, r: ["lincls", "--data", "demo", "-a", "vgg16"],
+         2, r"argument -a/--arch: invalid choice: 'vgg16'", r"choose from 'resnet18'"),
+    _row("unknown notebook parameter",
+         lambda t, r: ["study", "--preset", "demo", "-p", "epochz=1", "--runs-root", str(t / "runs")],
+         ConfigError.exit_code, r"unknown parameter 'epochz'", r"valid names are .*epochs"),
+    _row("resume with another configuration",
+         lambda t, r: [*FINISHED[:-4], "--method", "CCL", "--n-save", "12", "--resume", str(r)],
+         CheckpointError.exit_code, r"cannot resume .*run with a different configuration: method: run has "
+         r"'SimpleReplay', now 'CCL'", r"Pass the original options \(see its config.json\) or start a new run"),
+    _row("new run over a finished one", lambda t, r: [*FINISHED, "--run-dir", str(r)],
+         ConfigError.exit_code, r"run directory .*run already holds a run \(complete\) with checkpoints",
+         r"continue it with --resume .*or choose another --run-dir"),
+    _row("GPU requested where there is none", lambda t, r: ["train", "--data", "demo", *TINY, "--device", "cuda"],
+         ConfigError.exit_code, r"--device cuda was requested but no CUDA GPU is visible", r"use --device cpu"),
+    _row("GPU requested where there is none (lincls)", lambda t, r: [*LINCLS, "--device", "cuda"],
+         ConfigError.exit_code, r"--device cuda was requested but no CUDA GPU is visible", r"use --device cpu"),
+    _row("output folder not writable", lambda t, r: ["train", "--data", "demo", *TINY, "--run-dir", under_a_file(t, r)],
+         ConfigError.exit_code, r"run directory .*a_file/out is not writable", r"choose another one with --run-dir"),
+    _row("resume: truncated checkpoint", lambda t, r: [*FINISHED, "--resume", run_copy_with(truncated)(t, r)],
+         CheckpointError.exit_code, r"copy/checkpoints/last.pt is truncated or corrupt",
+         r"resume from an earlier checkpoint"),
+    _row("resume: corrupt checkpoint", lambda t, r: [*FINISHED, "--resume", run_copy_with(random_bytes)(t, r)],
+         CheckpointError.exit_code, r"copy/checkpoints/last.pt is (truncated or corrupt|not a cclnb checkpoint)",
+         r"(resume from an earlier checkpoint|pass a checkpoint written by cclnb)"),
+    _row("resume: foreign checkpoint", lambda t, r: [*FINISHED, "--resume", run_copy_with(foreign)(t, r)],
+         CheckpointError.exit_code, r"copy/checkpoints/last.pt is not a cclnb checkpoint \(no 'format' entry\)",
+         r"pass a file from <run-dir>/checkpoints/"),
+    _row("resume: checkpoint that would run code", lambda t, r: [*FINISHED, "--resume", run_copy_with(with_code)(t, r)],
+         CheckpointError.exit_code, r"copy/checkpoints/last.pt is not a cclnb checkpoint: .*was not loaded",
+         r"pass a checkpoint written by cclnb"),
+    _row("lincls: truncated checkpoint", lambda t, r: [*LINCLS, "--pretrained", checkpoint_file(truncated)(t, r)],
+         CheckpointError.exit_code, r"model.pt is truncated or corrupt", r"rerun"),
+    _row("lincls: foreign checkpoint", lambda t, r: [*LINCLS, "--pretrained", checkpoint_file(foreign)(t, r)],
+         CheckpointError.exit_code, r"model.pt is neither a cclnb checkpoint .* nor the authors'",
+         r"pass a checkpoint of a pretraining run"),
+    _row("lincls: checkpoint that would run code", lambda t, r: [*LINCLS, "--pretrained", checkpoint_file(with_code)(t, r)],
+         CheckpointError.exit_code, r"model.pt is not a cclnb checkpoint: .*was not loaded",
+         r"pass a checkpoint written by cclnb"),
+    _row("lincls: output folder not writable",
+         lambda t, r: [*LINCLS, "--pretrained", str(r), "--out", under_a_file(t, r), "--subset-per-class", "2"],
+         ConfigError.exit_code, r"output folder .*a_file/out is not writable", r"choose another one with --out"),
+]
+
+
+@pytest.mark.parametrize("row", CATALOGUE)
+def test_catalogue_row(row: Row, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    if "GPU" in row.id and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    before = snapshot(finished)
+    argv = row.argv(tmp_path, finished)
+    capsys.readouterr()
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:            # argparse's own errors (choices) exit directly
+        code = exit_.code
+    message = capsys.readouterr().err
+    assert code == row.code, message
+    assert message.count("error:") >= 1 and "Traceback" not in message
+    assert re.search(row.problem, message), f"problem not named: {message}"
+    assert re.search(row.fix, message), f"fix not named: {message}"
+    assert snapshot(finished) == before, "a refused command changed the earlier run's files"
+
+
+def test_n_save_beyond_a_task_with_replacement_is_logged(finished: Path) -> None:
+    """The authors' draw with replacement keeps 60 ids of a 50-image task: allowed, and said."""
+    log = (finished / "train.log").read_text()
+    assert "replay: task 0 has 50 images but n_save*C/n = 60 are kept; drawing with replacement" in log
+    ids = json.loads((finished / "replay" / "task_0.json").read_text())["ids"]
+    assert len(ids) == 60 and len(set(ids)) < 60
