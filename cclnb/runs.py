@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import io
 import json
 import os
 import platform
@@ -185,8 +186,9 @@ def resolve_resume(resume: str | Path) -> tuple[Path, Path]:
 class TrainLog:
     """train_log.csv (one row per `print_freq` steps and per epoch end) and train.log (text).
 
-    Rows are appended and flushed at once so a killed run keeps its history; on resume the file
-    is reopened in append mode, so the log reads as one run.
+    Rows are appended and flushed at once so a killed run keeps its history; on resume the rows
+    of the steps after the checkpoint (work the kill lost, which the resume redoes) are dropped
+    first and the file is then appended to, so the log reads as one uninterrupted run.
     """
 
     def __init__(self, run_dir: Path, enabled: bool = True) -> None:
@@ -196,6 +198,21 @@ class TrainLog:
         if enabled and not self.csv_path.exists():
             with open(self.csv_path, "w", newline="", encoding="utf-8") as handle:
                 csv.writer(handle).writerow(LOG_COLUMNS)
+
+    def discard_after(self, global_step: int) -> None:
+        """Drop the rows logged after `global_step` (a resume redoes those steps)."""
+        if not self.enabled or not self.csv_path.is_file():
+            return
+        with open(self.csv_path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        kept = [r for r in rows if r.get("global_step") and int(r["global_step"]) <= global_step]
+        if len(kept) == len(rows):
+            return
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(kept)
+        _atomic_write_text(self.csv_path, text.getvalue())
 
     def row(self, values: dict[str, Any]) -> None:
         if not self.enabled:

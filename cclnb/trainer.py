@@ -382,6 +382,7 @@ class Trainer:
         self.global_step = int(ckpt["global_step"])
         self.generator_state = ckpt["generator"]
         set_rng_state(ckpt["rng"])
+        self.log.discard_after(self.global_step)
         self._say(f"resumed at task {self.task} epoch {self.epoch} step {self.step}")
 
     def save(self, task_end: bool = False) -> None:
