@@ -25,7 +25,7 @@ DEFAULT_TIMEOUT_S = 1800
 # aborts) or hung past the process group's timeout. torch raises these as RuntimeError (gloo) or
 # DistError subclasses (NCCL, the store), so the message is what tells them from a bug.
 _PEER_FAILURE_MARKS = ("connection closed by peer", "connection reset by peer", "broken pipe",
-                       "timed out", "timeout", "nccl communicator was aborted", "socket")
+                       "timed out", "nccl communicator was aborted")
 
 
 class RankLost(CclnbError):

@@ -286,3 +286,21 @@ def test_a_rank_killed_under_torchrun_stops_the_other_with_a_message_and_no_part
     assert [p.name for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")] == []
     last = load_checkpoint(run / "checkpoints" / "last.pt")
     assert last["task"] == 0 and last["epoch"] >= 1 and last["step"] == 0   # an epoch boundary, complete
+
+
+@pytest.mark.parametrize("message, lost", [
+    ("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:33478", True),   # a rank died
+    ("[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:8344: Connection reset by peer", True),
+    ("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation", True),  # hung
+    ("The size of tensor a (4) must match the size of tensor b (3)", False),                   # a bug
+])
+def test_only_a_failed_collective_is_reported_as_a_lost_rank(message, lost):
+    """The backends' messages as seen on this machine (gloo 2 ranks: SIGKILL, and a rank asleep
+    past the process group's timeout); any other error keeps its own message."""
+    from cclnb.dist import DistContext, lost_peer
+
+    two = DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    one = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert lost_peer(RuntimeError(message), two) is lost
+    assert lost_peer(RuntimeError(message), one) is False
+    assert lost_peer(ValueError(message), two) is False
