@@ -26,6 +26,7 @@ from cclnb import cli
 from cclnb.errors import CheckpointError, ConfigError, DataError
 from conftest import write_image_folder
 
+# every train row passes --run-dir under tmp_path: a refused run must not leave runs/ in the checkout
 TINY = ["-a", "resnet18", "--stem", "imagenet", "--epochs", "1", "-b", "16", "--moco-k", "64",
         "--n-tasks", "2", "--subset-per-class", "10", "--seed", "0", "--eval-each-task", "none",
         "--device", "cpu", "--no-progress", "--key-bn-groups", "4"]
@@ -147,16 +148,16 @@ def _row(id: str, argv, code: int, problem: str, fix: str) -> pytest.param:
 
 
 CATALOGUE = [
-    _row("wrong data path", lambda t, r: ["train", "--data", str(t / "no" / "such"), *TINY],
+    _row("wrong data path", lambda t, r: ["train", "--data", str(t / "no" / "such"), *TINY, "--run-dir", str(t / "run")],
          DataError.exit_code, r"dataset path .*no/such does not exist", r"check --data"),
     _row("zip without images", lambda t, r: ["data", "info", not_a_dataset_zip(t, r)],
          DataError.exit_code, r"notes.zip has no 'train/' folder .*top level holds: readme",
          r"expected \[<top>/\]train/<class>/<image>"),
-    _row("file that is not a zip", lambda t, r: ["train", "--data", plain_file(t, r), *TINY],
+    _row("file that is not a zip", lambda t, r: ["train", "--data", plain_file(t, r), *TINY, "--run-dir", str(t / "run")],
          DataError.exit_code, r"notes.txt is a file but not a zip archive", r"pass a dataset folder"),
-    _row("corrupt image", lambda t, r: ["train", "--data", corrupt_image_folder(t, r), *TINY],
+    _row("corrupt image", lambda t, r: ["train", "--data", corrupt_image_folder(t, r), *TINY, "--run-dir", str(t / "run")],
          DataError.exit_code, r"cannot decode image .*class_1/img_13\.jpg", r"(replace|remove|delete)"),
-    _row("classes not divisible by tasks", lambda t, r: ["train", "--data", "demo", *TINY, "--n-tasks", "3"],
+    _row("classes not divisible by tasks", lambda t, r: ["train", "--data", "demo", *TINY, "--n-tasks", "3", "--run-dir", str(t / "run")],
          ConfigError.exit_code, r"10 classes cannot be split into 3 equal tasks",
          r"choose --n-tasks from 1, 2, 5, 10"),
     _row("classes not divisible (data info)", lambda t, r: ["data", "info", "demo", "--n-tasks", "4"],
@@ -182,7 +183,7 @@ CATALOGUE = [
     _row("new run over a finished one", lambda t, r: [*FINISHED, "--run-dir", str(r)],
          ConfigError.exit_code, r"run directory .*run already holds a run \(complete\) with checkpoints",
          r"continue it with --resume .*or choose another --run-dir"),
-    _row("GPU requested where there is none", lambda t, r: ["train", "--data", "demo", *TINY, "--device", "cuda"],
+    _row("GPU requested where there is none", lambda t, r: ["train", "--data", "demo", *TINY, "--device", "cuda", "--run-dir", str(t / "run")],
          ConfigError.exit_code, r"--device cuda was requested but no CUDA GPU is visible", r"use --device cpu"),
     _row("GPU requested where there is none (lincls)", lambda t, r: [*LINCLS, "--device", "cuda"],
          ConfigError.exit_code, r"--device cuda was requested but no CUDA GPU is visible", r"use --device cpu"),
