@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.distributed as tdist
 
-from cclnb.errors import CclnbError, ConfigError
+from cclnb.errors import ConfigError, RankLost  # noqa: F401  (RankLost re-exported: dist.RankLost)
 
 DEFAULT_TIMEOUT_S = 1800
 # How a collective reports a peer that died (gloo: the socket closes; NCCL: the communicator
@@ -26,12 +26,6 @@ DEFAULT_TIMEOUT_S = 1800
 # DistError subclasses (NCCL, the store), so the message is what tells them from a bug.
 _PEER_FAILURE_MARKS = ("connection closed by peer", "connection reset by peer", "broken pipe",
                        "timed out", "nccl communicator was aborted")
-
-
-class RankLost(CclnbError):
-    """Another process of a multi-process run died or stopped answering; this one stops too."""
-
-    exit_code = 6
 
 
 @dataclass(frozen=True)

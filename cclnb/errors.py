@@ -38,6 +38,12 @@ class TrainingDiverged(CclnbError):
     exit_code = 5
 
 
+class RankLost(CclnbError):
+    """Another process of a multi-process run died or stopped answering; this one stops too."""
+
+    exit_code = 7
+
+
 class Interrupted(CclnbError):
     """SIGTERM/SIGINT arrived; a checkpoint was written and the run can be resumed."""
 
