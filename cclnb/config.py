@@ -156,4 +156,4 @@ class TrainConfig:
     # Fields whose change makes a checkpoint belong to another experiment (resume refuses them).
     IDENTITY_FIELDS = ("data", "dataset", "imagenetsub", "arch", "method", "n_tasks", "n_save",
                        "moco_dim", "moco_k", "mlp", "image_size", "subset_per_class", "order_seed",
-                       "ccl_k", "batch_size", "epochs")
+                       "ccl_k", "batch_size", "epochs", "stem")
