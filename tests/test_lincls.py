@@ -155,3 +155,26 @@ def test_missing_pretrained_and_evaluate_without_resume(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--resume"):
         from cclnb.evaluate.lincls import linear_eval
         linear_eval(args)
+
+
+def test_lincls_protocol_probe_writes_the_same_json(tmp_path: Path) -> None:
+    """`cclnb lincls --protocol probe` (the demo's fast final evaluation) scores a real tiny run
+    and writes lincls_<who>.json with its protocol named, as the report expects."""
+    import json
+
+    from cclnb.cli import main
+    from cclnb.config import TrainConfig
+    from cclnb.trainer import train
+
+    run = train(TrainConfig(data="demo", arch="resnet18", stem="imagenet", epochs=1, batch_size=16,
+                            moco_k=64, ccl_k=16, n_tasks=2, n_save=2, method="CCL",
+                            subset_per_class=8, seed=0, workers=0, progress=False,
+                            eval_each_task="none", key_bn_groups=4, device="cpu",
+                            run_dir=str(tmp_path / "run")))
+    for who in ("False", "True"):
+        assert main(["lincls", "--pretrained", str(run), "--protocol", "probe", "--epochs", "20",
+                     "--device", "cpu", "--no-progress", "--use_teacher_weight", who]) == 0
+    for who in ("student", "teacher"):
+        result = json.loads((run / f"lincls_{who}.json").read_text())
+        assert result["protocol"].startswith("probe") and result["who"] == who
+        assert 0.0 <= result["top1"] <= 100.0 and result["n_val"] == 360

@@ -82,11 +82,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="folder for lincls_<who>.json (default: the run "
                         "directory, else the checkpoint's folder)")
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+    parser.add_argument("--protocol", choices=("lincls", "probe"), default="lincls",
+                        help="lincls: the paper's protocol (default); probe: one L-BFGS fit on frozen "
+                             "features of un-augmented images (<= 64 px, --epochs = iterations)")
 
 
 def run(args: argparse.Namespace) -> int:
     from cclnb.errors import ConfigError
-    from cclnb.evaluate.lincls import BEST_NOTE, linear_eval
+    from cclnb.evaluate.lincls import BEST_NOTE, linear_eval, probe_eval
 
     if args.data_pos and args.data and args.data_pos != args.data:
         raise ConfigError(f"two datasets given ({args.data_pos!r} and --data {args.data!r}); pass one")
@@ -96,8 +99,10 @@ def run(args: argparse.Namespace) -> int:
         from cclnb.runs import writable_folder
 
         writable_folder(resolve_source(args.pretrained, args.out).out_dir, "output folder", "--out")
-    result = linear_eval(args)
-    if "best_top1" in result:
+    result = (probe_eval if args.protocol == "probe" else linear_eval)(args)
+    if args.protocol == "probe":
+        print(f"probe ({result['who']}): top-1 {result['top1']:.2f}  | {result['time_s']:.1f} s")
+    elif "best_top1" in result:
         print(f"lincls ({result['who']}): final epoch top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}"
               f"  | {BEST_NOTE}: top-1 {result['best_top1']:.2f} (epoch {result['best_epoch']})"
               f"  | {result['time_s']:.1f} s")

@@ -8,8 +8,8 @@ the paper's 100-epoch augmented linear protocol behind `cclnb lincls` (the headl
 from cclnb.evaluate.encoder import evaluate_encoder, overall_accuracy, per_task_accuracy
 from cclnb.evaluate.features import extract_features
 from cclnb.evaluate.knn import knn_predict
-from cclnb.evaluate.lincls import linear_eval
+from cclnb.evaluate.lincls import linear_eval, probe_eval
 from cclnb.evaluate.probe import feature_probe
 
-__all__ = ["evaluate_encoder", "extract_features", "feature_probe", "knn_predict",
+__all__ = ["evaluate_encoder", "extract_features", "feature_probe", "knn_predict", "probe_eval",
            "linear_eval", "overall_accuracy", "per_task_accuracy"]

@@ -352,3 +352,42 @@ def _uint8(ds, progress: bool) -> torch.Tensor:
     from cclnb.data import load_uint8
 
     return torch.from_numpy(load_uint8(ds, progress=progress))
+
+
+def probe_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """The fast alternative to `linear_eval` for small images: frozen features of un-augmented
+    images, extracted once, then one convex L-BFGS fit (`feature_probe`; `args.epochs` =
+    iterations). Writes `lincls_<who>.json` like `linear_eval`, with its `protocol` saying which
+    it was, so reports read both the same way. Not the paper's protocol (no augmentation, another
+    optimizer): the demo uses it because it takes seconds on a CPU."""
+    from cclnb.data import load_uint8, open_dataset, subset_per_class
+    from cclnb.evaluate.encoder import overall_accuracy
+    from cclnb.evaluate.probe import feature_probe
+    from cclnb.runs import write_json
+
+    who = "teacher" if args.use_teacher_weight else "student"
+    source = resolve_source(args.pretrained, args.out)
+    settings = resolved_settings(args, source.run_config)
+    size, device = settings["image_size"], _device(args)
+    if size > 64:
+        raise ConfigError(f"the fast probe decodes every image into memory and is meant for images "
+                          f"<= 64 px; this run uses {size} px: use the lincls protocol")
+    started = time.time()
+    train_ds, val_ds = (open_dataset(settings["data"], split, settings["dataset"], settings["imagenetsub"])
+                        for split in ("train", "val"))
+    ids = (subset_per_class(train_ds.targets, args.subset_per_class) if args.subset_per_class
+           else np.arange(len(train_ds)))
+    backbone = load_backbone(source, settings["arch"], settings["stem"], True, who, device)
+    progress = not args.no_progress
+    train_f, val_f = (extract_features(backbone, images, device, image_size=size,
+                                       precision=args.precision, progress=progress)
+                      for images in (load_uint8(train_ds, ids=ids), load_uint8(val_ds)))
+    pred = feature_probe(train_f, torch.as_tensor(train_ds.targets[ids]), val_f,
+                         len(train_ds.classes), epochs=args.epochs)
+    result = {"who": who, "top1": overall_accuracy(pred, val_ds.targets), "top5": None,
+              "epochs": args.epochs, "curve": [],
+              "protocol": "probe: L-BFGS logistic regression on frozen features",
+              "n_train": int(len(ids)), "n_val": len(val_ds), "image_size": size,
+              "pretrained": str(source.checkpoint), "time_s": time.time() - started}
+    write_json(source.out_dir / f"lincls_{who}.json", result)
+    return result
