@@ -12,6 +12,17 @@
 # Run from the repository root on the device machine, with the data and wheels carried:
 #   mkdir -p .devdata && cp ../shared/data/tiny-imagenet-32-sub100.zip .devdata/
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".devdata", ".whl"], timeout_s=570)
+# The device image has no Jupyter stack: fetch it as Python 3.12 wheels once (5.3 MB; debugpy,
+# jedi, parso and tzdata are left out, the kernel runs without them):
+#   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: \
+#     --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     papermill nbconvert nbformat nbclient ipykernel ipython jupyter-client jupyter-core \
+#     traitlets pyzmq tornado comm matplotlib-inline prompt-toolkit wcwidth pexpect ptyprocess \
+#     stack-data executing asttokens pure-eval ipython-pygments-lexers nest-asyncio2 tenacity \
+#     entrypoints platformdirs jsonschema jsonschema-specifications referencing rpds-py \
+#     fastjsonschema mistune bleach tinycss2 webencodings pandocfilters defusedxml \
+#     beautifulsoup4 soupsieve jupyterlab-pygments
 # Rehearse on a CPU first:  REHEARSAL=1 OUT=/tmp/gpu_out bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-/tmp/gpu_out}
