@@ -227,11 +227,43 @@ def _load_state(path: str, who: str, n_classes: int, out_dim: int) -> dict[str, 
     return state
 
 
+@dataclass
+class _EvalInputs:
+    """What both final protocols start from: whose weights, where they come from and where the
+    result goes, the datasets, the training ids and the evaluation image size."""
+
+    who: str
+    source: Source
+    settings: dict[str, Any]
+    device: torch.device
+    train: Any
+    val: Any
+    ids: np.ndarray
+    image_size: int
+
+
+def _eval_inputs(args: argparse.Namespace) -> _EvalInputs:
+    from cclnb.data import open_dataset, subset_per_class
+
+    source = resolve_source(args.pretrained, args.out)
+    settings = resolved_settings(args, source.run_config)
+    train, val = (open_dataset(settings["data"], split, settings["dataset"], settings["imagenetsub"])
+                  for split in ("train", "val"))
+    if train.classes != val.classes:
+        raise DataError(f"train and val class lists differ ({len(train.classes)} vs {len(val.classes)} "
+                        f"classes); every class needs a folder in both splits")
+    ids = (subset_per_class(train.targets, args.subset_per_class) if args.subset_per_class
+           else np.arange(len(train)))
+    native = train.image_size if train.image_size is not None else 224
+    image_size = settings["image_size"] or (native if native <= SMALL_MAX else 224)
+    return _EvalInputs("teacher" if args.use_teacher_weight else "student", source, settings,
+                       _device(args), train, val, ids, image_size)
+
+
 def linear_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Run the linear protocol described in the module docstring; returns the result dict and
     writes `lincls_<student|teacher>.json` (plus `lincls_<who>.pt` for --resume) to the output
     folder. With -e/--evaluate, only scores the classifier restored by --resume."""
-    from cclnb.data import open_dataset, subset_per_class
     from cclnb.runs import write_json
 
     started = time.time()
@@ -243,23 +275,12 @@ def linear_eval(args: argparse.Namespace) -> dict[str, Any]:
     if args.evaluate and not args.resume:
         raise ConfigError("-e/--evaluate scores a trained classifier: pass --resume lincls_<who>.pt "
                           "(a fresh classifier is random)")
-    who = "teacher" if args.use_teacher_weight else "student"
-    source = resolve_source(args.pretrained, args.out)
-    settings = resolved_settings(args, source.run_config)
-    device = _device(args)
+    inputs = _eval_inputs(args)
+    who, source, settings, device = inputs.who, inputs.source, inputs.settings, inputs.device
+    train, val, ids, image_size = inputs.train, inputs.val, inputs.ids, inputs.image_size
     seed = 0 if args.seed is None else int(args.seed)
     torch.manual_seed(seed)
-
-    train = open_dataset(settings["data"], "train", settings["dataset"], settings["imagenetsub"])
-    val = open_dataset(settings["data"], "val", settings["dataset"], settings["imagenetsub"])
-    if train.classes != val.classes:
-        raise DataError(f"train and val class lists differ ({len(train.classes)} vs {len(val.classes)} "
-                        f"classes); every class needs a folder in both splits")
     n_classes = len(train.classes)
-    ids = (subset_per_class(train.targets, args.subset_per_class) if args.subset_per_class
-           else np.arange(len(train)))
-    native = train.image_size if train.image_size is not None else 224
-    image_size = settings["image_size"] or (native if native <= SMALL_MAX else 224)
     small = image_size <= SMALL_MAX
     workers = max(0, min(args.workers, os.cpu_count() or 1))
 
@@ -360,24 +381,19 @@ def probe_eval(args: argparse.Namespace) -> dict[str, Any]:
     iterations). Writes `lincls_<who>.json` like `linear_eval`, with its `protocol` saying which
     it was, so reports read both the same way. Not the paper's protocol (no augmentation, another
     optimizer): the demo uses it because it takes seconds on a CPU."""
-    from cclnb.data import load_uint8, open_dataset, subset_per_class
+    from cclnb.data import load_uint8
     from cclnb.evaluate.encoder import overall_accuracy
     from cclnb.evaluate.probe import feature_probe
     from cclnb.runs import write_json
 
-    who = "teacher" if args.use_teacher_weight else "student"
-    source = resolve_source(args.pretrained, args.out)
-    settings = resolved_settings(args, source.run_config)
-    size, device = settings["image_size"], _device(args)
-    if size > 64:
-        raise ConfigError(f"the fast probe decodes every image into memory and is meant for images "
-                          f"<= 64 px; this run uses {size} px: use the lincls protocol")
     started = time.time()
-    train_ds, val_ds = (open_dataset(settings["data"], split, settings["dataset"], settings["imagenetsub"])
-                        for split in ("train", "val"))
-    ids = (subset_per_class(train_ds.targets, args.subset_per_class) if args.subset_per_class
-           else np.arange(len(train_ds)))
-    backbone = load_backbone(source, settings["arch"], settings["stem"], True, who, device)
+    inputs = _eval_inputs(args)
+    who, source, size, ids = inputs.who, inputs.source, inputs.image_size, inputs.ids
+    train_ds, val_ds, device = inputs.train, inputs.val, inputs.device
+    if size > SMALL_MAX:
+        raise ConfigError(f"the fast probe decodes every image into memory and is meant for images "
+                          f"<= {SMALL_MAX} px; this run uses {size} px: use the lincls protocol")
+    backbone = load_backbone(source, inputs.settings["arch"], inputs.settings["stem"], True, who, device)
     progress = not args.no_progress
     train_f, val_f = (extract_features(backbone, images, device, image_size=size,
                                        precision=args.precision, progress=progress)
