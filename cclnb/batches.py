@@ -27,13 +27,34 @@ from cclnb.errors import ConfigError
 
 @dataclass
 class Batch:
-    """One rank's share of a global batch, on the training device."""
+    """One rank's share of a global batch, on the training device.
+
+    Which rows are replayed is also kept on the host (`old_rows`, `old_rows_all`): the feeders know
+    it before the batch is built, so the step can skip CCL's distillation forwards on a batch
+    without replayed rows and pick the extra queue's keys without waiting for the device. A batch
+    built by hand may leave them out; they are then read from `is_old` (one device sync).
+    """
 
     q: torch.Tensor          # (b, 3, S, S) float, MoCo v2 view 1
     k: torch.Tensor          # (b, 3, S, S) float, MoCo v2 view 2 (independent draw)
     anchor: torch.Tensor     # (b, 3, S', S') float, plain view (CCL's distillation anchor)
     is_old: torch.Tensor     # (b,) bool, True for replayed samples
     ids: torch.Tensor        # (b,) int64 sample ids (kept for tests and audits)
+    old_host: np.ndarray | None = None       # (b,) bool: is_old on the host
+    old_all_host: np.ndarray | None = None   # (world*b,) bool: every rank's is_old, in rank order
+
+    @property
+    def old_rows(self) -> np.ndarray:
+        """This rank's replayed-row flags on the host."""
+        if self.old_host is None:
+            self.old_host = self.is_old.detach().cpu().numpy().astype(bool)
+        return self.old_host
+
+    @property
+    def old_rows_all(self) -> np.ndarray:
+        """Every rank's replayed-row flags (rank order) on the host; this rank's alone when the
+        feeder did not give them (one process)."""
+        return self.old_rows if self.old_all_host is None else self.old_all_host
 
 
 def epoch_entries(task_ids: np.ndarray, replay_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -58,6 +79,14 @@ def rank_positions(order: np.ndarray, step: int, batch_size: int, rank: int, wor
     local = batch_size // world
     start = step * batch_size + rank * local
     return order[start:start + local]
+
+
+def old_flags(is_old: np.ndarray, order: np.ndarray, step: int, batch_size: int, rank: int,
+              world: int) -> tuple[np.ndarray, np.ndarray]:
+    """(this rank's, every rank's) replayed flags of global batch `step`, on the host."""
+    global_flags = is_old[order[step * batch_size:(step + 1) * batch_size]]
+    local = batch_size // world
+    return global_flags[rank * local:(rank + 1) * local], global_flags
 
 
 def check_batch(n_entries: int, batch_size: int, world: int, task: int) -> None:
@@ -97,10 +126,11 @@ class TensorFeeder:
         for step in range(start_step, steps_per_epoch(len(ids), batch_size)):
             pos = rank_positions(order, step, batch_size, rank, world)
             images = self.images[self._rows(ids[pos])]
+            old_host, old_all = old_flags(is_old, order, step, batch_size, rank, world)
             yield Batch(q=self.augment(images, generator), k=self.augment(images, generator),
                         anchor=anchor_uint8(images, self.image_size, self.small_images),
-                        is_old=torch.from_numpy(is_old[pos]).to(self.device),
-                        ids=torch.from_numpy(ids[pos]))
+                        is_old=torch.from_numpy(old_host).to(self.device),
+                        ids=torch.from_numpy(ids[pos]), old_host=old_host, old_all_host=old_all)
 
     def views(self, ids: np.ndarray, n_views: int, batch_size: int,
               generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -181,10 +211,11 @@ class WorkerFeeder:
         self._sampler.set_positions(np.concatenate(
             [rank_positions(order, s, batch_size, rank, world) for s in range(start_step, n_steps)]
             or [np.zeros(0, dtype=np.int64)]))
-        for views, anchor, is_old, ids in loader:
+        for step, (views, anchor, is_old, ids) in enumerate(loader, start=start_step):
             views = views.to(self.device, non_blocking=True)
+            old_host, old_all = old_flags(entries[1], order, step, batch_size, rank, world)
             yield Batch(q=views[:, 0], k=views[:, 1], anchor=anchor.to(self.device, non_blocking=True),
-                        is_old=is_old.to(self.device), ids=ids)
+                        is_old=is_old.to(self.device), ids=ids, old_host=old_host, old_all_host=old_all)
 
     def views(self, ids: np.ndarray, n_views: int, batch_size: int,
               generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -81,14 +81,15 @@ class TrainConfig:
     subset_per_class: int | None = None     # first N train images of each class (quick runs)
     order_seed: int = 1                     # class-order seed; 1 = the authors' order
     device: str = "auto"                    # auto | cpu | cuda
-    precision: str = "fp32"                 # fp32 | bf16 (autocast)
+    precision: str = "auto"                 # auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs) | fp32 | bf16
     loader: str = "auto"                    # auto | tensor (uint8 batches, batched aug) | workers
     channels_last: bool = True
     compile: bool = False                   # torch.compile the encoders
     deterministic: bool = False             # deterministic algorithms (CPU tests of exact resume)
     run_dir: str | None = None
     save_every: int = 0                     # extra checkpoint every N epochs (0: end of task only)
-    key_bn_groups: int = 8                  # single-process stand-in for shuffled BN (8 = 8 GPUs)
+    bn_groups: int = 8                      # per-GPU BatchNorm of query/anchor/teacher passes (8 = the authors' 8 GPUs; 1 = whole batch)
+    key_bn_groups: int = 8                  # shuffled BN of the keys in groups (8 = 8 GPUs; 1 = whole batch)
     eval_each_task: str = "knn"             # knn | probe | both | none
     eval_teacher: bool = False              # also measure the CCL teacher after each task
     knn_k: int = 200
@@ -100,6 +101,7 @@ class TrainConfig:
     ccl_extra_queue: bool = True
     ccl_distill: bool = True
     ccl_teacher_mode: str = "code"          # code (train mode after epoch 1) | eval
+    ccl_teacher_stats: str = "own"          # own (the authors': a task start copies parameters only) | student
     ccl_distill_group: int = 32             # distill within slices of N samples; 0 = whole batch
     ccl_extra_weight: float = 0.1
     ccl_distill_weight: float = 0.1
@@ -126,7 +128,8 @@ class TrainConfig:
             (self.batch_size >= 2, f"--batch-size must be >= 2, got {self.batch_size}"),
             (self.n_save >= 0, f"--n-save must be >= 0, got {self.n_save}"),
             (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}"),
-            (self.precision in ("fp32", "bf16"), f"--precision must be fp32 or bf16, got {self.precision!r}"),
+            (self.precision in ("auto", "fp32", "bf16"),
+             f"--precision must be auto, fp32 or bf16, got {self.precision!r}"),
             (self.loader in ("auto", "tensor", "workers"), f"--loader must be auto, tensor or workers, got {self.loader!r}"),
             (self.eval_each_task in ("knn", "probe", "both", "none"),
              f"--eval-each-task must be knn, probe, both or none, got {self.eval_each_task!r}"),
@@ -135,6 +138,15 @@ class TrainConfig:
             (self.ccl_distill_group >= 0, "--ccl-distill-group must be >= 0 (0 = whole batch)"),
             (self.stem in ("auto", "cifar", "imagenet"), f"--stem must be auto, cifar or imagenet, got {self.stem!r}"),
             (self.key_bn_groups >= 1, "--key-bn-groups must be >= 1"),
+            (self.bn_groups >= 1, "--bn-groups must be >= 1"),
+            (self.batch_size % self.bn_groups == 0,
+             f"--batch-size {self.batch_size} must be divisible by --bn-groups {self.bn_groups} (BatchNorm "
+             f"normalizes each of the groups, one per emulated GPU, over an equal share); change one of them"),
+            (self.batch_size % self.key_bn_groups == 0,
+             f"--batch-size {self.batch_size} must be divisible by --key-bn-groups {self.key_bn_groups}; "
+             f"change one of them"),
+            (self.ccl_teacher_stats in ("own", "student"),
+             f"--ccl-teacher-stats must be own or student, got {self.ccl_teacher_stats!r}"),
             (self.subset_per_class is None or self.subset_per_class >= 1, "--subset-per-class must be >= 1"),
         ]
         for ok, message in checks:

@@ -1,7 +1,8 @@
 """Loss terms of MoCo v2 and CCL, as pure functions of tensors (no state, no modules).
 
-All logits are formed in fp32 with autocast off: with a 65,536-key queue and temperatures of
-0.04-0.2, bf16 logits would lose the small differences the softmax depends on.
+All logits are formed in at least fp32 with autocast off: with a 65,536-key queue and
+temperatures of 0.04-0.2, bf16 logits would lose the small differences the softmax depends on.
+Inputs in float64 stay float64 (numerical cross-checks against a reference run in float64).
 """
 
 from __future__ import annotations
@@ -17,22 +18,35 @@ def _fp32(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def info_nce_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float) -> torch.Tensor:
-    """MoCo's InfoNCE against a queue of negatives.
+def at_least_fp32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in their common dtype, promoted to at least float32 (bf16/fp16 -> fp32,
+    float64 stays float64)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(t.to(dtype) for t in tensors)
 
-    With q, k (B, D) L2-normalized and queue (D, K) of normalized keys::
 
-        logits_i = [q_i . k_i, q_i . queue_1, ..., q_i . queue_K] / t
-        loss     = mean_i ( -log softmax(logits_i)[0] )
-
-    i.e. cross-entropy with target 0 (the positive key is class 0). CCL's extra-sample-queue loss
-    is the same formula with the extra queue in place of the main one (`extra_queue_loss`).
-    """
+def info_nce_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float) -> torch.Tensor:
+    """MoCo's logits against a queue: row i = [q_i . k_i, q_i . queue_1, ..., q_i . queue_K] / t,
+    (B, 1 + K), q and k (B, D) and queue (D, K) L2-normalized; the positive key is column 0."""
     with _fp32(q.device):
-        q, k, queue = q.float(), k.float(), queue.float()
+        q, k, queue = at_least_fp32(q, k, queue)
         pos = (q * k).sum(dim=1, keepdim=True)
-        logits = torch.cat([pos, q @ queue], dim=1) / t
-        target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        return torch.cat([pos, q @ queue], dim=1) / t
+
+
+def info_nce_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float) -> torch.Tensor:
+    """MoCo's InfoNCE against a queue of negatives: cross-entropy of `info_nce_logits` with target
+    0, i.e. mean_i ( -log softmax(logits_i)[0] ). CCL's extra-sample-queue loss is the same formula
+    with the extra queue in place of the main one (`extra_queue_loss`)."""
+    return info_nce_from_logits(info_nce_logits(q, k, queue, t))
+
+
+def info_nce_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of (B, 1 + K) logits whose column 0 is the positive."""
+    with _fp32(logits.device):
+        target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         return F.cross_entropy(logits, target)
 
 
@@ -60,8 +74,8 @@ def distillation_kl(s_q: torch.Tensor, s_a: torch.Tensor, t_q: torch.Tensor, t_a
     With no old sample at all the result is a zero that still has a grad path to `s_q`.
     """
     with _fp32(s_q.device):
-        s_q, s_a = F.normalize(s_q.float(), dim=1), F.normalize(s_a.float(), dim=1)
-        t_q, t_a = F.normalize(t_q.detach().float(), dim=1), F.normalize(t_a.detach().float(), dim=1)
+        s_q, s_a, t_q, t_a = (F.normalize(x, dim=1)
+                              for x in at_least_fp32(s_q, s_a, t_q.detach(), t_a.detach()))
         b = s_q.shape[0]
         size = b if group <= 0 else group
         n_slices = -(-b // size)
@@ -76,8 +90,8 @@ def distillation_kl(s_q: torch.Tensor, s_a: torch.Tensor, t_q: torch.Tensor, t_a
         teacher = (t_q @ t_a.t() / t_teacher).masked_fill(~pair, -1e9)
         row_kl = F.kl_div(F.log_softmax(student, dim=1), F.log_softmax(teacher, dim=1),
                           reduction="none", log_target=True).sum(dim=1) * old
-        per_slice = torch.zeros(n_slices, device=s_q.device).index_add(0, slice_id, row_kl)
-        count = torch.zeros(n_slices, device=s_q.device).index_add(0, slice_id, old.float())
+        per_slice = row_kl.new_zeros(n_slices).index_add(0, slice_id, row_kl)
+        count = row_kl.new_zeros(n_slices).index_add(0, slice_id, old.to(row_kl.dtype))
         return (per_slice / count.clamp(min=1)).mean()
 
 
@@ -88,6 +102,6 @@ def min_variance_spread(view_feats: torch.Tensor) -> torch.Tensor:
 
         spread_n = sum_v sum_d (f_{v,n,d} - m_{n,d})^2          -> (N,)
     """
-    f = view_feats.float()
+    (f,) = at_least_fp32(view_feats)
     mean = F.normalize(f.mean(dim=0), dim=1)
     return (f - mean).pow(2).sum(dim=(0, 2))

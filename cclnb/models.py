@@ -3,19 +3,22 @@
 Parameter names follow torchvision (`conv1`, `bn1`, `layer1..4`) so that the authors' checkpoints
 (`module.encoder_q.conv1.weight`, ...) map onto ours by stripping a prefix; see `cclnb.checkpoint`.
 
-MoCo's key encoder needs *shuffled BatchNorm*: if the keys of a batch were normalized with that
-batch's own statistics, the query/key pair of an image could recognise each other through the
-statistics and the contrastive task would be solved by cheating. The authors shuffle the batch
-across 8 GPUs, so each GPU normalizes 32 samples drawn at random from the whole batch. In one
-process we emulate exactly that: shuffle the key batch and compute the BN statistics within
-`groups` groups (`GroupedBatchNorm2d`), all in one `batch_norm` call.
+Per-GPU BatchNorm. The authors train on 8 GPUs without SyncBatchNorm, so every train-mode forward
+(query, key, CCL's anchor and teacher passes) normalizes over one GPU's 32 samples, and DDP then
+keeps rank 0's running statistics (it broadcasts buffers from rank 0 before every forward). One
+cclnb process reproduces that with `grouped_forward`: the batch is cut into `groups` consecutive
+slices (slice g = what GPU g held), each normalized with its own statistics in one `batch_norm`
+call (`GroupedBatchNorm2d`), and the running statistics follow slice 0. MoCo's key encoder
+additionally needs the batch *shuffled* first (`MoCo.key_forward`): if the keys of a batch were
+normalized with that batch's own statistics, the query/key pair of an image could recognise each
+other through the statistics and the contrastive task would be solved by cheating.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,29 +32,32 @@ _OUT_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 20
 
 
 class GroupedBatchNorm2d(nn.BatchNorm2d):
-    """`nn.BatchNorm2d` (same parameters, buffers and state_dict keys) that, in training mode and
-    while `groups > 1`, normalizes each of `groups` groups of samples with its own statistics.
+    """`nn.BatchNorm2d` (same parameters, buffers and state_dict keys) that, in training mode,
+    normalizes each of `groups` groups of samples with its own statistics, and can leave its
+    running statistics untouched (`update_stats=False`).
 
     Samples are assigned to groups by position modulo `groups` (sample i -> group i % groups), which
     lets one `batch_norm` call do the work: (B, C, H, W) is viewed as (B/G, G*C, H, W), every group
-    becomes G*C "channels". The caller shuffles the batch first, so which positions share a group
-    is random, as with the authors' random split over GPUs. Running statistics are updated with
-    the mean over groups of each group's statistics, which is what DDP would hold on average.
+    becomes G*C "channels". `grouped_forward` reorders a batch so that these groups are its
+    consecutive slices. The running statistics are updated with group 0's statistics only, which
+    is what DDP holds after each step (rank 0's buffers win), so one process with G groups keeps
+    the same statistics as G ranks.
     """
 
     groups: int = 1
+    update_stats: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         groups = self.groups
-        if groups <= 1 or not self.training:
+        if not self.training or (groups <= 1 and self.update_stats):
             return super().forward(x)
         b, c, h, w = x.shape
         if b % groups:
             raise ConfigError(
-                f"the key batch of {b} samples cannot be split into {groups} equal BatchNorm groups; "
-                f"choose a batch size divisible by --key-bn-groups (now {groups}) or set --key-bn-groups 1")
-        factor = self._average_factor()
-        stats = self.track_running_stats and self.running_mean is not None
+                f"a batch of {b} samples cannot be split into {groups} equal BatchNorm groups; choose "
+                f"a batch size divisible by --bn-groups / --key-bn-groups (now {groups}) or set it to 1")
+        stats = self.update_stats and self.track_running_stats and self.running_mean is not None
+        factor = self._average_factor() if stats else 0.0
         mean = self.running_mean.repeat(groups) if stats else None
         var = self.running_var.repeat(groups) if stats else None
         weight = self.weight.repeat(groups) if self.affine else None
@@ -60,8 +66,8 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
                          True, factor, self.eps)
         if stats:
             with torch.no_grad():
-                self.running_mean.copy_(mean.view(groups, c).mean(0))
-                self.running_var.copy_(var.view(groups, c).mean(0))
+                self.running_mean.copy_(mean[:c])
+                self.running_var.copy_(var[:c])
         return y.reshape(b, c, h, w)
 
     def _average_factor(self) -> float:
@@ -76,17 +82,71 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
 
 
 @contextlib.contextmanager
-def bn_groups(module: nn.Module, groups: int) -> Iterator[None]:
-    """Within the block, every `GroupedBatchNorm2d` of `module` normalizes in `groups` groups."""
+def bn_groups(module: nn.Module, groups: int, update_stats: bool = True) -> Iterator[None]:
+    """Within the block, every `GroupedBatchNorm2d` of `module` normalizes in `groups` groups
+    (by position modulo `groups`) and updates its running statistics only if `update_stats`."""
     layers = [m for m in module.modules() if isinstance(m, GroupedBatchNorm2d)]
-    previous = [m.groups for m in layers]
+    previous = [(m.groups, m.update_stats) for m in layers]
     for m in layers:
-        m.groups = groups
+        m.groups, m.update_stats = groups, update_stats
     try:
         yield
     finally:
-        for m, g in zip(layers, previous):
-            m.groups = g
+        for m, (g, u) in zip(layers, previous):
+            m.groups, m.update_stats = g, u
+
+
+def slice_interleave(batch: int, groups: int, device: torch.device | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, inverse): `x[order]` puts row g*n + j of a batch (slice g, n = batch/groups) at
+    position j*groups + g, so BatchNorm's modulo groups become the batch's consecutive slices;
+    `y[inverse]` puts the rows back."""
+    n = batch // groups
+    order = torch.arange(batch, device=device).view(groups, n).t().reshape(-1)
+    inverse = torch.arange(batch, device=device).view(n, groups).t().reshape(-1)
+    return order, inverse
+
+
+def grouped_forward(module: nn.Module, x: torch.Tensor, groups: int, update_stats: bool = True,
+                    forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """`module(x)` (or `forward(x)`, e.g. its compiled twin) with per-slice BatchNorm in train mode.
+
+    The batch is cut into `groups` consecutive slices, each normalized with its own statistics, as
+    `groups` GPUs without SyncBatchNorm would each normalize their share of the batch; the running
+    statistics follow slice 0 (rank 0's, which DDP keeps), or stay as they are when `update_stats`
+    is False (a rank that skips this forward). Rows come back in the input's order. In eval mode
+    this is `module(x)`.
+    """
+    run = forward if forward is not None else module
+    if not module.training:
+        return run(x)
+    if groups <= 1:
+        with bn_groups(module, 1, update_stats):
+            return run(x)
+    if x.shape[0] % groups:
+        raise ConfigError(f"a batch of {x.shape[0]} samples cannot be split into {groups} equal "
+                          f"BatchNorm groups; choose a batch size divisible by --bn-groups (now "
+                          f"{groups}) or set --bn-groups 1")
+    order, inverse = slice_interleave(x.shape[0], groups, x.device)
+    with bn_groups(module, groups, update_stats):
+        y = run(x[order])
+    return y[inverse]
+
+
+@torch.no_grad()
+def copy_parameters(source: nn.Module, target: nn.Module) -> None:
+    """target's parameters := source's; buffers (BatchNorm statistics) stay target's own. This is
+    how the authors reset the key encoder and the teacher at a task start."""
+    torch._foreach_copy_(list(target.parameters()), [p.detach() for p in source.parameters()])
+
+
+def reset_bn_statistics(module: nn.Module) -> nn.Module:
+    """Every BatchNorm of `module` back to its initial statistics (mean 0, variance 1, 0 batches
+    seen): what a freshly built network holds."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+    return module
 
 
 def build_backbone(arch: str, small_images: bool | None = None, stem: str = "auto") -> nn.Module:
@@ -155,18 +215,23 @@ class MoCo(nn.Module):
                     generator: torch.Generator | None = None) -> torch.Tensor:
         """L2-normalized key embeddings (B, dim), computed with shuffled, grouped BatchNorm.
 
-        The batch is permuted (with `generator`, for reproducibility), forwarded with BN statistics
-        per group of `groups` (1 = the whole batch, what each rank does under DDP after the
-        trainer's cross-GPU shuffle), and put back in the original order.
+        The batch is permuted (with `generator`, for reproducibility), cut into `groups`
+        consecutive slices of the permuted order, each normalized with its own statistics (what
+        the authors' GPUs do after their cross-GPU shuffle), and put back in the original order.
         """
         b = im_k.shape[0]
         device = generator.device if generator is not None else im_k.device
         perm = torch.randperm(b, generator=generator, device=device).to(im_k.device)
-        with bn_groups(self.encoder_k, groups):
-            k = self.encoder_k(im_k[perm])
+        k = self.key_embed(im_k[perm], groups)
         unshuffled = torch.empty_like(k)
         unshuffled[perm] = k
-        return F.normalize(unshuffled, dim=1)
+        return unshuffled
+
+    @torch.no_grad()
+    def key_embed(self, im_k: torch.Tensor, groups: int) -> torch.Tensor:
+        """L2-normalized key embeddings of an already shuffled batch, BN per consecutive slice (the
+        per-rank part of the cross-GPU shuffle under DDP)."""
+        return F.normalize(grouped_forward(self.encoder_k, im_k, groups), dim=1)
 
     @torch.no_grad()
     def momentum_update(self, m: float) -> None:
@@ -178,8 +243,11 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def copy_query_to_key(self) -> None:
-        """Make the key encoder an exact copy of the query encoder (start of training / a task)."""
-        self.encoder_k.load_state_dict(self.encoder_q.state_dict())
+        """key encoder's parameters := the query encoder's (start of training and of every task).
+
+        Parameters only, as the authors' `reset_k`: the key encoder keeps its own BatchNorm
+        statistics. (They are never used: the key encoder only runs in train mode.)"""
+        copy_parameters(self.encoder_q, self.encoder_k)
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:

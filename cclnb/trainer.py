@@ -21,9 +21,9 @@ import random
 import secrets
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -31,18 +31,20 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cclnb import dist, runs
-from cclnb.batches import (TensorFeeder, WorkerFeeder, check_batch, epoch_entries, epoch_order,
+from cclnb.batches import (Batch, TensorFeeder, WorkerFeeder, check_batch, epoch_entries, epoch_order,
                            steps_per_epoch)
 from cclnb.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from cclnb.config import TrainConfig
 from cclnb.data import load_uint8, open_dataset, subset_per_class
 from cclnb.errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
-from cclnb.losses import info_nce_queue
+from cclnb.losses import at_least_fp32, info_nce_from_logits, info_nce_logits
 from cclnb.methods import Method, StepOutputs, TrainerEnv, get_method
-from cclnb.models import MoCo
+from cclnb.models import MoCo, grouped_forward
+from cclnb.precision import autocast, resolve_precision
 from cclnb.tasks import class_order, split_classes, task_sample_ids
 
 SMALL_IMAGE_MAX = 64
+MIN_BN_GROUP = 16   # fewer samples per BatchNorm group than this earns a note in the run log
 Evaluator = Callable[[torch.nn.Module, int, str], None]   # (backbone, after_task, who)
 
 
@@ -72,10 +74,12 @@ def plan_tasks(config: TrainConfig, targets: np.ndarray, n_classes: int) -> Task
     return TaskPlan(task_classes, task_sample_ids(targets, task_classes, ids), n_classes)
 
 
-def resolve_config(config: TrainConfig, data_image_size: int | None) -> TrainConfig:
-    """Fill the values that depend on the data: image size (the data's own when <= 64 px, else
-    224, the authors'), the loader, the seed (drawn and recorded when not given, so that a resume
-    continues the same random streams)."""
+def resolve_config(config: TrainConfig, data_image_size: int | None,
+                   device: torch.device | None = None) -> TrainConfig:
+    """Fill the values that depend on the data and the machine: image size (the data's own when
+    <= 64 px, else 224, the authors'), the loader, the precision (`auto` -> bf16 where native on
+    `device`, default: the device `config.device` names), the seed (drawn and recorded when not
+    given, so that a resume continues the same random streams)."""
     image_size = config.image_size
     if image_size is None:
         image_size = data_image_size if data_image_size and data_image_size <= SMALL_IMAGE_MAX else 224
@@ -83,7 +87,12 @@ def resolve_config(config: TrainConfig, data_image_size: int | None) -> TrainCon
     if loader == "auto":
         loader = "tensor" if data_image_size and image_size <= SMALL_IMAGE_MAX else "workers"
     seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
-    return dataclasses.replace(config, image_size=image_size, loader=loader, seed=seed)
+    if device is None:
+        use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+        device = torch.device("cuda" if use_cuda else "cpu")
+    precision = resolve_precision(config.precision, device)
+    return dataclasses.replace(config, image_size=image_size, loader=loader, seed=seed,
+                               precision=precision)
 
 
 # ============================================================================ small helpers
@@ -98,10 +107,6 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
 def _generator(device: torch.device, *key: int) -> torch.Generator:
     seed = int(np.random.default_rng(list(key)).integers(2**62))
     return torch.Generator(device=device).manual_seed(seed)
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 class _IdSubset:
@@ -179,7 +184,8 @@ def _train(config: TrainConfig, ctx: dist.DistContext) -> Path:
     if config.resume:
         run_dir, ckpt_path = runs.resolve_resume(config.resume)
         saved = runs.read_config(run_dir)
-        config = resolve_config(dataclasses.replace(config, seed=saved["seed"]), train_ds.image_size)
+        config = resolve_config(dataclasses.replace(config, seed=saved["seed"]), train_ds.image_size,
+                                ctx.device)
         differences = _identity_differences(saved, config)
         if differences:
             raise CheckpointError(f"cannot resume {run_dir} with a different configuration: "
@@ -192,7 +198,7 @@ def _train(config: TrainConfig, ctx: dist.DistContext) -> Path:
             return run_dir
         checkpoint = load_checkpoint(ckpt_path)
     else:
-        config = resolve_config(config, train_ds.image_size)
+        config = resolve_config(config, train_ds.image_size, ctx.device)
         run_dir = Path(config.run_dir) if config.run_dir else _agree_run_dir(config, train_ds.name, ctx)
         _refuse_finished_work(run_dir)
     config = dataclasses.replace(config, run_dir=str(run_dir))
@@ -285,6 +291,30 @@ def _make_evaluator(config: TrainConfig, train_ds, plan: TaskPlan, run_dir: Path
     return evaluate
 
 
+def _groups_per_rank(groups: int, world: int, option: str) -> int:
+    """BatchNorm groups each rank holds: the global batch's `groups` emulated GPUs, shared out."""
+    if groups % world:
+        raise ConfigError(f"{option} {groups} emulates {groups} GPUs over the global batch and must be "
+                          f"a multiple of the {world} processes; set {option} to a multiple of {world}")
+    return groups // world
+
+
+@dataclass
+class StepResult:
+    """What one training step computed, detached, on the training device."""
+
+    losses: dict[str, torch.Tensor]    # "total", "moco", "extra", "distill" (weighted), 0-dim
+    logits: torch.Tensor               # (b, 1 + K) MoCo logits (column 0 the positive), / T
+    q: torch.Tensor                    # (b, dim) normalized query embeddings
+    k: torch.Tensor                    # (b, dim) normalized key embeddings
+    details: dict[str, torch.Tensor] = field(default_factory=dict)   # the method's terms (CCL:
+    #   student_anchor, teacher_q, teacher_anchor when the distillation ran)
+
+    def values(self) -> torch.Tensor:
+        """[total, moco, extra, distill] as one device tensor (the log's columns)."""
+        return torch.stack([self.losses[name].float() for name in ("total", "moco", "extra", "distill")])
+
+
 # ============================================================================ pretraining
 class Trainer:
     """State of one pretraining run; `pretrain` drives it."""
@@ -310,10 +340,17 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.model.encoder_q.parameters(), lr=config.lr,
                                          momentum=config.momentum, weight_decay=config.weight_decay)
         self.feeder = self._make_feeder(images_source)
+        self.bn_groups = _groups_per_rank(config.bn_groups, ctx.world_size, "--bn-groups")
+        self.key_bn_groups = _groups_per_rank(config.key_bn_groups, ctx.world_size, "--key-bn-groups")
         env = TrainerEnv(config=config, model=self.model, ctx=ctx, seed=self.seed,
                          classes_per_task=plan.classes_per_task, views=self.feeder.views,
-                         log=self._say, autocast=lambda: _autocast(self.device, config.precision),
-                         encode_q=self.encode_q)
+                         log=self._say, autocast=lambda: autocast(self.device, config.precision),
+                         encode_q=self.encode_q, bn_groups=self.bn_groups)
+        per_group = config.batch_size // max(1, config.bn_groups)
+        if per_group < MIN_BN_GROUP:
+            self._say(f"note: --bn-groups {config.bn_groups} normalizes over {per_group} samples per group "
+                      f"(the authors: 32); statistics of so few samples are noisy and can blow the "
+                      f"weights up: raise --batch-size or lower --bn-groups")
         self.method: Method = get_method(config, env)
         self.tasks = self.method.training_tasks(plan.task_ids)
         self._check_replay_budget()
@@ -322,6 +359,87 @@ class Trainer:
         self.generator_state: torch.Tensor | None = None
         self.started = time.time()
         self.trained_ids: list[np.ndarray] | None = None    # set by tests to audit the data seen
+
+    @classmethod
+    def from_images(cls, config: TrainConfig, images: np.ndarray, targets: np.ndarray,
+                    device: torch.device | str | None = None, run_dir: str | Path | None = None
+                    ) -> "Trainer":
+        """A trainer over in-memory uint8 images (N, H, W, 3) in one process, for notebooks and
+        tests: no dataset files, no run directory unless `run_dir` is given (then logs and
+        checkpoints go there). `targets` (N,) only split the classes into tasks, as in `train`.
+
+        Drive it with `start_task`, `epoch_batches`, `train_step` / `run_epoch`, `finish_task`."""
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ConfigError(f"images must be a uint8 array (N, H, W, 3), got {images.dtype} "
+                              f"{tuple(images.shape)}")
+        if device is None:
+            device = dist.resolve_device(config.device)
+        device = torch.device(device)
+        config = resolve_config(dataclasses.replace(config, loader="tensor"), images.shape[1], device)
+        ctx = dist.DistContext(rank=0, world_size=1, local_rank=0, device=device)
+        plan = plan_tasks(config, np.asarray(targets), int(np.max(targets)) + 1)
+        if run_dir is not None:
+            run_dir = runs.prepare_run_dir(run_dir)
+        log = runs.TrainLog(run_dir or Path("."), enabled=run_dir is not None)
+        return cls(config, images, plan, run_dir, ctx, log, evaluator=None)
+
+    # ------------------------------------------------------------------ public hooks (documented order)
+    def start_task(self, task: int | None = None) -> None:
+        """Begin `task` (default: the current one) at epoch 0: the method's `on_task_start`
+        (CCL: key encoder and teacher reset, extra queue filled at the second task)."""
+        self.task = self.task if task is None else task
+        self.epoch = self.step = 0
+        self.generator_state = None
+        self.method.on_task_start(self.task)
+
+    def begin_epoch(self) -> float:
+        """Set up epoch `self.epoch` of `self.task`: its learning rate, the model in train mode, the
+        method's `on_epoch_start` (CCL: the teacher's mode). Returns the learning rate."""
+        lr = learning_rate(self.config, self.epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        self.method.on_epoch_start(self.task, self.epoch)
+        return lr
+
+    def end_epoch(self) -> None:
+        """Close epoch `self.epoch`: the method's `on_epoch_end` (CCL: the teacher's EMA), then
+        move to the next epoch."""
+        self.method.on_epoch_end(self.task, self.epoch)
+        self.epoch += 1
+        self.step = 0
+        self.generator_state = None
+
+    def epoch_batches(self, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        """The batches the loop trains on in epoch `self.epoch` of `self.task` (this rank's share),
+        from step `self.step` on; augmented with `generator` (default: the epoch's own)."""
+        entries = self._entries()
+        generator = generator if generator is not None else self.epoch_generator()
+        order = epoch_order(len(entries[0]), self.seed, self.task, self.epoch)
+        return self.feeder.batches(entries, order, self.config.batch_size, self.ctx.rank,
+                                   self.ctx.world_size, self.step, generator)
+
+    def epoch_generator(self) -> torch.Generator:
+        """The augmentation and key-shuffle generator of the current epoch, seeded by (seed, task,
+        epoch, rank), so a resumed epoch draws what the interrupted one would have."""
+        return _generator(self.device, self.seed, self.task, self.epoch, self.ctx.rank)
+
+    def run_epoch(self, batches: Iterable[Batch] | None = None,
+                  generator: torch.Generator | None = None) -> list["StepResult"]:
+        """One whole epoch in the documented order: `begin_epoch`, `train_step` on every batch
+        (default: `epoch_batches()`), `end_epoch`. Returns every step's result."""
+        self.begin_epoch()
+        generator = generator if generator is not None else self.epoch_generator()
+        batches = self.epoch_batches(generator) if batches is None else batches
+        results = [self.train_step(batch, generator) for batch in batches]
+        self.end_epoch()
+        return results
+
+    def finish_task(self) -> np.ndarray:
+        """End the current task: the method's replay selection (ids kept in `self.replay`), the
+        per-task evaluation when the trainer has one; then the next task is current. Returns
+        the ids kept."""
+        return self._finish_task(write=self.run_dir is not None)
 
     # ------------------------------------------------------------------ set-up
     def _make_feeder(self, images_source) -> TensorFeeder | WorkerFeeder:
@@ -421,22 +539,20 @@ class Trainer:
         entries = self._entries()
         check_batch(len(entries[0]), cfg.batch_size, self.ctx.world_size, t)
         if self.epoch == 0 and self.step == 0:
-            self.method.on_task_start(t)
+            self.start_task(t)
             self._say(f"task {t}: {len(self.tasks[t])} images + {int(entries[1].sum())} replayed")
         while self.epoch < cfg.epochs:
-            self._run_epoch(entries, stop)
-            self.method.on_epoch_end(t, self.epoch)
-            self.epoch += 1
-            self.step = 0
-            self.generator_state = None
+            self._run_epoch(stop)
+            self.end_epoch()
             if cfg.save_every and self.epoch % cfg.save_every == 0 and self.epoch < cfg.epochs:
                 self.save()
                 self.status("running")
         self._finish_task()
 
-    def _finish_task(self) -> None:
-        """Replay selection, evaluation, then the task checkpoint. A kill anywhere in here resumes
-        from the last epoch checkpoint and redoes this (selection and evaluation are seeded)."""
+    def _finish_task(self, write: bool = True) -> np.ndarray:
+        """Replay selection, evaluation, then (with `write`) the task checkpoint. A kill anywhere in
+        here resumes from the last epoch checkpoint and redoes this (selection and evaluation are
+        seeded)."""
         t = self.task
         ids = self.method.select_replay(t, self.tasks[t]) if self.ctx.is_main else None
         if self.ctx.distributed:
@@ -445,16 +561,18 @@ class Trainer:
             ids = box[0]
         ids = np.asarray(ids, dtype=np.int64)
         self.replay.append(ids)
-        if self.ctx.is_main:
+        if self.ctx.is_main and write:
             runs.write_replay(self.run_dir, t, ids, self.method.selection)
         if self.method.uses_replay:
             self._say(f"task {t}: replay keeps {len(ids)} ids ({len(np.unique(ids))} distinct, "
                       f"selection {self.method.selection})")
         self._evaluate(t)
         self.task, self.epoch, self.step = t + 1, 0, 0
-        self.save(task_end=True)
-        self.status("running")
+        if write:
+            self.save(task_end=True)
+            self.status("running")
         dist.barrier(self.ctx)
+        return ids
 
     def _evaluate(self, t: int) -> None:
         """Per-task evaluation on rank 0, with the global RNG saved and restored around it so
@@ -462,25 +580,22 @@ class Trainer:
         if self.evaluator is not None:
             saved = rng_state()
             self.evaluator(self.model.encoder_q.backbone, t, "student")
-            if self.config.eval_teacher and hasattr(self.method, "teacher"):
-                teacher = self.method.teacher or self.model.encoder_q   # task 0: teacher = student
+            teacher = self.method.teacher_encoder()
+            if self.config.eval_teacher and teacher is not None:
                 self.evaluator(teacher.backbone, t, "teacher")
             set_rng_state(saved)
             self.model.train()
         dist.barrier(self.ctx)
 
-    def _run_epoch(self, entries: tuple[np.ndarray, np.ndarray], stop: _StopFlag) -> None:
+    def _run_epoch(self, stop: _StopFlag) -> None:
+        """The loop's epoch: `begin_epoch`, every step with logging, loss checks and the stop flag
+        (the caller then calls `end_epoch`)."""
         cfg, t, e, ctx = self.config, self.task, self.epoch, self.ctx
-        lr = learning_rate(cfg, e)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.model.train()
-        self.method.on_epoch_start(t, e)
-        generator = _generator(self.device, self.seed, t, e, ctx.rank)
+        lr = self.begin_epoch()
+        generator = self.epoch_generator()
         if self.generator_state is not None:
             generator.set_state(self.generator_state)
-        order = epoch_order(len(entries[0]), self.seed, t, e)
-        n_steps = steps_per_epoch(len(entries[0]), cfg.batch_size)
+        n_steps = steps_per_epoch(len(self._entries()[0]), cfg.batch_size)
         bar = tqdm(total=n_steps, initial=self.step, desc=f"task {t} epoch {e}", unit="step",
                    disable=not (cfg.progress and ctx.is_main), leave=False, dynamic_ncols=True)
         sums = np.zeros(4)
@@ -489,10 +604,8 @@ class Trainer:
         # a copy per step would make the CPU wait for the GPU and stop it from queuing the next
         # batch's augmentation, which at 32 px costs a large part of the throughput.
         pending: list[torch.Tensor] = []
-        batches = self.feeder.batches(entries, order, cfg.batch_size, ctx.rank, ctx.world_size,
-                                      self.step, generator)
-        for batch in batches:
-            pending.append(self.train_step(batch, generator))
+        for batch in self.epoch_batches(generator):
+            pending.append(self.train_step(batch, generator).values())
             if self.trained_ids is not None:
                 self.trained_ids.append(batch.ids.numpy())
             self.step += 1
@@ -541,29 +654,36 @@ class Trainer:
                 f"--precision fp32, or check the data")
         return values
 
-    def train_step(self, batch, generator: torch.Generator) -> torch.Tensor:
+    def train_step(self, batch: Batch, generator: torch.Generator | None = None) -> "StepResult":
         """One MoCo v2 step (+ the method's terms): forward, backward, SGD step, queue updates.
 
-        Returns [total, moco, extra, distill] as a device tensor, without waiting for the device
-        (`_check_losses` brings a window of them to the host). `cclnb bench` times this method.
+        Every train-mode forward normalizes per BatchNorm slice (`bn_groups`, the authors'
+        per-GPU statistics); the keys are shuffled first (`key_bn_groups`). Returns the losses,
+        logits and embeddings as device tensors, without waiting for the device (`_check_losses`
+        brings a window of losses to the host). `cclnb bench` times this method. `generator`
+        (default: the current epoch's) draws the key shuffle.
         """
         cfg, model, ctx = self.config, self.model, self.ctx
+        generator = generator if generator is not None else self.epoch_generator()
         if self.device.type == "cuda" and cfg.channels_last:
             batch.q = batch.q.contiguous(memory_format=torch.channels_last)
             batch.k = batch.k.contiguous(memory_format=torch.channels_last)
             batch.anchor = batch.anchor.contiguous(memory_format=torch.channels_last)
-        with _autocast(self.device, cfg.precision):
-            q = F.normalize(self.encode_q(batch.q).float(), dim=1)
+        with autocast(self.device, cfg.precision):
+            embedding = grouped_forward(model.encoder_q, batch.q, self.bn_groups, True, self.encode_q)
+            q = F.normalize(at_least_fp32(embedding)[0], dim=1)
             with torch.no_grad():
                 model.momentum_update(cfg.moco_m)
                 if ctx.distributed:
                     k = dist.shuffled_key_forward(
-                        lambda x: model.key_forward(x, 1, generator), batch.k, ctx, generator)
+                        lambda x: model.key_embed(x, self.key_bn_groups), batch.k, ctx, generator)
                 else:
-                    k = model.key_forward(batch.k, cfg.key_bn_groups, generator)
-                k = k.float()
-            loss_moco = info_nce_queue(q, k, model.queue, cfg.moco_t)
-            extras = self.method.extra_losses(self.task, batch, StepOutputs(q=q, k=k))
+                    k = model.key_forward(batch.k, self.key_bn_groups, generator)
+                (k,) = at_least_fp32(k)
+            logits = info_nce_logits(q, k, model.queue, cfg.moco_t)
+            loss_moco = info_nce_from_logits(logits)
+            outputs = StepOutputs(q=q, k=k)
+            extras = self.method.extra_losses(self.task, batch, outputs)
         zero = loss_moco.new_zeros(())
         extra, distill = extras.get("extra", zero), extras.get("distill", zero)
         loss = loss_moco + extra + distill
@@ -580,7 +700,9 @@ class Trainer:
         old_all = dist.all_gather_cat(batch.is_old, ctx)
         model.enqueue(keys_all)
         self.method.after_step(batch, keys_all, old_all)
-        return torch.stack([loss, loss_moco, extra, distill]).detach()
+        losses = {"total": loss, "moco": loss_moco, "extra": extra, "distill": distill}
+        return StepResult(losses={name: value.detach() for name, value in losses.items()},
+                          logits=logits.detach(), q=q.detach(), k=k, details=outputs.details)
 
     def _interrupt(self, bar) -> None:
         bar.close()

@@ -69,37 +69,77 @@ def test_main_queue_is_fifo_over_all_keys_and_extra_queue_takes_only_replayed_ke
     assert all(not o.any() for _, o in seen[:steps_task_0])         # task 0 has no replayed image
 
 
-def test_teacher_reset_at_task_start_and_ema_once_per_epoch(tmp_path):
-    trainer, _ = make_trainer(tmp_path, "CCL", epochs=2)
+def _buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: b.clone() for name, b in module.named_buffers()}
+
+
+@pytest.mark.parametrize("stats", ["own", "student"])
+def test_teacher_reset_copies_parameters_and_ema_once_per_epoch(tmp_path, stats):
+    """At a task start teacher and key encoder take the student's parameters. Default ("own", the
+    authors'): both keep their own BatchNorm buffers, i.e. a fresh network's (mean 0, variance 1)
+    for the teacher at the second task and what it gathered itself at the third; "student": the
+    teacher takes the student's buffers too. The EMA runs once per epoch on parameters."""
+    trainer, _ = make_trainer(tmp_path, "CCL", epochs=2, n_tasks=5, ccl_teacher_stats=stats)
     method, model = trainer.method, trainer.model
-    events = []
-    original_end = method.on_epoch_end
+    events, snapshots = [], {}
+    original_end, original_start = method.on_epoch_end, method.on_task_start
 
     def on_epoch_end(task, epoch):
-        before = None if method.teacher is None else [p.clone() for p in method.teacher.parameters()]
-        events.append((task, epoch, method.teacher.training if method.teacher is not None else None))
+        before = [p.clone() for p in method.teacher.parameters()] if method.teacher_active else None
+        events.append((task, epoch, method.teacher.training if method.teacher_active else None))
         original_end(task, epoch)
         if before is not None:
             m = trainer.config.ccl_teacher_m
             for t_old, t_new, s in zip(before, method.teacher.parameters(), model.encoder_q.parameters()):
                 torch.testing.assert_close(t_new, m * t_old + (1 - m) * s.detach())
 
-    method.on_epoch_end = on_epoch_end
-    original_start = method.on_task_start
-
     def on_task_start(task):
+        teacher_before, key_before = _buffers(method.teacher), _buffers(model.encoder_k)
         original_start(task)
-        if task >= 1:
-            q = model.encoder_q.state_dict()
-            for name, value in method.teacher.state_dict().items():
-                torch.testing.assert_close(value, q[name])
-            for name, value in model.encoder_k.state_dict().items():
-                torch.testing.assert_close(value, q[name])
+        if task in (1, 2):
+            snapshots[task] = teacher_before
+            for a, b in zip(method.teacher.parameters(), model.encoder_q.parameters()):
+                torch.testing.assert_close(a, b)
+            for a, b in zip(model.encoder_k.parameters(), model.encoder_q.parameters()):
+                torch.testing.assert_close(a, b)
+            expected = _buffers(model.encoder_q) if stats == "student" else teacher_before
+            for name, value in method.teacher.named_buffers():
+                torch.testing.assert_close(value, expected[name])
+            for name, value in model.encoder_k.named_buffers():      # the key encoder keeps its own
+                torch.testing.assert_close(value, key_before[name])
 
-    method.on_task_start = on_task_start
+    method.on_epoch_end, method.on_task_start = on_epoch_end, on_task_start
+    trainer.tasks = trainer.tasks[:3]                   # three tasks show both resets
     trainer.run()
+    initial = snapshots[1]
+    assert all(float(v.abs().sum()) == 0 for n, v in initial.items() if n.endswith("running_mean"))
+    assert all(bool((v == 1).all()) for n, v in initial.items() if n.endswith("running_var"))
+    assert all(int(v) == 0 for n, v in initial.items() if n.endswith("num_batches_tracked"))
     # teacher mode "code": eval during a task's first epoch, train from the second
-    assert events == [(0, 0, None), (0, 1, None), (1, 0, False), (1, 1, True)]
+    assert events[:4] == [(0, 0, None), (0, 1, None), (1, 0, False), (1, 1, True)]
+
+
+def test_batch_without_replayed_rows_runs_no_anchor_or_teacher_forward(tmp_path):
+    """As the authors' code: the student's anchor pass and the teacher's two passes run only when
+    the batch holds a replayed image (counted with forward hooks)."""
+    trainer, _ = make_trainer(tmp_path, "CCL")
+    trainer.run()                                       # two tasks: replay exists, teacher active
+    trainer.task, trainer.epoch = 1, 0
+    trainer.begin_epoch()
+    calls = {"student": 0, "teacher": 0}
+    hooks = [trainer.model.encoder_q.register_forward_hook(lambda *_: calls.__setitem__("student", calls["student"] + 1)),
+             trainer.method.teacher.register_forward_hook(lambda *_: calls.__setitem__("teacher", calls["teacher"] + 1))]
+    batch = next(trainer.epoch_batches())
+    for old in (np.zeros(len(batch.ids), bool), np.arange(len(batch.ids)) == 3):
+        batch.is_old, batch.old_host, batch.old_all_host = torch.from_numpy(old), old, old
+        calls.update(student=0, teacher=0)
+        result = trainer.train_step(batch)
+        n_old = int(old.sum())
+        assert calls == ({"student": 2, "teacher": 2} if n_old else {"student": 1, "teacher": 0})
+        assert ("teacher_q" in result.details) == bool(n_old)
+        assert (float(result.losses["distill"]) == 0.0) or n_old
+    for hook in hooks:
+        hook.remove()
 
 
 def test_teacher_mode_eval_keeps_the_teacher_in_eval_mode(tmp_path):

@@ -10,7 +10,8 @@ import torchvision
 from torch import nn
 
 from cclnb.errors import ConfigError
-from cclnb.models import Encoder, GroupedBatchNorm2d, MoCo, bn_groups, build_backbone
+from cclnb.models import (Encoder, GroupedBatchNorm2d, MoCo, bn_groups, build_backbone, copy_parameters,
+                          grouped_forward, reset_bn_statistics)
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +63,53 @@ def test_grouped_batchnorm_equals_per_group_batchnorm() -> None:
     assert bn.groups == 1                                # restored after the block
     for g, ref in enumerate(refs):
         torch.testing.assert_close(y[g::4], nn.BatchNorm2d.forward(ref, x[g::4]))
-    torch.testing.assert_close(bn.running_mean, torch.stack([r.running_mean for r in refs]).mean(0))
-    torch.testing.assert_close(bn.running_var, torch.stack([r.running_var for r in refs]).mean(0))
+    # running statistics follow group 0, as DDP keeps rank 0's buffers
+    torch.testing.assert_close(bn.running_mean, refs[0].running_mean)
+    torch.testing.assert_close(bn.running_var, refs[0].running_var)
     assert int(bn.num_batches_tracked) == 1
+
+
+def test_grouped_batchnorm_can_leave_statistics_alone() -> None:
+    bn = GroupedBatchNorm2d(3)
+    x = torch.randn(8, 3, 2, 2) + 2
+    ref = nn.BatchNorm2d(3)
+    for groups in (1, 4):
+        with bn_groups(bn, groups, update_stats=False):
+            y = bn(x)
+        assert float(bn.running_mean.abs().sum()) == 0 and int(bn.num_batches_tracked) == 0
+    torch.testing.assert_close(y[0::4], ref(x[0::4]))       # still normalized with batch statistics
+
+
+def test_grouped_forward_normalizes_consecutive_slices(moco: MoCo) -> None:
+    """Slice g of the batch (rows g*n .. g*n+n-1) through BN alone = what GPU g computes."""
+    enc = copy.deepcopy(moco.encoder_q).train()                              # the fixture is shared
+    ref = copy.deepcopy(enc)
+    x = torch.randn(8, 3, 8, 8)
+    y = grouped_forward(enc, x, 4)
+    refs = [copy.deepcopy(ref) for _ in range(4)]
+    with torch.no_grad():
+        for g in range(4):
+            torch.testing.assert_close(y[2 * g:2 * g + 2], refs[g](x[2 * g:2 * g + 2]), atol=1e-5, rtol=1e-4)
+    for name, buffer in enc.state_dict().items():      # statistics: slice 0's
+        torch.testing.assert_close(buffer, refs[0].state_dict()[name])
+    enc.eval()
+    torch.testing.assert_close(grouped_forward(enc, x, 4), enc(x))
+
+
+def test_copy_parameters_keeps_buffers(moco: MoCo) -> None:
+    src, dst = copy.deepcopy(moco.encoder_q), copy.deepcopy(moco.encoder_q)   # the fixture is shared
+    before = {name: b.clone() for name, b in dst.named_buffers()}
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(1.0)
+        src.backbone.bn1.running_mean.fill_(3.0)
+    copy_parameters(src, dst)
+    for a, b in zip(src.parameters(), dst.parameters()):
+        torch.testing.assert_close(a, b)
+    for name, b in dst.named_buffers():
+        torch.testing.assert_close(b, before[name])
+    reset_bn_statistics(src)
+    assert float(src.backbone.bn1.running_mean.abs().sum()) == 0
 
 
 def test_grouped_batchnorm_plain_when_one_group_or_eval() -> None:
@@ -96,7 +141,7 @@ def test_key_forward_shuffles_and_groups(moco: MoCo) -> None:
     expected = torch.empty_like(keys)
     with torch.no_grad():
         for g in range(2):
-            members = perm[g::2]
+            members = perm[4 * g:4 * g + 4]            # consecutive slices of the shuffled batch
             expected[members] = nn.functional.normalize(ref(x[members]), dim=1)
     torch.testing.assert_close(keys, expected, atol=1e-5, rtol=1e-4)
     # with one group the shuffle changes nothing: whole-batch BN is order-free

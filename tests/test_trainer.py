@@ -35,7 +35,7 @@ def tiny_config(tmp_path: Path, method: str = "CCL", **overrides) -> TrainConfig
     values = dict(data="demo", arch="resnet18", stem="imagenet", epochs=1, batch_size=16, moco_k=64,
                   ccl_k=16, n_tasks=2, n_save=2, method=method, subset_per_class=10, seed=0,
                   workers=0, progress=False, eval_each_task="none", key_bn_groups=4,
-                  run_dir=str(tmp_path / "run"), device="cpu")
+                  bn_groups=2, run_dir=str(tmp_path / "run"), device="cpu")
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -143,14 +143,14 @@ def test_nan_loss_stops_with_task_epoch_step_and_keeps_the_last_checkpoint(tmp_p
     import cclnb.trainer as trainer_module
 
     calls = {"n": 0}
-    real = trainer_module.info_nce_queue
+    real = trainer_module.info_nce_from_logits
 
-    def poisoned(q, k, queue, t):
+    def poisoned(logits):
         calls["n"] += 1
-        loss = real(q, k, queue, t)
+        loss = real(logits)
         return loss * float("nan") if calls["n"] == 5 else loss   # task 1 (3 steps per task), step 1
 
-    monkeypatch.setattr(trainer_module, "info_nce_queue", poisoned)
+    monkeypatch.setattr(trainer_module, "info_nce_from_logits", poisoned)
     config = tiny_config(tmp_path, "Finetuning")
     with pytest.raises(TrainingDiverged, match="task 1, epoch 0, step 1"):
         train(config)

@@ -69,8 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ImageNet-Sub: the first 100 classes in sorted order")
     # --- cclnb extras ---
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                        help="backbone forward precision (the fc always trains in fp32; default fp32)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="backbone forward precision (the fc always trains in fp32); auto: bf16 "
+                             "where native (CUDA, AVX512-BF16/AMX CPUs), else fp32")
     parser.add_argument("--dataset", default=None,
                         help="dataset kind: auto | imagefolder | zip | cifar10 | cifar100 | demo")
     parser.add_argument("--stem", default=None, choices=("auto", "cifar", "imagenet"),

@@ -63,7 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     x.add_argument("--subset-per-class", type=int, default=D.subset_per_class, help="first N images of each class")
     x.add_argument("--order-seed", type=int, default=D.order_seed, help="class order seed (1 = the authors')")
     x.add_argument("--device", default=D.device, choices=("auto", "cpu", "cuda"))
-    x.add_argument("--precision", default=D.precision, choices=("fp32", "bf16"))
+    x.add_argument("--precision", default=D.precision, choices=("auto", "fp32", "bf16"),
+                   help="auto (default): bf16 autocast where native (CUDA, CPUs with AVX512-BF16 or AMX), "
+                        "else fp32; the run's config.json records the resolved choice")
     x.add_argument("--loader", default=D.loader, choices=("auto", "tensor", "workers"))
     x.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     x.add_argument("--compile", action="store_true", help="torch.compile the query encoder")
@@ -71,7 +73,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     x.add_argument("--run-dir", default=D.run_dir, help="default runs/<method>-<dataset>-<time>")
     x.add_argument("--save-every", type=int, default=D.save_every, help="also checkpoint every N epochs")
     x.add_argument("--key-bn-groups", type=int, default=D.key_bn_groups,
-                   help="single process: BN groups for the key encoder (stand-in for shuffled BN)")
+                   help="shuffled BN of the keys: BatchNorm statistics per group of the shuffled batch "
+                        "(default 8 = the authors' 8 GPUs; under torchrun each rank holds its share)")
+    x.add_argument("--bn-groups", type=int, default=D.bn_groups,
+                   help="per-GPU BatchNorm of the query, anchor and teacher passes: statistics per "
+                        "consecutive slice (default 8 = the authors' 8 GPUs without SyncBatchNorm; "
+                        "1 = the whole batch)")
     x.add_argument("--eval-each-task", default=D.eval_each_task, choices=("knn", "probe", "both", "none"))
     x.add_argument("--eval-teacher", action="store_true", help="also evaluate CCL's teacher after each task")
     x.add_argument("--knn-k", type=int, default=D.knn_k)
@@ -84,6 +91,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--no-ccl-extra-queue", dest="ccl_extra_queue", action="store_false")
     c.add_argument("--no-ccl-distill", dest="ccl_distill", action="store_false")
     c.add_argument("--ccl-teacher-mode", default=D.ccl_teacher_mode, choices=("code", "eval"))
+    c.add_argument("--ccl-teacher-stats", default=D.ccl_teacher_stats, choices=("own", "student"),
+                   help="own (the authors'): a task start copies the student's parameters into the "
+                        "teacher, which keeps its own BatchNorm statistics; student: also copy them")
     c.add_argument("--ccl-distill-group", type=int, default=D.ccl_distill_group, help="0 = whole batch")
     c.add_argument("--ccl-extra-weight", type=float, default=D.ccl_extra_weight)
     c.add_argument("--ccl-distill-weight", type=float, default=D.ccl_distill_weight)

@@ -38,7 +38,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cclnb.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
-from cclnb.evaluate.features import autocast, extract_features, frozen
+from cclnb.evaluate.features import extract_features, frozen
+from cclnb.precision import autocast, resolve_precision
 
 BEST_NOTE = "best epoch (selected on val), as the authors report"
 SMALL_MAX = 64
@@ -256,8 +257,10 @@ def _eval_inputs(args: argparse.Namespace) -> _EvalInputs:
            else np.arange(len(train)))
     native = train.image_size if train.image_size is not None else 224
     image_size = settings["image_size"] or (native if native <= SMALL_MAX else 224)
+    device = _device(args)
+    args.precision = resolve_precision(args.precision, device)   # the result records the resolved one
     return _EvalInputs("teacher" if args.use_teacher_weight else "student", source, settings,
-                       _device(args), train, val, ids, image_size)
+                       device, train, val, ids, image_size)
 
 
 def linear_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -270,8 +273,6 @@ def linear_eval(args: argparse.Namespace) -> dict[str, Any]:
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
         raise ConfigError(f"need --epochs >= 1, -b >= 1 and --lr > 0; got {args.epochs}, "
                           f"{args.batch_size}, {args.lr}")
-    if args.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"--precision must be fp32 or bf16, got {args.precision!r}")
     if args.evaluate and not args.resume:
         raise ConfigError("-e/--evaluate scores a trained classifier: pass --resume lincls_<who>.pt "
                           "(a fresh classifier is random)")

@@ -8,7 +8,7 @@ reads like the paper's paragraph about that method.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
@@ -28,6 +28,7 @@ class StepOutputs:
 
     q: torch.Tensor            # (b, dim) L2-normalized student embedding of view q (with grad)
     k: torch.Tensor            # (b, dim) L2-normalized momentum-key embedding of view k
+    details: dict[str, torch.Tensor] = field(default_factory=dict)   # a method's inspectable terms
 
 
 @dataclass
@@ -44,6 +45,7 @@ class TrainerEnv:
     log: Callable[[str], None]
     autocast: Callable[[], Any]
     encode_q: Callable[[torch.Tensor], torch.Tensor]   # the query encoder (compiled when asked)
+    bn_groups: int = 1         # BatchNorm groups of this rank's train-mode forwards (`grouped_forward`)
 
 
 class Method:
@@ -74,11 +76,16 @@ class Method:
 
     # ---------------------------------------------------------------- the step
     def extra_losses(self, task: int, batch: "Batch", out: StepOutputs) -> dict[str, torch.Tensor]:
-        """Loss terms added to MoCo's, *already weighted*, keyed "extra" / "distill"."""
+        """Loss terms added to MoCo's, *already weighted*, keyed "extra" / "distill". A method may
+        also put tensors worth inspecting into `out.details` (returned by `Trainer.train_step`)."""
         return {}
 
     def after_step(self, batch: "Batch", keys_all: torch.Tensor, is_old_all: torch.Tensor) -> None:
         """After the optimizer step, with every rank's keys and flags (in rank order)."""
+
+    def teacher_encoder(self) -> torch.nn.Module | None:
+        """The encoder a method keeps besides the student, for `--eval-teacher` (None: none)."""
+        return None
 
     def synced_modules(self) -> list[torch.nn.Module]:
         """Modules whose buffers (BatchNorm statistics) rank 0 broadcasts after each step under

@@ -5,18 +5,24 @@ From the second task on, two terms join MoCo's loss (each weighted 0.1 by defaul
    the first `ccl_k` keys of the main queue and afterwards receives only keys of replayed images;
 2. *self-supervised distillation* on the replayed images of a batch: the student's similarities
    between its q-view and anchor-view embeddings are pulled towards a momentum teacher's.
-The teacher (and MoCo's key encoder) is reset to the student at every task start and follows it by
-EMA once per epoch. Replay keeps, per k-means cluster of the anchor embeddings, the `n_save`
+At every task start the teacher's and MoCo's key encoder's *parameters* are reset to the student's
+(each keeps its own BatchNorm statistics, as in the authors' code); the teacher follows the student
+by EMA once per epoch. Replay keeps, per k-means cluster of the anchor embeddings, the `n_save`
 images whose embedding varies least over 6 MoCo v2 views + the anchor view. No labels anywhere.
 
-Two behaviours of the authors' code are explicit switches (defaults = the code):
+Behaviours of the authors' code that are explicit switches (defaults = the code):
 `ccl_teacher_mode` "code" puts the teacher in train mode from a task's second epoch on (a side
-effect of their `model.train()`), "eval" keeps it in eval mode; `ccl_distill_group` 32 computes the
-distillation within 32-sample slices (what each of their 8 GPUs saw), 0 over the whole batch.
+effect of their `model.train()`), "eval" keeps it in eval mode; `ccl_teacher_stats` "own" lets the
+teacher keep its own BatchNorm statistics at a reset (a fresh network's at the second task, what
+it gathered in train mode afterwards), "student" copies the student's; `ccl_distill_group` 32
+computes the distillation within 32-sample slices (what each of their 8 GPUs saw), 0 over the
+whole batch. As in their code, the student's anchor pass and the teacher's two passes run only on
+batches that hold a replayed image (per emulated GPU for the BatchNorm statistics).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import TYPE_CHECKING, Any
 
@@ -26,10 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cclnb.errors import ConfigError
-from cclnb.losses import distillation_kl, info_nce_queue
+from cclnb.losses import at_least_fp32, distillation_kl, info_nce_queue
 from cclnb.methods.base import Method, StepOutputs, TrainerEnv
 from cclnb.methods.simple_replay import random_replay
-from cclnb.models import MoCo
+from cclnb.models import MoCo, copy_parameters, grouped_forward, reset_bn_statistics
 from cclnb.replay import select_min_variance
 
 if TYPE_CHECKING:
@@ -70,7 +76,11 @@ class CCL(Method):
         self.selection = cfg.ccl_selection
         model = env.model
         self.extra_queue = KeyQueue(cfg.moco_dim, cfg.ccl_k).to(model.queue.device)
-        self.teacher: nn.Module | None = None
+        # The teacher exists from the start, with a fresh network's BatchNorm statistics, as the
+        # authors build it; it takes part from the second task on (`teacher_active`). Its
+        # parameters are set at that task start, so whatever it holds before does not matter.
+        self.teacher: nn.Module = reset_bn_statistics(copy.deepcopy(model.encoder_q)).requires_grad_(False)
+        self.teacher_active = False
 
     # ---------------------------------------------------------------- boundaries
     def on_task_start(self, task: int) -> None:
@@ -78,19 +88,31 @@ class CCL(Method):
             return
         model = self.env.model
         model.copy_query_to_key()
-        self.teacher = copy.deepcopy(model.encoder_q).requires_grad_(False)
+        self.reset_teacher()
+        self.teacher.eval()
         if task == 1 and self.config.ccl_extra_queue:
             self.extra_queue.fill_from(model.queue[:, :self.config.ccl_k])
 
+    @torch.no_grad()
+    def reset_teacher(self) -> None:
+        """teacher's parameters := the student's; its BatchNorm statistics stay its own (the
+        authors' `reset_teacher`) unless `ccl_teacher_stats` is "student"."""
+        student = self.env.model.encoder_q
+        if self.config.ccl_teacher_stats == "student":
+            self.teacher.load_state_dict(student.state_dict())
+        else:
+            copy_parameters(student, self.teacher)
+        self.teacher_active = True
+
     def on_epoch_start(self, task: int, epoch: int) -> None:
-        if self.teacher is not None:
+        if self.teacher_active:
             train_mode = self.config.ccl_teacher_mode == "code" and epoch > 0
             self.teacher.train(train_mode)
 
     @torch.no_grad()
     def on_epoch_end(self, task: int, epoch: int) -> None:
         """teacher = m * teacher + (1 - m) * student, once per epoch (parameters only)."""
-        if self.teacher is None:
+        if not self.teacher_active:
             return
         m = self.config.ccl_teacher_m
         t_params = list(self.teacher.parameters())
@@ -106,24 +128,47 @@ class CCL(Method):
         if cfg.ccl_extra_queue:
             losses["extra"] = cfg.ccl_extra_weight * info_nce_queue(out.q, out.k, self.extra_queue.queue,
                                                                     cfg.moco_t)
-        if cfg.ccl_distill and self.teacher is not None:
-            # Whole-batch forwards (as the authors', so BN sees the same batch); old rows are
-            # selected inside distillation_kl.
-            s_a = F.normalize(self.env.encode_q(batch.anchor).float(), dim=1)
-            with torch.no_grad():
-                t_q = self.teacher(batch.q)
-                t_a = self.teacher(batch.anchor)
+        old = batch.old_rows                      # on the host: no device sync
+        if cfg.ccl_distill and self.teacher_active and old.any():
+            # Forwards over the whole batch with per-slice BatchNorm, as each of the authors' GPUs
+            # ran them on its share; old rows are selected inside distillation_kl. Like a GPU
+            # whose share holds no replayed image, slice 0 leaves the running statistics alone
+            # when it has none (the statistics follow slice 0 = rank 0).
+            groups = self.env.bn_groups
+            update = bool(old[:len(old) // groups].any())
+            s_a = F.normalize(at_least_fp32(grouped_forward(
+                self.env.model.encoder_q, batch.anchor, groups, update, self.env.encode_q))[0], dim=1)
+            with torch.no_grad(), self._teacher_precision(batch.q.device):
+                t_q, t_a = (grouped_forward(self.teacher, x, groups, update) for x in (batch.q, batch.anchor))
             losses["distill"] = cfg.ccl_distill_weight * distillation_kl(
                 out.q, s_a, t_q, t_a, batch.is_old, cfg.ccl_t_student, cfg.ccl_t_teacher,
                 cfg.ccl_distill_group)
+            out.details.update(student_anchor=s_a.detach(), teacher_q=t_q, teacher_anchor=t_a)
         return losses
 
+    def _teacher_precision(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """fp32 for the teacher in eval mode, the run's precision otherwise. In eval mode the
+        teacher normalizes with its running statistics, and at the second task those are a fresh
+        network's (mean 0, variance 1), so its activations are not normalized at all and grow
+        layer after layer with the trained weights; fp32 (the authors' precision) keeps the
+        range and accuracy that bf16's 8-bit mantissa loses there. In train mode BatchNorm keeps
+        activations small."""
+        if self.teacher.training:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, enabled=False)
+
     def after_step(self, batch: "Batch", keys_all: torch.Tensor, is_old_all: torch.Tensor) -> None:
-        if self.teacher is not None and self.config.ccl_extra_queue:
-            self.extra_queue.enqueue(keys_all[is_old_all])
+        if self.teacher_active and self.config.ccl_extra_queue:
+            rows = np.flatnonzero(batch.old_rows_all)      # host flags: no device sync
+            if len(rows):
+                self.extra_queue.enqueue(keys_all[torch.from_numpy(rows).to(keys_all.device)])
+
+    def teacher_encoder(self) -> nn.Module:
+        """The teacher from the second task on; during the first task it would be the student."""
+        return self.teacher if self.teacher_active else self.env.model.encoder_q
 
     def synced_modules(self) -> list[nn.Module]:
-        return [] if self.teacher is None else [self.teacher]
+        return [self.teacher] if self.teacher_active else []
 
     # ---------------------------------------------------------------- replay
     def select_replay(self, task: int, task_ids: np.ndarray) -> np.ndarray:
@@ -158,13 +203,12 @@ class CCL(Method):
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
+        """The teacher is saved once active (before, it is a fresh network: nothing to keep)."""
         return {"extra_queue": self.extra_queue.state_dict(),
-                "teacher": None if self.teacher is None else self.teacher.state_dict()}
+                "teacher": self.teacher.state_dict() if self.teacher_active else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.extra_queue.load_state_dict(state["extra_queue"])
-        if state["teacher"] is None:
-            self.teacher = None
-        else:
-            self.teacher = copy.deepcopy(self.env.model.encoder_q).requires_grad_(False)
+        self.teacher_active = state["teacher"] is not None
+        if self.teacher_active:
             self.teacher.load_state_dict(state["teacher"])
