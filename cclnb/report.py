@@ -34,6 +34,8 @@ PROTOCOLS = ("probe", "knn")  # preference order for the per-task accuracy matri
 PAPER_SETTING = "ImageNet-Sub, ResNet-50, 224 px, 10 tasks, 200 epochs"
 PAPER_TOP1 = {"Finetuning": 52.62, "SimpleReplay": 54.28, "CCL": 55.48}
 AUTHORS_CODE_TOP1 = {"Finetuning": 53.06, "SimpleReplay": 54.36, "CCL": 55.54}
+UNTRAINED = "untrained"  # the study's baseline: the same encoder at its random initialisation
+ALL_AT_ONCE = ("Joint", UNTRAINED)  # one accuracy row covering every task (nothing to forget)
 
 
 @dataclass
@@ -121,8 +123,35 @@ def load_runs(root: str | Path) -> list[Run]:
     if not runs:
         raise DataError(f"no run directories (folders with config.json) under {root}; "
                         f"run the task-sequence notebook or `cclnb study` first")
-    order = {m: i for i, m in enumerate(METHODS)}
-    return sorted(runs, key=lambda r: (r.dataset, order.get(r.method, len(order)), str(r.path)))
+    return sort_runs(runs)
+
+
+def sort_runs(runs: Sequence[Run]) -> list[Run]:
+    """Runs ordered by dataset, the canonical method order (the untrained baseline last), seed."""
+    order = {m: i for i, m in enumerate((*METHODS, UNTRAINED))}
+    return sorted(runs, key=lambda r: (r.dataset, order.get(r.method, len(order)),
+                                       _seed(r), str(r.path)))
+
+
+def _seed(run: Run) -> int:
+    seed = run.config.get("seed")
+    return -1 if seed is None else int(seed)
+
+
+def group_runs(runs: Sequence[Run]) -> list[tuple[str, list[Run]]]:
+    """The runs of each (dataset, method), in order: the seeds of one method form one group, which
+    the figures draw as one mean with a band. The label names the dataset only when several are
+    present."""
+    several = len({r.dataset for r in runs}) > 1
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.dataset, run.method), []).append(run)
+    return [(f"{method} ({dataset})" if several else method, members)
+            for (dataset, method), members in groups.items()]
+
+
+def _seeds_note(members: Sequence[Run]) -> str:
+    return f", {len(members)} seeds" if len(members) > 1 else ""
 
 
 def dataset_label(config: dict[str, Any]) -> str:
@@ -185,9 +214,33 @@ def _top1(run: Run, who: str) -> float:
     return float(result["top1"]) if result and result.get("top1") is not None else math.nan
 
 
+def final_knn(run: Run, who: str = "student") -> float:
+    """All-class kNN accuracy (%) of the final encoder: the `all` column of the kNN matrix's last
+    row (the untrained baseline's only row), NaN when kNN was not measured."""
+    frame = run.accuracy.get(("knn", who))
+    return float(frame["all"].iloc[-1]) if frame is not None and len(frame) else math.nan
+
+
+def chance_loss(config: dict[str, Any]) -> float:
+    """ln(K + 1): the InfoNCE loss of an encoder that cannot tell the positive key from the K
+    queued negatives. A MoCo loss that stays there learned nothing."""
+    k = config.get("moco_k")
+    return math.log(k + 1) if k else math.nan
+
+
+def final_moco_loss(run: Run) -> float:
+    """Mean MoCo loss over the logged steps of the run's last epoch (NaN without a train log)."""
+    log = run.train_log
+    if log.empty or "loss_moco" not in log:
+        return math.nan
+    last = log[log["task"] == log["task"].max()]
+    return float(last[last["epoch"] == last["epoch"].max()]["loss_moco"].mean())
+
+
 def results_table(runs: Sequence[Run]) -> pd.DataFrame:
-    """One row per (dataset, method): final linear top-1 of student and teacher, the continual
-    metrics of the per-task accuracy matrix, and the published ImageNet-Sub numbers.
+    """One row per run (dataset, method, seed): final linear top-1 of student and teacher, the
+    continual metrics of the per-task accuracy matrix, the final all-class kNN accuracy, the
+    final MoCo loss beside its chance level ln(K+1), and the published ImageNet-Sub numbers.
 
     The published numbers sit in every row as a reference, and `paper_setting` says whether this
     row's setting is the paper's ("same") or not, so nobody compares 32-px digits to ImageNet by
@@ -196,11 +249,11 @@ def results_table(runs: Sequence[Run]) -> pd.DataFrame:
     rows = []
     for run in runs:
         protocol = run.protocol("student")
-        summary = (summary_metrics(accuracy_matrix(run, protocol), run.method == "Joint") if protocol
-                   else {"avg_acc": math.nan, "avg_forgetting": math.nan, "bwt": math.nan})
+        summary = (summary_metrics(accuracy_matrix(run, protocol), run.method in ALL_AT_ONCE)
+                   if protocol else {"avg_acc": math.nan, "avg_forgetting": math.nan, "bwt": math.nan})
         same = matches_paper_setting(run.config)
         rows.append({
-            "dataset": run.dataset, "method": run.method,
+            "dataset": run.dataset, "method": run.method, "seed": run.config.get("seed"),
             "tasks": run.config.get("n_tasks"), "epochs": run.config.get("epochs"),
             "arch": run.config.get("arch"), "image_size": run.config.get("image_size"),
             "state": run.status.get("state"),
@@ -209,7 +262,8 @@ def results_table(runs: Sequence[Run]) -> pd.DataFrame:
             "linear_protocol": run.lincls.get("student", {}).get("protocol"),
             "per_task_protocol": protocol,
             "avg_acc": summary["avg_acc"], "avg_forgetting": summary["avg_forgetting"],
-            "bwt": summary["bwt"],
+            "bwt": summary["bwt"], "final_knn": final_knn(run),
+            "final_loss_moco": final_moco_loss(run), "chance_loss": chance_loss(run.config),
             "paper_top1": PAPER_TOP1.get(run.method, math.nan),
             "authors_code_top1": AUTHORS_CODE_TOP1.get(run.method, math.nan),
             "paper_setting": "same" if same else f"different (paper: {PAPER_SETTING})",
@@ -217,36 +271,66 @@ def results_table(runs: Sequence[Run]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _short_protocol(protocol: Any) -> str:
+    text = "" if protocol is None or (isinstance(protocol, float) and math.isnan(protocol)) else str(protocol)
+    return "probe" if text.startswith("probe") else ("lincls" if text else "-")
+
+
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The results table for reading: short headings, the linear protocol in one word, and the
-    published numbers' columns titled with whether they are comparable. `results.csv` keeps the
-    full columns."""
+    """The per-(method, seed) results for reading: short headings, the linear protocol in one
+    word, and the published numbers' columns titled with whether they are comparable.
+    `results.csv` keeps the full columns."""
     same = bool(len(table)) and (table["paper_setting"] == "same").all()
     where = "same setting" if same else "ImageNet-Sub R50, different setting"
-    protocol = table["linear_protocol"].fillna("").map(
-        lambda p: "probe" if str(p).startswith("probe") else ("lincls" if p else "-"))
     return pd.DataFrame({
-        "dataset": table["dataset"], "method": table["method"], "tasks": table["tasks"],
-        "epochs/task": table["epochs"], "state": table["state"], "final eval": protocol,
+        "dataset": table["dataset"], "method": table["method"], "seed": table["seed"],
+        "tasks": table["tasks"], "epochs/task": table["epochs"], "state": table["state"],
+        "final eval": table["linear_protocol"].map(_short_protocol),
         "student top-1": table["linear_top1_student"], "teacher top-1": table["linear_top1_teacher"],
+        "final kNN (all classes)": table["final_knn"],
         f"avg acc ({'/'.join(sorted(set(table['per_task_protocol'].dropna())))})": table["avg_acc"],
         "avg forgetting": table["avg_forgetting"], "BWT": table["bwt"],
+        "final MoCo loss": table["final_loss_moco"], "ln(K+1)": table["chance_loss"],
         f"paper top-1 ({where})": table["paper_top1"],
         f"authors' code top-1 ({where})": table["authors_code_top1"],
     })
 
 
-def write_results(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
-    """results.csv plus every accuracy matrix as acc_<dataset>_<method>_<protocol>_<who>.csv."""
+def display_summary(summary: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """The per-method summary for reading: every metric as `mean ± sd [min, max]` over seeds
+    (`cclnb.aggregate.summary_table`), n seeds, the chance loss, and the paper's number."""
+    from cclnb.aggregate import mean_spread_text
+
+    def cell(row: pd.Series, metric: str) -> str:
+        if f"{metric}_mean" not in row:
+            return "-"
+        return mean_spread_text(row[f"{metric}_mean"], row[f"{metric}_std"], row[f"{metric}_min"],
+                                row[f"{metric}_max"], int(row["n"]))
+
+    chance = table.groupby("method")["chance_loss"].first()
+    columns = [("linear_top1_student", "student top-1"), ("linear_top1_teacher", "teacher top-1"),
+               ("final_knn", "final kNN (all classes)"), ("avg_acc", "avg acc"),
+               ("avg_forgetting", "avg forgetting"), ("bwt", "BWT"),
+               ("final_loss_moco", "final MoCo loss")]
+    rows = []
+    for _, row in summary.iterrows():
+        out = {"method": row["method"], "n seeds": int(row["n"]), "seeds": row["seeds"]}
+        out.update({name: cell(row, metric) for metric, name in columns})
+        out["ln(K+1)"] = f"{chance.get(row['method'], math.nan):.2f}"
+        out["paper top-1"] = PAPER_TOP1.get(row["method"], "-")
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
+def write_results(table: pd.DataFrame, summary: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """results.csv (one row per method and seed, `results_table`) and summary.csv (one row per
+    method, `cclnb.aggregate.summary_table`) in `out_dir`. The accuracy matrices themselves are in
+    the study's records."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "results.csv"]
-    results_table(runs).to_csv(written[0], index=False, float_format="%.4f")
-    for run in runs:
-        for (protocol, who), frame in sorted(run.accuracy.items()):
-            path = out / f"acc_{run.dataset}_{run.method}_{protocol}_{who}.csv"
-            frame.to_csv(path)
-            written.append(path)
+    written = [out / "results.csv", out / "summary.csv"]
+    for frame, path in zip((table, summary), written):
+        frame.to_csv(path, index=False, float_format="%.4f")
     return written
 
 
@@ -261,60 +345,82 @@ def _panel_grid(n: int, width: float = 4.2, height: float = 3.4,
     return fig, axes[:n]
 
 
-def _title(run: Run, runs: Sequence[Run]) -> str:
-    """Method name, plus the dataset when the runs span several datasets."""
-    several = len({r.dataset for r in runs}) > 1
-    return f"{run.method} ({run.dataset})" if several else run.method
+def _mean_matrix(members: Sequence[Run], who: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, min and max over the seeds of a group's accuracy matrices (rows all seeds have)."""
+    mats = [accuracy_matrix(r, who=who) for r in members]
+    rows = min(m.shape[0] for m in mats)
+    stack = np.stack([m[:rows] for m in mats])
+    return stack.mean(axis=0), stack.min(axis=0), stack.max(axis=0)
+
+
+def _untrained_level(runs: Sequence[Run], who: str = "student") -> float | None:
+    """Mean per-task accuracy of the untrained encoder over its seeds, if the study measured it."""
+    base = [r for r in runs if r.method == UNTRAINED and r.protocol(who)]
+    return float(np.mean([accuracy_matrix(r, who=who)[-1].mean() for r in base])) if base else None
 
 
 def plot_forgetting_curves(runs: Sequence[Run], who: str = "student") -> Figure:
-    """One panel per run: accuracy on each task's classes as tasks are learned.
+    """One panel per method: accuracy on each task's classes as tasks are learned.
 
-    Solid from the task's own training on (where forgetting shows), dotted before it (transfer to
+    With several seeds the line is their mean and the shaded band spans their min to max. Solid
+    from the task's own training on (where forgetting shows), dotted before it (transfer to
     classes not trained yet, which a self-supervised encoder also has). Joint learns every task
-    in its one training phase, so all its tasks are solid points from step 1.
+    in its one training phase, so all its tasks are solid points from step 1. The grey dashed
+    line is the untrained encoder's mean per-task accuracy, when the study measured it: above
+    it, training helped.
     """
-    with_acc = [r for r in runs if r.protocol(who)]
-    if not with_acc:
+    groups = [(label, members) for label, members in group_runs(runs)
+              if members[0].method != UNTRAINED and all(r.protocol(who) for r in members)]
+    if not groups:
         raise DataError(f"none of the runs has a per-task accuracy matrix for the {who}; train with "
                         f"eval_each_task=knn|probe|both")
-    fig, axes = _panel_grid(len(with_acc))
-    for run, ax in zip(with_acc, axes):
-        R = accuracy_matrix(run, who=who)
+    untrained = _untrained_level(runs, who)
+    fig, axes = _panel_grid(len(groups))
+    for (label, members), ax in zip(groups, axes):
+        R, low, high = _mean_matrix(members, who)
         steps = np.arange(1, R.shape[0] + 1)
         palette = sns.color_palette("viridis", R.shape[1])
-        joint = run.method == "Joint"
+        joint = members[0].method == "Joint"
         for j in range(R.shape[1]):
             seen = (steps - 1 >= j) | joint
             ax.plot(steps[seen], R[seen, j], "-o", ms=6 if joint else 3, color=palette[j],
                     label=f"task {j + 1}")
+            if len(members) > 1:
+                ax.fill_between(steps[seen], low[seen, j], high[seen, j], color=palette[j], alpha=0.15,
+                                lw=0)
             if j > 0 and (~seen).any():
                 before = np.arange(min(j + 1, R.shape[0]))
                 ax.plot(steps[before], R[before, j], ":", color=palette[j], alpha=0.6)
-        ax.set_title(f"{_title(run, with_acc)} - {run.protocol(who)}")
+        if untrained is not None:
+            ax.axhline(untrained, color="grey", ls="--", lw=1, label="untrained encoder")
+        ax.set_title(f"{label} - {members[0].protocol(who)}{_seeds_note(members)}")
         ax.set_xlabel("tasks learned")
         ax.set_ylabel("accuracy on task's classes (%)")
         ax.set_xticks(steps)
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=7, ncols=2, loc="best")
-    fig.suptitle(f"Forgetting curves ({who}; solid = after the task was learned)")
+    band = "; band = min-max over seeds" if any(len(m) > 1 for _, m in groups) else ""
+    fig.suptitle(f"Forgetting curves ({who}; solid = after the task was learned{band})")
     return fig
 
 
 def plot_accuracy_heatmaps(runs: Sequence[Run], who: str = "student") -> Figure:
-    """One accuracy-matrix heatmap per run (rows: after task i; columns: task j), shared scale."""
-    with_acc = [r for r in runs if r.protocol(who)]
-    if not with_acc:
+    """One accuracy-matrix heatmap per method, the mean over its seeds (rows: after task i;
+    columns: task j), on a shared scale."""
+    groups = [(label, members) for label, members in group_runs(runs)
+              if members[0].method != UNTRAINED and all(r.protocol(who) for r in members)]
+    if not groups:
         raise DataError(f"none of the runs has a per-task accuracy matrix for the {who}")
-    mats = [accuracy_matrix(r, who=who) for r in with_acc]
+    mats = [_mean_matrix(members, who)[0] for _, members in groups]
     vmin, vmax = min(m.min() for m in mats), max(m.max() for m in mats)
-    fig, axes = _panel_grid(len(with_acc), width=4.4, height=3.8)
-    for run, R, ax in zip(with_acc, mats, axes):
+    fig, axes = _panel_grid(len(groups), width=4.4, height=3.8)
+    for (label, members), R, ax in zip(groups, mats, axes):
         sns.heatmap(R, ax=ax, vmin=vmin, vmax=vmax, cmap="mako", annot=R.shape[1] <= 10,
                     fmt=".0f", annot_kws={"size": 7}, cbar=ax is axes[-1],
                     xticklabels=[str(j + 1) for j in range(R.shape[1])],
                     yticklabels=[str(i + 1) for i in range(R.shape[0])])
-        ax.set_title(f"{_title(run, with_acc)} - {run.protocol(who)}")
+        mean = " mean" if len(members) > 1 else ""
+        ax.set_title(f"{label} - {members[0].protocol(who)}{mean}{_seeds_note(members)}")
         ax.set_xlabel("evaluated on task")
         ax.set_ylabel("after task")
     fig.suptitle(f"Accuracy matrices ({who}, %)")
@@ -327,28 +433,35 @@ def _task_starts(log: pd.DataFrame) -> list[int]:
 
 
 def plot_loss_curves(runs: Sequence[Run], smooth: int = 5) -> Figure:
-    """Training loss per run (total and its MoCo / extra-queue / distillation parts), with the
-    task boundaries marked, smoothed by a rolling mean over `smooth` logged points."""
-    logged = [r for r in runs if not r.train_log.empty]
-    if not logged:
+    """Training loss per method (total and its MoCo / extra-queue / distillation parts; the mean
+    over seeds at each logged step), task boundaries dashed, smoothed by a rolling mean over
+    `smooth` logged points, and the chance level ln(K+1) of the MoCo loss as a red dotted line:
+    a MoCo loss that stays at that line means the encoder learned nothing."""
+    groups = [(label, members) for label, members in group_runs(runs)
+              if any(not r.train_log.empty for r in members)]
+    if not groups:
         raise DataError("none of the runs has a train_log.csv with rows yet")
-    fig, axes = _panel_grid(len(logged))
+    fig, axes = _panel_grid(len(groups))
     parts = [("loss", "total"), ("loss_moco", "MoCo"), ("loss_extra", "extra queue"),
              ("loss_distill", "distillation")]
-    for run, ax in zip(logged, axes):
-        log = run.train_log.sort_values("global_step")
-        for column, label in parts:
+    for (label, members), ax in zip(groups, axes):
+        log = (pd.concat([r.train_log for r in members if not r.train_log.empty])
+               .groupby("global_step", as_index=False).mean(numeric_only=True))
+        for column, name in parts:
             if column in log and log[column].notna().any() and (column == "loss" or log[column].abs().sum() > 0):
                 ax.plot(log["global_step"], log[column].rolling(smooth, min_periods=1).mean(),
-                        label=label, lw=1.2)
+                        label=name, lw=1.2)
+        chance = chance_loss(members[0].config)
+        if math.isfinite(chance):
+            ax.axhline(chance, color="tab:red", ls=":", lw=1.2, label=f"ln(K+1) = {chance:.2f}")
         for step in _task_starts(log):
             ax.axvline(step, color="grey", lw=0.6, ls="--")
-        ax.set_title(_title(run, logged))
+        ax.set_title(f"{label}{' (mean' + _seeds_note(members) + ')' if len(members) > 1 else ''}")
         ax.set_xlabel("step (dashed: new task)")
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Training loss")
+    fig.suptitle("Training loss (red dotted: ln(K+1), what a MoCo loss that learns nothing stays at)")
     return fig
 
 
@@ -366,8 +479,9 @@ def throughput_table(runs: Sequence[Run]) -> pd.DataFrame:
 
 
 def plot_throughput(runs: Sequence[Run]) -> Figure:
-    """Bar chart of the median training throughput (images / s) per run."""
-    table = throughput_table(runs).dropna(subset=["median_img_per_s"])
+    """Bar chart of the median training throughput (images / s) per method (median over seeds)."""
+    table = (throughput_table(runs).dropna(subset=["median_img_per_s"])
+             .groupby(["dataset", "method"], as_index=False, sort=False)["median_img_per_s"].median())
     if table.empty:
         raise DataError("none of the runs logged img_per_s in train_log.csv")
     fig = Figure(figsize=(max(4.0, 1.3 * len(table) + 2), 3.4), layout="constrained")
@@ -426,34 +540,44 @@ def plot_lincls_curve(result: dict[str, Any], title: str = "Linear evaluation") 
 
 
 def plot_lincls_curves(runs: Sequence[Run]) -> Figure:
-    """One panel per run with the linear-evaluation curves of its student and teacher."""
-    with_curves = [r for r in runs if any(not lincls_curve(res).empty for res in r.lincls.values())]
-    if not with_curves:
+    """One panel per method with the linear-evaluation curves of its student and teacher (one
+    curve per seed when there are several)."""
+    def has_curve(run: Run) -> bool:
+        return any(not lincls_curve(res).empty for res in run.lincls.values())
+
+    groups = [(label, [r for r in members if has_curve(r)]) for label, members in group_runs(runs)]
+    groups = [(label, members) for label, members in groups if members]
+    if not groups:
         raise DataError("no run has a linear-evaluation result with a per-epoch curve yet")
-    fig, axes = _panel_grid(len(with_curves))
-    for run, ax in zip(with_curves, axes):
-        for who, result in sorted(run.lincls.items()):
-            frame = lincls_curve(result)
-            if not frame.empty:
-                _draw_lincls(ax, frame, who)
-        ax.set_title(_title(run, with_curves))
+    fig, axes = _panel_grid(len(groups))
+    for (label, members), ax in zip(groups, axes):
+        for run in members:
+            for who, result in sorted(run.lincls.items()):
+                frame = lincls_curve(result)
+                if not frame.empty:
+                    _draw_lincls(ax, frame, f"seed {_seed(run)} {who}" if len(members) > 1 else who)
+        ax.set_title(label)
     fig.suptitle("Linear evaluation curves")
     return fig
+
+
+def device_label(hardware: dict[str, Any]) -> str:
+    """The GPUs a run used, else `CPU xN`: numbers from different devices are not comparable."""
+    gpus = hardware.get("gpus")
+    return ", ".join(gpus) if gpus else f"CPU x{hardware.get('cpu_count', '?')}"
 
 
 def provenance_table(runs: Sequence[Run]) -> pd.DataFrame:
     """Where each number came from: commit, versions, hardware, start, state and wall time."""
     rows = []
     for run, times in zip(runs, throughput_table(runs).itertuples()):
-        hardware = run.config.get("hardware") or {}
         versions = run.config.get("versions") or {}
-        gpus = hardware.get("gpus")
         rows.append({
-            "dataset": run.dataset, "method": run.method, "run_dir": str(run.path),
+            "dataset": run.dataset, "method": run.method, "source": str(run.path),
             "git_commit": (run.config.get("git_commit") or "?")[:10],
             "started": run.config.get("started"), "state": run.status.get("state"),
             "train_time_min": times.train_time_s / 60,
-            "hardware": ", ".join(gpus) if gpus else f"CPU x{hardware.get('cpu_count', '?')}",
+            "hardware": device_label(run.config.get("hardware") or {}),
             "torch": versions.get("torch"), "precision": run.config.get("precision"),
             "seed": run.config.get("seed"),
         })
@@ -461,13 +585,13 @@ def provenance_table(runs: Sequence[Run]) -> pd.DataFrame:
 
 
 def config_table(runs: Sequence[Run]) -> pd.DataFrame:
-    """The resolved config of every run side by side (one column per run), so differences in
-    settings between methods are visible; nested provenance fields are left to
-    `provenance_table`."""
-    skip = {"versions", "hardware", "git_commit", "started"}
-    columns = {f"{r.method} ({r.dataset})": {k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
-                                             for k, v in r.config.items() if k not in skip}
-               for r in runs}
+    """The resolved config of every method side by side (one column per method, from its first
+    seed: the seeds of a method differ only in the seed), so differences in settings between
+    methods are visible; nested provenance fields are left to `provenance_table`."""
+    skip = {"versions", "hardware", "git_commit", "started", "seed", "run_dir"}
+    columns = {label: {k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
+                       for k, v in members[0].config.items() if k not in skip}
+               for label, members in group_runs(runs)}
     return pd.DataFrame(columns)
 
 
@@ -486,16 +610,23 @@ def limits_note(runs: Sequence[Run]) -> str:
                          "only the ranking of methods is.")
         if dataset == "demo-digits":
             lines.append("  The demo uses scikit-learn's 8x8 digits upscaled to 32 px, a tiny "
-                         "backbone budget and a fast feature probe: it shows the pipeline works, "
-                         "not how the methods compare.")
+                         "backbone budget and a fast feature probe: it shows the pipeline works; "
+                         "an untrained encoder already separates these digits well, so compare "
+                         "every method with the untrained row before reading the ranking.")
     if not any(matches_paper_setting(r.config) for r in runs):
         lines.append(f"- No run uses the paper's setting ({PAPER_SETTING}); the paper's numbers "
                      f"are shown as a reference for a different setting only.")
     if any(not r.complete for r in runs):
         lines.append("- Some runs are not complete (see `state`): their metrics cover the tasks "
                      "finished so far.")
-    lines.append("- One seed per method: differences of a point or two are within run-to-run noise "
-                 "unless repeated with other seeds.")
+    seeds = [len(members) for _, members in group_runs(runs) if members[0].method != UNTRAINED]
+    if seeds and max(seeds) < 2:
+        lines.append("- One seed per method: differences of a point or two are within run-to-run "
+                     "noise unless repeated with other seeds (`cclnb study --seeds 0 1 2`).")
+    elif seeds:
+        lines.append(f"- {min(seeds)} to {max(seeds)} seeds per method: the spread shown is between "
+                     f"seeds on these machines; a gap is called resolved only when it exceeds twice "
+                     f"that spread.")
     lines.append("- Final linear top-1 is the last epoch's (the authors report the best epoch, "
                  "chosen on the validation set).")
     return "\n".join(lines)

@@ -1,10 +1,13 @@
 """Study presets and the papermill runner behind `cclnb study`.
 
-A study is: the task-sequence notebook once per method (pretraining over the task sequence),
-the linear-evaluation notebook for each finished encoder (student, and the teacher where the
-method has one), then the report notebook, rendered to a self-contained HTML page. Every step's
+A study is, for every seed: the task-sequence notebook once per method (pretraining over the
+task sequence), the untrained encoder those runs start from (`cclnb.baseline`), the linear-
+evaluation notebook for each encoder (student, and the teacher where the method has one), and a
+record of each finished (method, seed) in `reports/<study>/runs/` (`cclnb.records`); then the
+report notebook, which reads only records, rendered to a self-contained HTML page. Every step's
 executed notebook is kept next to its run, so a result can always be traced to the cells that
-produced it.
+produced it; the records are small and committed, so results from several machines and sessions
+accumulate into one report.
 
 Why the checks here exist: papermill only *warns* about a misspelled parameter and then runs
 with the default, which silently produces the wrong experiment; so every `-p name=value` is
@@ -16,6 +19,7 @@ everything already done in place.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
 import shutil
@@ -26,16 +30,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from cclnb.config import METHODS, canonical_method
+from cclnb.config import METHODS, TrainConfig, canonical_method
 from cclnb.errors import CclnbError, ConfigError
+from cclnb.records import RECORDS_FOLDER, record_name
+from cclnb.report import UNTRAINED
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ("task_sequence", "linear_eval", "report")
 TEACHER_METHODS = ("CCL",)  # methods whose run keeps a momentum teacher worth probing
 # Parameters the runner sets for every step; -p cannot override them (use the CLI options).
-RUNNER_PARAMETERS = {"task_sequence": {"method", "run_dir", "resume"},
-                     "linear_eval": {"run_dir", "who"},
-                     "report": {"runs_root", "out_dir", "study"}}
+RUNNER_PARAMETERS = {"task_sequence": {"method", "run_dir", "resume", "seed"},
+                     "linear_eval": {"run_dir", "who", "seed"},
+                     "report": {"records", "out_dir", "study"}}
+RUNNER_OPTIONS = {"seed": "--seeds", "records": "--records"}  # the option to use instead of -p
 
 
 class StudyStepFailed(CclnbError):
@@ -57,7 +64,8 @@ class Preset:
     `task_sequence` / `linear_eval` / `report` hold parameter values for those notebooks (names
     must exist in the notebook's `parameters` cell; `test_study` checks). `data_hint` is what the
     error says when the preset's data is not on this machine. `parallel` runs the methods'
-    task sequences as concurrent processes (one GPU can hold several small runs).
+    task sequences as concurrent processes (one GPU can hold several small runs). `seeds`: every
+    method runs once per seed (`--seeds` overrides).
     """
 
     name: str
@@ -68,6 +76,7 @@ class Preset:
     methods: tuple[str, ...] = METHODS
     data_hint: str = ""
     parallel: bool = False
+    seeds: tuple[int, ...] = (0,)
 
     def parameters(self, notebook: str) -> dict[str, Any]:
         return dict(getattr(self, notebook))
@@ -79,7 +88,7 @@ _MOCO_V2 = {"mlp": True, "aug_plus": True, "cos": True, "moco_t": 0.2, "lr": 0.0
 # tasks (65,536 keys would hold every image of a task many times), bf16, per-task kNN.
 _GPU_32PX = {**_MOCO_V2, "n_tasks": 10, "epochs": 50, "arch": "resnet18", "stem": "cifar",
              "image_size": 32, "batch_size": 256, "moco_k": 4096, "precision": "bf16",
-             "device": "cuda", "seed": 0, "eval_each_task": "knn", "eval_teacher": True}
+             "device": "cuda", "eval_each_task": "knn", "eval_teacher": True}
 _GPU_LINCLS = {"protocol": "lincls", "epochs": 100, "device": "cuda", "precision": "bf16"}
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
@@ -89,10 +98,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                     "ResNet-18 budget, fast feature probe: the whole study in minutes on 2 cores",
         task_sequence={**_MOCO_V2, "dataset": "demo", "data": "demo", "n_tasks": 5, "epochs": 4,
                        "arch": "resnet18", "stem": "imagenet", "image_size": 32, "batch_size": 64,
-                       "lr": 0.06, "moco_k": 512, "ccl_k": 128, "device": "cpu", "seed": 0,
+                       "lr": 0.06, "moco_k": 512, "ccl_k": 128, "device": "cpu",
                        "eval_each_task": "knn", "eval_teacher": True, "knn_k": 20},
         linear_eval={"protocol": "probe", "epochs": 100, "device": "cpu", "workers": 0},
-        report={"title": "cclnb demo study: continual MoCo v2 on embedded digits"}),
+        report={"title": "cclnb demo study: continual MoCo v2 on embedded digits"},
+        seeds=(0, 1, 2)),
     Preset(
         name="tin100-32",
         description="Tiny-ImageNet-32 sub100 (100 classes), 10 tasks, ResNet-18 at 32 px, "
@@ -119,7 +129,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         task_sequence={**_MOCO_V2, "dataset": "imagefolder", "data": None, "imagenetsub": True,
                        "n_tasks": 10, "epochs": 200, "arch": "resnet50", "stem": "imagenet",
                        "image_size": 224, "batch_size": 256, "moco_k": 65536, "precision": "fp32",
-                       "device": "cuda", "seed": None, "eval_each_task": "knn",
+                       "device": "cuda", "eval_each_task": "knn",
                        "eval_teacher": True},
         linear_eval={"protocol": "lincls", "epochs": 100, "device": "cuda", "precision": "fp32"},
         report={"title": "CCL reproduction: ImageNet-Sub, ResNet-50, 10 tasks"},
@@ -240,8 +250,9 @@ def split_overrides(pairs: Sequence[str], specs: Mapping[str, Mapping[str, Mappi
                               for nb in specs)
             raise ConfigError(f"unknown parameter {key!r}; valid names are -> {valid}")
         if name in RUNNER_PARAMETERS[target]:
+            option = RUNNER_OPTIONS.get(name, "--methods, --runs-root, --reports-root or --study")
             raise ConfigError(f"-p {key}: `{name}` is set by the study runner for each step; use "
-                              f"--methods, --runs-root, --reports-root or --study instead")
+                              f"{option} instead")
         routed[target][name] = parse_value(key, raw, specs[target][name])
     return routed
 
@@ -249,13 +260,15 @@ def split_overrides(pairs: Sequence[str], specs: Mapping[str, Mapping[str, Mappi
 # ----------------------------------------------------------------------------- the plan
 @dataclass
 class Step:
-    """One notebook execution of the study."""
+    """One step of the study: a notebook execution, or an in-process `action` (the untrained
+    encoder, writing a record) whose `notebook` names its kind."""
 
-    label: str                       # "CCL: task sequence"
-    notebook: str                    # task_sequence | linear_eval | report
-    output: Path                     # the executed copy
+    label: str                       # "CCL seed 0: task sequence"
+    notebook: str                    # task_sequence | linear_eval | report | untrained | record
+    output: Path                     # the executed copy, or the file the action writes
     parameters: dict[str, Any]
     done: bool = False               # finished by an earlier call: skipped
+    action: Callable[[], object] | None = None
 
 
 @dataclass
@@ -266,10 +279,15 @@ class Study:
     report_dir: Path
     steps: list[Step]
     parallel: bool
+    seeds: tuple[int, ...] = (0,)
 
     @property
     def html(self) -> Path:
         return self.report_dir / "index.html"
+
+    @property
+    def records_dir(self) -> Path:
+        return self.report_dir / RECORDS_FOLDER
 
 
 def _training_done(run_dir: Path) -> bool:
@@ -282,15 +300,48 @@ def _training_done(run_dir: Path) -> bool:
         return False
 
 
+def train_config(parameters: Mapping[str, Any]) -> TrainConfig:
+    """The TrainConfig the task-sequence notebook builds from these parameters (its names are
+    TrainConfig fields; `extra` holds any other field)."""
+    values = {k: v for k, v in parameters.items() if k != "extra"}
+    return TrainConfig.from_dict({**values, **(parameters.get("extra") or {})})
+
+
+def _untrained(parameters: Mapping[str, Any]) -> Path:
+    from cclnb.baseline import untrained_run
+
+    # any valid method builds the config: the baseline never trains and records itself as untrained
+    return untrained_run(train_config({**parameters, "method": METHODS[0]}))
+
+
+def _record(run_dir: Path, folder: Path, study: str) -> Path:
+    from cclnb.records import write_record
+
+    return write_record(run_dir, folder, study)
+
+
+def _seeds(seeds: Sequence[int] | None, preset: Preset) -> tuple[int, ...]:
+    chosen = tuple(dict.fromkeys(int(s) for s in (preset.seeds if seeds is None else seeds)))
+    if not chosen or any(s < 0 for s in chosen):
+        raise ConfigError(f"--seeds needs one or more non-negative integers, got {list(seeds or [])}")
+    return chosen
+
+
 def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root: str | Path = "runs",
                reports_root: str | Path = "reports", methods: Sequence[str] | None = None,
                study: str | None = None, force: bool = False, parallel: bool | None = None,
+               seeds: Sequence[int] | None = None, baseline: bool = True,
+               records: Sequence[str | Path] = (), report_only: bool = False,
                notebooks_dir: str | Path | None = None) -> Study:
     """Resolve the preset and `-p` overrides into the ordered steps (nothing runs yet).
 
-    With `force`, each selected method's run directory is deleted so it trains from scratch;
-    otherwise steps whose results exist are marked done and a half-finished run resumes from its
-    last checkpoint.
+    Seed by seed (so an interrupted study leaves whole seeds): every method's task sequence in
+    `runs/<study>/<method>/seed<k>`, the untrained encoder (`baseline`), the linear evals, and a
+    record per (method, seed) in `reports/<study>/runs/`; then the report, which reads the
+    records there and in the extra `records` folders. A (method, seed) whose run directory is
+    complete is skipped (its record is rewritten from it); a half-finished run resumes from its
+    last checkpoint; with `force` the selected run directories are deleted first.
+    `report_only` plans only the report (records from other machines, nothing to train).
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
     specs = {nb: notebook_parameters(notebook_path(nb, notebooks_dir)) for nb in NOTEBOOKS}
@@ -306,29 +357,48 @@ def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root
         # must reach them absolute.
         params["task_sequence"]["data"] = str(Path(data).resolve())
     chosen = [canonical_method(m) for m in (methods or preset.methods)]
+    chosen_seeds = _seeds(seeds, preset)
     name = study or preset.name
     runs_dir = Path(runs_root).resolve() / name
     report_dir = Path(reports_root).resolve() / name
+    records_dir = report_dir / RECORDS_FOLDER
     steps: list[Step] = []
-    for method in chosen:
-        run_dir = runs_dir / method
-        if force and run_dir.exists():
-            shutil.rmtree(run_dir)
-        resume = str(run_dir) if (run_dir / "checkpoints" / "last.pt").is_file() else None
-        trained = _training_done(run_dir)
-        steps.append(Step(f"{method}: task sequence", "task_sequence", run_dir / "task_sequence.ipynb",
-                          {**params["task_sequence"], "method": method, "run_dir": str(run_dir),
-                           "resume": None if trained else resume}, done=trained))
-        for who in ("student", "teacher") if method in TEACHER_METHODS else ("student",):
-            steps.append(Step(f"{method}: linear eval ({who})", "linear_eval",
-                              run_dir / f"linear_eval_{who}.ipynb",
-                              {**params["linear_eval"], "run_dir": str(run_dir), "who": who},
-                              done=trained and (run_dir / f"lincls_{who}.json").is_file()))
+    for seed in ([] if report_only else chosen_seeds):
+        for method in [*chosen, *([UNTRAINED] if baseline else [])]:
+            steps += _method_steps(method, seed, runs_dir / method / f"seed{seed}", params,
+                                   records_dir, name, force)
+    folders = [str(records_dir), *(str(Path(f).resolve()) for f in records)]
     steps.append(Step("report", "report", runs_dir / "report.ipynb",
-                      {**params["report"], "study": name, "runs_root": str(runs_dir),
+                      {**params["report"], "study": name, "records": folders,
                        "out_dir": str(report_dir)}))
     return Study(name, preset, runs_dir, report_dir, steps,
-                 preset.parallel if parallel is None else parallel)
+                 preset.parallel if parallel is None else parallel, chosen_seeds)
+
+
+def _method_steps(method: str, seed: int, run_dir: Path, params: Mapping[str, dict[str, Any]],
+                  records_dir: Path, study: str, force: bool) -> list[Step]:
+    """Pretraining (or the untrained encoder), linear evals and the record of one (method, seed)."""
+    if force and run_dir.exists():
+        shutil.rmtree(run_dir)
+    trained = _training_done(run_dir)
+    who_list = ("student", "teacher") if method in TEACHER_METHODS else ("student",)
+    label = f"{method} seed {seed}"
+    train_params = {**params["task_sequence"], "method": method, "run_dir": str(run_dir), "seed": seed}
+    if method == UNTRAINED:
+        first = Step(f"{label}: evaluate at initialisation", "untrained", run_dir / "config.json",
+                     train_params, done=trained,
+                     action=functools.partial(_untrained, train_params))
+    else:
+        resume = str(run_dir) if (run_dir / "checkpoints" / "last.pt").is_file() else None
+        first = Step(f"{label}: task sequence", "task_sequence", run_dir / "task_sequence.ipynb",
+                     {**train_params, "resume": None if trained else resume}, done=trained)
+    evals = [Step(f"{label}: linear eval ({who})", "linear_eval", run_dir / f"linear_eval_{who}.ipynb",
+                  {**params["linear_eval"], "run_dir": str(run_dir), "who": who, "seed": seed},
+                  done=trained and (run_dir / f"lincls_{who}.json").is_file())
+             for who in who_list]
+    record = Step(f"{label}: record", "record", records_dir / record_name(method, seed), {},
+                  action=functools.partial(_record, run_dir, records_dir, study))
+    return [first, *evals, record]
 
 
 def check_preset(preset: Preset, specs: Mapping[str, Mapping[str, Any]]) -> None:
@@ -448,8 +518,12 @@ def run_study(study: Study, notebooks_dir: str | Path | None = None,
                 " | ".join(str(f) for f in failures))
         pending = [(i, s) for i, s in pending if s.notebook != "task_sequence"]
     for index, step in pending:
-        log(f"[{index}/{total}] {step.label} ...")
         tic = time.monotonic()
+        if step.action is not None:   # in-process and short: one line when done
+            step.action()
+            log(f"[{index}/{total}] {step.label}: done in {time.monotonic() - tic:.0f} s ({step.output})")
+            continue
+        log(f"[{index}/{total}] {step.label} ...")
         try:
             execute_step(step, notebooks_dir)
         except _StepError as error:

@@ -2,9 +2,10 @@
 
 One test drives the whole chain in order, because each notebook needs what the previous one left
 behind and a module fixture would be rebuilt by every pytest-xdist worker: `cclnb study` runs the
-task-sequence, linear-eval (fast probe) and report notebooks and renders the HTML; a second call
-skips what is finished; then the linear-eval notebook runs the paper's SGD protocol for one epoch
-and the exploration notebook runs on the trained encoder.
+task-sequence and linear-eval (fast probe) notebooks, the untrained baseline, writes the records
+and renders the report from them; a second call skips what is finished; then the linear-eval
+notebook runs the paper's SGD protocol for one epoch and the exploration notebook runs on the
+trained encoder.
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ def _images(nb: nbformat.NotebookNode) -> int:
 def test_study_notebooks_end_to_end(tmp_path: Path) -> None:
     lines: list[str] = []
     plan = study.plan_study("demo", TINY, runs_root=tmp_path / "runs",
-                            reports_root=tmp_path / "reports", methods=["CCL"])
+                            reports_root=tmp_path / "reports", methods=["CCL"], seeds=[0])
     html = study.run_study(plan, log=lines.append)
-    run_dir = tmp_path / "runs" / "demo" / "CCL"
-    assert lines[0] == "[1/4] CCL: task sequence ..." and "[4/4] report ..." in lines
+    run_dir = tmp_path / "runs" / "demo" / "CCL" / "seed0"
+    assert lines[0] == "[1/8] CCL seed 0: task sequence ..." and "[8/8] report ..." in lines
 
     # task sequence: a complete run directory and the notebook's own figures
     assert json.loads((run_dir / "status.json").read_text())["state"] == "complete"
@@ -54,21 +55,36 @@ def test_study_notebooks_end_to_end(tmp_path: Path) -> None:
         result = json.loads((run_dir / f"lincls_{who}.json").read_text())
         assert 10.0 < result["top1"] <= 100.0 and result["protocol"].startswith("probe")
 
-    # report: results table + CSV + matrices, HTML with code hidden and figures embedded
+    # the untrained encoder: same data and seed, evaluated by kNN and the same final probe
+    untrained = tmp_path / "runs" / "demo" / "untrained" / "seed0"
+    assert json.loads((untrained / "config.json").read_text())["method"] == "untrained"
+    assert json.loads((untrained / "lincls_student.json").read_text())["protocol"].startswith("probe")
+
+    # records: one small JSON per (method, seed), no weights; the report is built from them
+    records = tmp_path / "reports" / "demo" / "runs"
+    assert sorted(p.name for p in records.iterdir()) == ["CCL-seed0.json", "untrained-seed0.json"]
+    record = json.loads((records / "CCL-seed0.json").read_text())
+    assert record["config"]["seed"] == 0 and record["final"]["teacher"]["top1"] > 0
+    assert record["provenance"]["git_commit"] and record["provenance"]["torch"]
+    assert (records / "CCL-seed0.json").stat().st_size < 50_000
+
+    # report: per-seed and summary CSVs, the verdict, HTML with code hidden and figures embedded
     results = pd.read_csv(tmp_path / "reports" / "demo" / "results.csv")
-    assert list(results["method"]) == ["CCL"] and results.loc[0, "tasks"] == 2
+    assert list(results["method"]) == ["CCL", "untrained"] and results.loc[0, "tasks"] == 2
     assert results.loc[0, "linear_top1_teacher"] > 0 and results.loc[0, "state"] == "complete"
-    assert (tmp_path / "reports" / "demo" / "acc_demo-digits_CCL_knn_student.csv").is_file()
+    summary = pd.read_csv(tmp_path / "reports" / "demo" / "summary.csv")
+    assert list(summary["method"]) == ["CCL", "untrained"] and list(summary["n"]) == [1, 1]
     page = html.read_text(encoding="utf-8")
     assert "student top-1" in page and "teacher top-1" in page and "Forgetting curves" in page
+    assert "not resolved" in page and "Rule:" in page and "ln(K+1)" in page
     assert len(re.findall(r"data:image/png;base64", page)) >= 4
-    assert "report.load_runs" not in page  # code cells are hidden
+    assert "load_records" not in page  # code cells are hidden
 
     # a second call skips the finished steps and only rebuilds the report
     again: list[str] = []
-    study.run_study(study.plan_study("demo", TINY, runs_root=tmp_path / "runs",
+    study.run_study(study.plan_study("demo", TINY, runs_root=tmp_path / "runs", seeds=[0],
                                      reports_root=tmp_path / "reports", methods=["CCL"]), log=again.append)
-    assert sum("already complete, skipped" in line for line in again) == 3
+    assert sum("already complete, skipped" in line for line in again) == 5
 
     # linear eval with the paper's SGD protocol (1 epoch), curve shown
     nb = _run("linear_eval", run_dir / "lincls_check.ipynb", run_dir=str(run_dir), who="student",

@@ -117,13 +117,14 @@ def test_paper_setting_is_recognised_only_when_it_matches(tmp_path: Path) -> Non
     assert not report.matches_paper_setting({**same, "epochs": 100})
 
 
-def test_write_results_writes_csv_and_matrices(study_root: Path, tmp_path: Path) -> None:
-    runs = report.load_runs(study_root)
-    written = report.write_results(runs, tmp_path / "out")
-    names = sorted(p.name for p in written)
-    assert "results.csv" in names and "acc_demo-digits_CCL_knn_student.csv" in names
+def test_write_results_writes_the_per_seed_and_summary_csv(study_root: Path, tmp_path: Path) -> None:
+    from cclnb.aggregate import summary_table
+
+    table = report.results_table(report.load_runs(study_root))
+    written = report.write_results(table, summary_table(table), tmp_path / "out")
+    assert [p.name for p in written] == ["results.csv", "summary.csv"]
     back = __import__("pandas").read_csv(tmp_path / "out" / "results.csv")
-    assert list(back["method"]) == ["Finetuning", "SimpleReplay", "CCL"]
+    assert list(back["method"]) == ["Finetuning", "SimpleReplay", "CCL"] and list(back["seed"]) == [0] * 3
 
 
 def test_figures_have_one_panel_per_run(study_root: Path) -> None:

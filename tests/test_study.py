@@ -59,10 +59,10 @@ def test_check_preset_rejects_an_undeclared_name(specs: dict) -> None:
 
 def test_overrides_are_typed_from_the_defaults_and_routed(specs: dict) -> None:
     routed = study.split_overrides(
-        ["epochs=3", "lr=0.5", "cos=false", "image_size=None", "seed=7", "extra={\"knn_t\": 0.2}",
+        ["epochs=3", "lr=0.5", "cos=false", "image_size=None", "extra={\"knn_t\": 0.2}",
          "linear_eval.epochs=30", "linear_eval.schedule=[2, 3]", "data=/x=y.zip", "title=A b"], specs)
     assert routed["task_sequence"] == {"epochs": 3, "lr": 0.5, "cos": False, "image_size": None,
-                                       "seed": 7, "extra": {"knn_t": 0.2}, "data": "/x=y.zip"}
+                                       "extra": {"knn_t": 0.2}, "data": "/x=y.zip"}
     assert routed["linear_eval"] == {"epochs": 30, "schedule": [2, 3]}
     assert routed["report"] == {"title": "A b"}
     assert isinstance(routed["task_sequence"]["lr"], float)
@@ -75,6 +75,7 @@ def test_overrides_are_typed_from_the_defaults_and_routed(specs: dict) -> None:
     ("schedule=5", r"expected list"),
     ("nb.epochs=1", r"unknown notebook prefix 'nb'"),
     ("run_dir=/tmp/x", r"set by the study runner"),
+    ("seed=7", r"set by the study runner .* use --seeds instead"),
     ("epochs", r"name=value"),
 ])
 def test_bad_overrides_are_config_errors(specs: dict, pair: str, message: str) -> None:
@@ -90,26 +91,56 @@ def test_cli_typo_lists_the_valid_names(capsys: pytest.CaptureFixture, tmp_path:
     assert not any(tmp_path.iterdir()), "nothing may run after a rejected parameter"
 
 
-def test_plan_orders_steps_and_marks_finished_ones(tmp_path: Path) -> None:
+def test_plan_orders_steps_seed_by_seed_and_marks_finished_ones(tmp_path: Path) -> None:
     runs_root = tmp_path / "runs"
-    done = runs_root / "demo" / "Finetuning"
+    done = runs_root / "demo" / "Finetuning" / "seed1"
     done.mkdir(parents=True)
     (done / "status.json").write_text(json.dumps({"state": "complete"}))
     (done / "lincls_student.json").write_text("{}")
     plan = study.plan_study("demo", ["epochs=2"], runs_root=runs_root, reports_root=tmp_path / "rep",
-                            methods=["Finetuning", "CLL"])
-    assert [s.label for s in plan.steps] == [
-        "Finetuning: task sequence", "Finetuning: linear eval (student)", "CCL: task sequence",
-        "CCL: linear eval (student)", "CCL: linear eval (teacher)", "report"]
-    assert [s.done for s in plan.steps] == [True, True, False, False, False, False]
-    ccl = plan.steps[2]
+                            methods=["Finetuning", "CLL"], seeds=[1, 4])
+    assert plan.seeds == (1, 4)
+    seed1 = ["Finetuning seed 1: task sequence", "Finetuning seed 1: linear eval (student)",
+             "Finetuning seed 1: record", "CCL seed 1: task sequence", "CCL seed 1: linear eval (student)",
+             "CCL seed 1: linear eval (teacher)", "CCL seed 1: record",
+             "untrained seed 1: evaluate at initialisation", "untrained seed 1: linear eval (student)",
+             "untrained seed 1: record"]
+    assert [s.label for s in plan.steps] == [*seed1, *(label.replace("seed 1", "seed 4") for label in seed1),
+                                             "report"]
+    # finished: Finetuning seed 1 (its record is rewritten from the run directory every time)
+    assert [s.label for s in plan.steps if s.done] == seed1[:2]
+    ccl = plan.steps[3]
     assert ccl.parameters["epochs"] == 2 and ccl.parameters["method"] == "CCL"
-    assert ccl.parameters["run_dir"] == str(runs_root.resolve() / "demo" / "CCL")
-    assert ccl.output == runs_root.resolve() / "demo" / "CCL" / "task_sequence.ipynb"
+    assert ccl.parameters["seed"] == 1 and plan.steps[4].parameters["seed"] == 1
+    assert ccl.parameters["run_dir"] == str(runs_root.resolve() / "demo" / "CCL" / "seed1")
+    assert ccl.output == runs_root.resolve() / "demo" / "CCL" / "seed1" / "task_sequence.ipynb"
+    records_dir = (tmp_path / "rep" / "demo" / "runs").resolve()
+    assert plan.steps[6].output == records_dir / "CCL-seed1.json" and plan.steps[6].action
     assert plan.steps[-1].parameters["out_dir"] == str((tmp_path / "rep" / "demo").resolve())
+    assert plan.steps[-1].parameters["records"] == [str(records_dir)]
     assert plan.html == (tmp_path / "rep" / "demo" / "index.html").resolve()
-    forced = study.plan_study("demo", runs_root=runs_root, methods=["Finetuning"], force=True)
+    forced = study.plan_study("demo", runs_root=runs_root, methods=["Finetuning"], seeds=[1], force=True)
     assert not forced.steps[0].done and not done.exists()
+
+
+def test_preset_seeds_report_only_and_extra_records(tmp_path: Path) -> None:
+    plan = study.plan_study("demo", runs_root=tmp_path, reports_root=tmp_path / "rep", methods=["Joint"],
+                            baseline=False)
+    assert plan.seeds == (0, 1, 2) and len(plan.steps) == 3 * 3 + 1
+    only = study.plan_study("demo", runs_root=tmp_path, reports_root=tmp_path / "rep", report_only=True,
+                            records=[tmp_path / "other"])
+    assert [s.label for s in only.steps] == ["report"]
+    assert only.steps[0].parameters["records"] == [str((tmp_path / "rep" / "demo" / "runs").resolve()),
+                                                   str((tmp_path / "other").resolve())]
+    with pytest.raises(ConfigError, match="--seeds needs one or more non-negative"):
+        study.plan_study("demo", runs_root=tmp_path, seeds=[-1])
+
+
+def test_the_untrained_step_builds_the_task_sequence_config() -> None:
+    params = {**study.PRESETS["demo"].task_sequence, "method": "untrained", "run_dir": "/x", "seed": 3,
+              "extra": {"knn_t": 0.2}}
+    config = study.train_config({**params, "method": "Finetuning"})
+    assert (config.seed, config.run_dir, config.knn_t, config.arch) == (3, "/x", 0.2, "resnet18")
 
 
 def test_preset_without_data_asks_for_it(tmp_path: Path) -> None:
@@ -125,11 +156,12 @@ def test_a_failing_step_names_the_notebook_and_cell(tmp_path: Path, parallel: bo
     """resnet9 passes -p typing (a str) but TrainConfig.validate rejects it inside the notebook;
     in parallel mode the cell is read back from the executed copy the subprocess left."""
     plan = study.plan_study("demo", ["arch=resnet9"], runs_root=tmp_path / "runs",
-                            reports_root=tmp_path / "reports", methods=["Joint"], parallel=parallel)
+                            reports_root=tmp_path / "reports", methods=["Joint"], parallel=parallel,
+                            seeds=[0], baseline=False)
     with pytest.raises(study.StudyStepFailed) as info:
         study.run_study(plan, log=lambda _: None)
     message = str(info.value)
-    assert "[1/3] Joint: task sequence failed in notebooks/task_sequence.ipynb, cell " in message
+    assert "[1/4] Joint seed 0: task sequence failed in notebooks/task_sequence.ipynb, cell " in message
     assert "In [" in message and "ConfigError" in message and "resnet9" in message
     assert str(plan.steps[0].output) in message
     assert plan.steps[0].output.is_file()  # the executed copy with the traceback is kept

@@ -26,8 +26,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs-root", default="runs", help="where run directories go (default runs)")
     parser.add_argument("--reports-root", default="reports",
                         help="where the HTML report goes (default reports)")
+    parser.add_argument("--seeds", nargs="+", type=int, metavar="K",
+                        help="run every method once per seed, in runs/<study>/<method>/seed<K> "
+                             "(default: the preset's; demo 0 1 2); seeds already finished are skipped, "
+                             "so naming new seeds later adds them to the study")
+    parser.add_argument("--records", action="append", default=[], metavar="DIR",
+                        help="also read the study records (<method>-seed<K>.json) in DIR, e.g. from "
+                             "another machine (repeatable); reports/<study>/runs is always read")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: render the report from the records")
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false",
+                        help="skip the untrained-encoder baseline (evaluated per seed by default)")
     parser.add_argument("--force", action="store_true",
-                        help="delete the selected methods' runs and train them again")
+                        help="delete the selected methods' runs (for the selected seeds) and train "
+                             "them again")
     order = parser.add_mutually_exclusive_group()
     order.add_argument("--parallel", dest="parallel", action="store_true", default=None,
                        help="run the methods' task sequences concurrently")
@@ -40,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     study = plan_study(args.preset, args.param, runs_root=args.runs_root,
                        reports_root=args.reports_root, methods=args.methods, study=args.study,
-                       force=args.force, parallel=args.parallel)
+                       force=args.force, parallel=args.parallel, seeds=args.seeds,
+                       baseline=args.baseline, records=args.records, report_only=args.report_only)
     run_study(study)
     return 0

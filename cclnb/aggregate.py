@@ -1,0 +1,223 @@
+"""Seeds, spread and a verdict: pure functions from per-seed results to one honest comparison.
+
+The paper's claim is a ranking with gaps of 1-3 points. One run per method cannot show that: two
+CPUs give different floats for the same seed, and a short run amplifies the difference. So a study
+runs every method with several seeds, and this module turns the per-(method, seed) rows into
+
+- a summary per method: mean, sample standard deviation, min, max and n over seeds;
+- paired differences against Finetuning *with the same seed* (the seed fixes the initialisation
+  and the data order, so pairing removes what the two runs share);
+- a verdict on the paper's order Joint > CCL > SimpleReplay > Finetuning, by the rule in
+  `VERDICT_RULE`, stated on the report page.
+
+It also decides which results may be averaged at all: results whose configurations differ in
+anything but the seed (and runtime-only fields) are not the same experiment, so `comparable`
+refuses them from the average and says which field differs.
+
+Everything here is a pure function of plain data (dicts of configs, pandas frames of rows),
+so it is tested on synthetic numbers; `cclnb.records` reads the files and `cclnb.report` draws.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+PAPER_ORDER = ("Joint", "CCL", "SimpleReplay", "Finetuning")   # best first, as the paper ranks them
+BASELINE = "Finetuning"                                         # paired differences are against it
+HEADLINE = "linear_top1_student"                                # the metric the verdict reads
+# Config fields that change where or how visibly a run executes, not what it computes.
+RUNTIME_FIELDS = frozenset({"seed", "run_dir", "resume", "progress", "workers", "print_freq",
+                            "dist_url", "dist_timeout", "gpu", "rank"})
+# The per-seed columns summarised per method (those present in the table are used).
+SUMMARY_METRICS = ("linear_top1_student", "linear_top1_teacher", "final_knn", "avg_acc",
+                   "avg_forgetting", "bwt", "final_loss_moco")
+VERDICT_RULE = (
+    "For each neighbouring pair (A, B) of the paper's order Joint > CCL > SimpleReplay > "
+    "Finetuning, d = A - B is taken per seed (same seed on both sides) on the final linear top-1 "
+    "of the student. The pair *holds* when mean(d) > 2 sd(d), is *reversed* when "
+    "mean(d) < -2 sd(d), and is *not resolved* when |mean(d)| <= 2 sd(d) or fewer than 2 seeds "
+    "are paired (sd = sample standard deviation over seeds). The order **holds** when every pair "
+    "holds, **does not hold** when any pair is reversed, and is **not resolved** otherwise.")
+
+
+# ----------------------------------------------------------------------------- comparability
+def comparable_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a resolved config that define the experiment (runtime-only fields dropped)."""
+    return {k: v for k, v in config.items() if k not in RUNTIME_FIELDS}
+
+
+def config_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """`field: a_value vs b_value` for every defining field on which two configs disagree."""
+    sa, sb = comparable_settings(a), comparable_settings(b)
+    return [f"{key}: {sa.get(key)!r} vs {sb.get(key)!r}"
+            for key in sorted(set(sa) | set(sb)) if sa.get(key) != sb.get(key)]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A result left out of the average, and why (shown on the report page)."""
+
+    key: Hashable          # the caller's id of the result (e.g. the record's file)
+    group: str             # the method it belongs to
+    seed: Any
+    reason: str
+
+
+def comparable(items: Sequence[tuple[Hashable, str, Any, Mapping[str, Any]]]
+               ) -> tuple[list[Hashable], list[Refusal]]:
+    """Which results may be averaged: `items` are (key, method, seed, config) in reading order.
+
+    Per method, the reference configuration is the one most results share (ties: the one read
+    first); a result with another configuration is refused, naming the fields that differ. A
+    second result for a (method, seed) already kept is refused as a duplicate: the same seed
+    counted twice would shrink the spread without new evidence.
+    """
+    kept: list[Hashable] = []
+    refused: list[Refusal] = []
+    for method in dict.fromkeys(m for _, m, _, _ in items):
+        group = [item for item in items if item[1] == method]
+        settings = [comparable_settings(cfg) for *_, cfg in group]
+        counts = [sum(s == other for other in settings) for s in settings]
+        reference = settings[counts.index(max(counts))]
+        seen: dict[Any, Hashable] = {}
+        for (key, _, seed, cfg), setting in zip(group, settings):
+            if setting != reference:
+                diff = config_differences(reference, cfg)
+                refused.append(Refusal(key, method, seed, "configuration differs from the other "
+                                       f"{method} results in " + "; ".join(diff)))
+            elif seed in seen:
+                refused.append(Refusal(key, method, seed, f"a second result for {method} seed "
+                                       f"{seed} (kept: {seen[seed]}); remove one of the two"))
+            else:
+                seen[seed] = key
+                kept.append(key)
+    return kept, refused
+
+
+# ----------------------------------------------------------------------------- summaries
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """n, mean, sample std (ddof 1; NaN below 2 values), min and max of the finite values."""
+    arr = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if arr.size == 0:
+        return {"n": 0, "mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
+    return {"n": int(arr.size), "mean": float(arr.mean()),
+            "std": float(arr.std(ddof=1)) if arr.size > 1 else math.nan,
+            "min": float(arr.min()), "max": float(arr.max())}
+
+
+def method_order(methods: Sequence[str]) -> list[str]:
+    """The paper's methods first in its order (Finetuning first, as the baseline), then others."""
+    known = [m for m in reversed(PAPER_ORDER) if m in methods]
+    return known + sorted(set(methods) - set(known))
+
+
+def summary_table(per_seed: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS) -> pd.DataFrame:
+    """One row per method: `<metric>_mean/_std/_min/_max` for every metric present, and `n` (seeds).
+
+    `per_seed` has one row per (method, seed) with a `method` and a `seed` column.
+    """
+    rows = []
+    present = [m for m in metrics if m in per_seed.columns]
+    for method in method_order(list(per_seed["method"].unique())):
+        group = per_seed[per_seed["method"] == method]
+        row: dict[str, Any] = {"method": method, "n": int(group["seed"].nunique()),
+                               "seeds": " ".join(str(s) for s in sorted(group["seed"]))}
+        for metric in present:
+            stats = spread(group[metric].tolist())
+            row.update({f"{metric}_{k}": v for k, v in stats.items() if k != "n"})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paired_differences(per_seed: pd.DataFrame, a: str, b: str, metric: str = HEADLINE) -> pd.Series:
+    """metric(a) - metric(b) per seed that both methods have (indexed by seed), NaNs dropped."""
+    def by_seed(method: str) -> pd.Series:
+        return per_seed[per_seed["method"] == method].set_index("seed")[metric]
+
+    return (by_seed(a) - by_seed(b)).dropna().sort_index()
+
+
+def paired_table(per_seed: pd.DataFrame, baseline: str = BASELINE, metric: str = HEADLINE) -> pd.DataFrame:
+    """For every method other than `baseline`: its per-seed difference to `baseline` (same seed),
+    listed, and their n, mean, std, min and max."""
+    rows = []
+    for method in method_order(list(per_seed["method"].unique())):
+        if method == baseline:
+            continue
+        diff = paired_differences(per_seed, method, baseline, metric)
+        rows.append({"method": method, "vs": baseline, **spread(diff.tolist()),
+                     "per_seed": ", ".join(f"seed {s}: {v:+.2f}" for s, v in diff.items())})
+    return pd.DataFrame(rows, columns=["method", "vs", "n", "mean", "std", "min", "max", "per_seed"])
+
+
+# ----------------------------------------------------------------------------- the verdict
+@dataclass(frozen=True)
+class PairVerdict:
+    """One neighbouring pair of the paper's order, judged on the paired differences."""
+
+    better: str            # the method the paper ranks higher
+    worse: str
+    n: int
+    mean: float            # mean of better - worse over paired seeds
+    std: float
+    status: str            # holds | reversed | not resolved
+
+    def sentence(self) -> str:
+        if self.n == 0:
+            return f"{self.better} > {self.worse}: not resolved (no seed run by both)"
+        gap = f"mean gap {self.mean:+.2f}, sd {self.std:.2f} over {self.n} seed{'s' * (self.n > 1)}"
+        return f"{self.better} > {self.worse}: {self.status} ({gap})"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The paper's order judged as a whole, with each pair's evidence."""
+
+    outcome: str           # holds | does not hold | not resolved
+    pairs: tuple[PairVerdict, ...]
+    metric: str
+
+    def line(self) -> str:
+        """The verdict line of the report."""
+        return (f"Paper's order {' > '.join(PAPER_ORDER)} on {self.metric}: **{self.outcome}**. "
+                + "; ".join(p.sentence() for p in self.pairs) + ".")
+
+
+def judge_pair(diff: Sequence[float]) -> tuple[str, float, float]:
+    """(status, mean, std) of paired differences d = better - worse, by `VERDICT_RULE`."""
+    stats = spread(diff)
+    n, mean, std = stats["n"], stats["mean"], stats["std"]
+    if n < 2:
+        return "not resolved", mean, std
+    if mean > 2 * std:
+        return "holds", mean, std
+    if mean < -2 * std:
+        return "reversed", mean, std
+    return "not resolved", mean, std
+
+
+def verdict(per_seed: pd.DataFrame, order: Sequence[str] = PAPER_ORDER, metric: str = HEADLINE) -> Verdict:
+    """Judge every neighbouring pair of `order` on `metric`, then the order, by `VERDICT_RULE`."""
+    pairs = []
+    for better, worse in zip(order, order[1:]):
+        diff = paired_differences(per_seed, better, worse, metric).tolist()
+        status, mean, std = judge_pair(diff)
+        pairs.append(PairVerdict(better, worse, len(diff), mean, std, status))
+    statuses = {p.status for p in pairs}
+    outcome = ("does not hold" if "reversed" in statuses
+               else "holds" if statuses == {"holds"} else "not resolved")
+    return Verdict(outcome, tuple(pairs), metric)
+
+
+def mean_spread_text(mean: float, std: float, low: float, high: float, n: int) -> str:
+    """`mean ± std [min, max]` for the page (`-` when nothing was measured, no ± for one seed)."""
+    if n == 0 or not math.isfinite(mean):
+        return "-"
+    if n == 1 or not math.isfinite(std):
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {std:.2f} [{low:.2f}, {high:.2f}]"

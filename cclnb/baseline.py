@@ -1,0 +1,71 @@
+"""The untrained encoder: the baseline that makes "the encoder learned" visible, not asserted.
+
+A randomly initialised ResNet already classifies easy data well by kNN or a linear probe (on the
+demo digits an untrained ResNet-18 scores ~80% all-class kNN). A trained encoder's accuracy means
+something only beside that number. So every study also evaluates the encoder its runs *start
+from*: same architecture, stem, data and seed (the same initial weights as the trained runs with
+that seed, built exactly as the trainer builds them), measured by the trainer's own per-task
+evaluation and then by the study's final protocol.
+
+`untrained_run` writes that encoder as a finished run directory (method `untrained`): the
+config, the initial weights as `checkpoints/last.pt`, the one-row accuracy matrix. The linear-
+evaluation notebook and the record then treat it like any other run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cclnb import dist, runs
+from cclnb.checkpoint import save_checkpoint
+from cclnb.config import TrainConfig
+from cclnb.data import open_dataset
+from cclnb.errors import ConfigError
+from cclnb.models import MoCo
+from cclnb.report import UNTRAINED
+
+
+def initial_model(config: TrainConfig) -> MoCo:
+    """The MoCo model a run with this (resolved) config starts training from: the trainer seeds
+    python, torch and numpy with the run's seed, then builds the model first."""
+    seed = int(config.seed)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    return MoCo(config.arch, config.moco_dim, config.moco_k, config.mlp, config.small_images, config.stem)
+
+
+def untrained_run(config: TrainConfig) -> Path:
+    """Write `config.run_dir` as the finished "run" of the untrained encoder and return it.
+
+    The per-task evaluation is the trainer's (`eval_each_task`, kNN settings, precision), run
+    once on the initial weights: row `after_task` 0 of `eval/acc_<protocol>_student.csv` spans
+    every task, as Joint's single row does.
+    """
+    from cclnb.trainer import _make_evaluator, plan_tasks, resolve_config
+
+    if not config.run_dir:
+        raise ConfigError("the untrained baseline needs a run_dir to write its results to")
+    if config.eval_each_task == "none":
+        raise ConfigError("the untrained baseline is measured with the study's per-task protocol; "
+                          "set eval_each_task to knn, probe or both")
+    config.validate()
+    train_ds = open_dataset(config.data, "train", config.dataset, config.imagenetsub, config.download)
+    config = resolve_config(config, train_ds.image_size)
+    run_dir = runs.prepare_run_dir(config.run_dir)
+    plan = plan_tasks(config, train_ds.targets, len(train_ds.classes))
+    ctx = dist.DistContext(rank=0, world_size=1, local_rank=0,
+                           device=dist.resolve_device(config.device))
+    model = initial_model(config).to(ctx.device)
+    runs.write_config(run_dir, {**config.to_dict(), "method": UNTRAINED}, {"world_size": 1})
+    save_checkpoint({"model": model.state_dict(), "seed": config.seed,
+                     "config": dataclasses.asdict(config)}, runs.checkpoint_path(run_dir))
+    evaluate = _make_evaluator(config, train_ds, plan, run_dir, ctx)
+    evaluate(model.encoder_q.backbone, 0, "student")
+    runs.write_status(run_dir, "complete", task=0, n_tasks=config.n_tasks)
+    return run_dir

@@ -1,0 +1,203 @@
+"""Seeds, spread and the verdict (`cclnb.aggregate`) on synthetic study records.
+
+The records below are TEST FIXTURES with invented numbers (never shipped as results), written
+in the record format of `cclnb.records` so that the path the report takes (files -> records ->
+runs -> per-seed table -> summary, paired differences, verdict) is tested end to end on numbers
+whose means, spreads and verdicts are known by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cclnb import aggregate, records, report
+from cclnb.errors import DataError
+
+CONFIG = {"data": "demo", "dataset": "demo", "n_tasks": 2, "epochs": 3, "arch": "resnet18",
+          "image_size": 32, "moco_k": 255, "batch_size": 32, "imagenetsub": False,
+          "precision": "bf16", "run_dir": "/somewhere", "progress": True, "workers": 4}
+
+
+def fixture_record(method: str, seed: int, top1: float, *, config: dict | None = None,
+                   R: list[list[float]] | None = None, teacher: float | None = None) -> dict:
+    """A record in the `cclnb.records` format: `top1` as the student's final linear top-1."""
+    R = R or [[50.0 + top1 / 10, 20.0], [40.0, 60.0 + top1 / 10]]
+    rows = [[t, e, 2 * t + e + 1, 5.0 - 0.2 * (2 * t + e), 5.0 - 0.2 * (2 * t + e), 0.0, 0.0, 0.03,
+             100.0 + seed, 1.0 + 2 * t + e] for t in range(2) for e in range(2)]
+    final = {"student": {"top1": top1, "protocol": "probe: L-BFGS", "epochs": 100, "curve": []}}
+    if teacher is not None:
+        final["teacher"] = {"top1": teacher, "protocol": "probe: L-BFGS", "epochs": 100, "curve": []}
+    return {
+        "format": records.FORMAT, "study": "fixture", "method": method, "seed": seed,
+        "state": "complete",
+        "config": {**CONFIG, **(config or {}), "method": method, "seed": seed,
+                   "run_dir": f"/runs/{method}/seed{seed}"},
+        "final": final,
+        "accuracy": {"knn_student": {"after_task": list(range(len(R))),
+                                     "columns": ["task_0", "task_1", "all"],
+                                     "values": [[*row, sum(row) / 2] for row in R]}},
+        "train_loss": {"columns": ["task", "epoch", "global_step", "loss", "loss_moco", "loss_extra",
+                                   "loss_distill", "lr", "img_per_s", "time_s"], "rows": rows},
+        "throughput": {"median_img_per_s": 100.0 + seed, "train_time_s": 4.0, "steps": 4},
+        "provenance": {"git_commit": "0123456789abcdef", "device": "CPU x2",
+                       "hardware": {"cpu_count": 2}, "versions": {"torch": "2.x"},
+                       "started": "2026-12-01T00:00:00"},
+    }
+
+
+def write_records(folder: Path, *items: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in items:
+        (folder / records.record_name(item["method"], item["seed"])).write_text(json.dumps(item))
+    return folder
+
+
+def per_seed(folders: list[Path]) -> tuple[pd.DataFrame, list[aggregate.Refusal]]:
+    """What the report notebook does: read, refuse the incomparable, tabulate per seed."""
+    found = records.load_records(folders)
+    kept, refused = aggregate.comparable([(r.source, r.method, r.seed, r.config) for r in found])
+    runs = report.sort_runs([records.as_run(r) for r in found if r.source in kept])
+    return report.results_table(runs), refused
+
+
+# Finetuning 50, 52, 54 (mean 52, sd 2); CCL = Finetuning + 3, 4, 5 per seed (paired mean 4, sd 1)
+FT = {0: 50.0, 1: 52.0, 2: 54.0}
+CCL_GAIN = {0: 3.0, 1: 4.0, 2: 5.0}
+
+
+def test_means_spreads_and_paired_differences_are_known(tmp_path: Path) -> None:
+    folder = write_records(tmp_path / "runs",
+                           *(fixture_record("Finetuning", s, v) for s, v in FT.items()),
+                           *(fixture_record("CCL", s, FT[s] + CCL_GAIN[s], teacher=60.0 + s) for s in FT))
+    table, refused = per_seed([folder])
+    assert not refused and len(table) == 6
+    summary = aggregate.summary_table(table).set_index("method")
+    assert list(summary.index) == ["Finetuning", "CCL"]        # the paper's baseline first
+    ft = summary.loc["Finetuning"]
+    assert (ft["n"], ft["seeds"]) == (3, "0 1 2")
+    assert ft["linear_top1_student_mean"] == pytest.approx(52.0)
+    assert ft["linear_top1_student_std"] == pytest.approx(2.0)      # sample sd (ddof 1)
+    assert (ft["linear_top1_student_min"], ft["linear_top1_student_max"]) == (50.0, 54.0)
+    assert summary.loc["CCL", "linear_top1_teacher_mean"] == pytest.approx(61.0)
+    # forgetting of task 0 = R[0][0] - R[1][0] = 50 + top1/10 - 40, averaged over seeds
+    assert ft["avg_forgetting_mean"] == pytest.approx(10.0 + 5.2)
+    assert ft["bwt_mean"] == pytest.approx(-(10.0 + 5.2))
+    assert ft["final_knn_mean"] == pytest.approx(np.mean([(40 + 60 + v / 10) / 2 for v in FT.values()]))
+    paired = aggregate.paired_table(table).set_index("method")
+    ccl = paired.loc["CCL"]
+    assert (ccl["vs"], ccl["n"], ccl["mean"], ccl["std"], ccl["min"], ccl["max"]) == \
+        ("Finetuning", 3, pytest.approx(4.0), pytest.approx(1.0), 3.0, 5.0)
+    assert ccl["per_seed"] == "seed 0: +3.00, seed 1: +4.00, seed 2: +5.00"
+
+
+def test_a_resolved_and_an_unresolved_verdict() -> None:
+    def table(gaps: dict[tuple[str, str], list[float]]) -> pd.DataFrame:
+        rows = [{"method": "Finetuning", "seed": s, "linear_top1_student": 50.0} for s in range(3)]
+        level = {"Finetuning": [50.0] * 3}
+        for better, worse in (("SimpleReplay", "Finetuning"), ("CCL", "SimpleReplay"), ("Joint", "CCL")):
+            level[better] = [w + g for w, g in zip(level[worse], gaps[(better, worse)])]
+            rows += [{"method": better, "seed": s, "linear_top1_student": v}
+                     for s, v in enumerate(level[better])]
+        return pd.DataFrame(rows)
+
+    # every gap 2 +- 0.5 (mean 2 > 2 sd = 1): the order holds
+    steady = {pair: [1.5, 2.0, 2.5] for pair in
+              (("SimpleReplay", "Finetuning"), ("CCL", "SimpleReplay"), ("Joint", "CCL"))}
+    held = aggregate.verdict(table(steady))
+    assert held.outcome == "holds" and [p.status for p in held.pairs] == ["holds"] * 3
+    assert held.pairs[0].mean == pytest.approx(2.0) and held.pairs[0].std == pytest.approx(0.5)
+    assert "**holds**" in held.line() and "Joint > CCL: holds (mean gap +2.00, sd 0.50" in held.line()
+    # CCL vs SimpleReplay: mean 1, sd 1.5 -> gap below twice the spread: not resolved
+    noisy = {**steady, ("CCL", "SimpleReplay"): [-0.5, 1.0, 2.5]}
+    unresolved = aggregate.verdict(table(noisy))
+    assert unresolved.outcome == "not resolved"
+    assert [p.status for p in unresolved.pairs] == ["holds", "not resolved", "holds"]
+    # a clear reversal anywhere: the order does not hold
+    reversed_ = aggregate.verdict(table({**noisy, ("Joint", "CCL"): [-3.0, -2.5, -3.5]}))
+    assert reversed_.outcome == "does not hold" and reversed_.pairs[0].status == "reversed"
+    assert "2 sd(d)" in aggregate.VERDICT_RULE and "not resolved" in aggregate.VERDICT_RULE
+
+
+def test_one_seed_is_never_resolved() -> None:
+    one = pd.DataFrame([{"method": m, "seed": 0, "linear_top1_student": v}
+                        for m, v in zip(aggregate.PAPER_ORDER, (60.0, 55.0, 54.0, 52.0))])
+    result = aggregate.verdict(one)
+    assert result.outcome == "not resolved"
+    assert all(p.status == "not resolved" and p.n == 1 and math.isnan(p.std) for p in result.pairs)
+    missing = aggregate.verdict(one[one["method"] != "Joint"])
+    assert "no seed run by both" in missing.pairs[0].sentence()
+    assert aggregate.mean_spread_text(52.0, math.nan, 52.0, 52.0, 1) == "52.00"
+    assert aggregate.mean_spread_text(52.0, 2.0, 50.0, 54.0, 3) == "52.00 ± 2.00 [50.00, 54.00]"
+
+
+def test_a_record_with_another_config_is_refused_naming_the_field(tmp_path: Path) -> None:
+    folder = write_records(tmp_path / "runs", *(fixture_record("Finetuning", s, v) for s, v in FT.items()),
+                           fixture_record("Finetuning", 3, 90.0, config={"epochs": 30}))
+    table, refused = per_seed([folder])
+    assert sorted(table["seed"]) == [0, 1, 2]          # the 30-epoch run is not averaged in
+    assert len(refused) == 1 and refused[0].seed == 3
+    assert "epochs: 3 vs 30" in refused[0].reason and refused[0].key.endswith("Finetuning-seed3.json")
+    # runtime-only fields (run_dir, workers, progress) and the seed never make records incomparable
+    assert aggregate.config_differences({**CONFIG, "seed": 1, "workers": 1}, CONFIG) == []
+
+
+def test_records_from_two_folders_merge_and_a_duplicate_seed_is_refused(tmp_path: Path) -> None:
+    here = write_records(tmp_path / "here", fixture_record("Finetuning", 0, 50.0),
+                         fixture_record("CCL", 0, 53.0))
+    other = write_records(tmp_path / "other_machine", fixture_record("Finetuning", 1, 52.0),
+                          fixture_record("CCL", 1, 57.0), fixture_record("CCL", 0, 99.0))
+    table, refused = per_seed([here, other])
+    assert sorted(zip(table["method"], table["seed"])) == [("CCL", 0), ("CCL", 1),
+                                                           ("Finetuning", 0), ("Finetuning", 1)]
+    assert table[(table["method"] == "CCL") & (table["seed"] == 0)]["linear_top1_student"].item() == 53.0
+    assert len(refused) == 1 and "a second result for CCL seed 0" in refused[0].reason
+    assert refused[0].key == str(other / "CCL-seed0.json")
+    paired = aggregate.paired_table(table).set_index("method")
+    assert paired.loc["CCL", "mean"] == pytest.approx(4.0) and paired.loc["CCL", "n"] == 2
+
+
+def test_summary_and_results_csv(tmp_path: Path) -> None:
+    folder = write_records(tmp_path / "runs", *(fixture_record("Finetuning", s, v) for s, v in FT.items()),
+                           fixture_record(report.UNTRAINED, 0, 40.0, R=[[45.0, 35.0]]))
+    table, _ = per_seed([folder])
+    summary = aggregate.summary_table(table)
+    written = report.write_results(table, summary, tmp_path / "out")
+    assert [p.name for p in written] == ["results.csv", "summary.csv"]
+    assert len(pd.read_csv(written[0])) == 4 and list(pd.read_csv(written[1])["method"]) == \
+        ["Finetuning", report.UNTRAINED]
+    untrained = table[table["method"] == report.UNTRAINED].iloc[0]
+    assert untrained["avg_acc"] == pytest.approx(40.0) and math.isnan(untrained["avg_forgetting"])
+    assert untrained["final_knn"] == pytest.approx(40.0)
+    assert table["chance_loss"].iloc[0] == pytest.approx(math.log(256))
+    shown = report.display_summary(summary, table).set_index("method")
+    assert shown.loc["Finetuning", "student top-1"] == "52.00 ± 2.00 [50.00, 54.00]"
+    assert shown.loc["Finetuning", "ln(K+1)"] == "5.55"
+
+
+def test_figures_draw_one_panel_per_method_with_the_seed_band(tmp_path: Path) -> None:
+    folder = write_records(tmp_path / "runs", *(fixture_record("Finetuning", s, v) for s, v in FT.items()),
+                           fixture_record(report.UNTRAINED, 0, 40.0, R=[[45.0, 35.0]]))
+    runs = [records.as_run(r) for r in records.load_records([folder])]
+    fig = report.plot_forgetting_curves(runs)
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["Finetuning - knn, 3 seeds"]
+    assert panels[0].collections, "the min-max band over seeds"
+    assert any(line.get_label() == "untrained encoder" for line in panels[0].get_lines())
+    loss = [ax for ax in report.plot_loss_curves(runs).axes if ax.get_title()]
+    assert any(line.get_label().startswith("ln(K+1) = 5.55") for line in loss[0].get_lines())
+
+
+def test_bad_record_files_are_clear_errors(tmp_path: Path) -> None:
+    (tmp_path / "CCL-seed0.json").write_text("{\"format\": ")
+    with pytest.raises(DataError, match="not valid JSON"):
+        records.load_records([tmp_path])
+    (tmp_path / "CCL-seed0.json").write_text(json.dumps({"method": "CCL"}))
+    with pytest.raises(DataError, match="not a cclnb study record"):
+        records.load_records([tmp_path])
+    assert records.load_records([tmp_path / "absent"]) == []
