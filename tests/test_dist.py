@@ -59,3 +59,70 @@ def test_two_ranks_under_torchrun_end_with_identical_weights_and_queues(tmp_path
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "complete"
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["last.pt", "task_0.pt", "task_1.pt"]
+
+
+STEP_WORKER = textwrap.dedent("""
+    import os, sys, numpy as np, torch
+    torch.set_num_threads(1)
+    from cclnb import dist, runs
+    from cclnb.batches import Batch
+    from cclnb.config import TrainConfig
+    from cclnb.data import load_uint8, open_dataset
+    from cclnb.trainer import Trainer, plan_tasks, resolve_config
+
+    out, groups = sys.argv[1], int(sys.argv[2])
+    ctx = dist.setup("cpu", timeout_s=60)
+    config = resolve_config(TrainConfig(
+        data="demo", arch="resnet18", stem="imagenet", epochs=2, batch_size=16, moco_k=64, ccl_k=16,
+        n_tasks=2, n_save=2, method="CCL", subset_per_class=10, seed=0, progress=False,
+        eval_each_task="none", device="cpu", precision="fp32", bn_groups=groups,
+        key_bn_groups=groups, ccl_distill_group=16 // groups, loader="tensor"), 32)
+    ds = open_dataset("demo")
+    plan = plan_tasks(config, ds.targets, len(ds.classes))
+    trainer = Trainer(config, load_uint8(ds), plan, None, ctx, runs.TrainLog(".", enabled=False), None)
+    trainer.start_task(1)                      # teacher and key encoder reset, extra queue filled
+    trainer.epoch = 1
+    trainer.begin_epoch()                      # the teacher runs in train mode (code mode, epoch 1)
+    make = torch.Generator().manual_seed(3)
+    views = [torch.randn(16, 3, 32, 32, generator=make) for _ in range(3)]
+    old_all = np.zeros(16, bool)
+    old_all[[1, 5, 9, 12]] = True              # replayed rows in both halves of the global batch
+    local = 16 // ctx.world_size
+    rows = slice(ctx.rank * local, (ctx.rank + 1) * local)
+    batch = Batch(q=views[0][rows], k=views[1][rows], anchor=views[2][rows],
+                  is_old=torch.from_numpy(old_all[rows]), ids=torch.arange(16)[rows],
+                  old_host=old_all[rows], old_all_host=old_all)
+    result = trainer.train_step(batch, torch.Generator().manual_seed(7))
+    torch.save({"losses": {k: v.clone() for k, v in result.losses.items()},
+                "grads": {n: p.grad.clone() for n, p in trainer.model.encoder_q.named_parameters()},
+                "model": trainer.model.state_dict(), "teacher": trainer.method.teacher.state_dict(),
+                "extra_queue": trainer.method.extra_queue.state_dict()},
+               os.path.join(out, f"{ctx.world_size}proc_rank{ctx.rank}.pt"))
+    dist.cleanup(ctx)
+""")
+
+
+def test_one_process_with_n_bn_groups_equals_n_ranks(tmp_path):
+    """Per-GPU BatchNorm emulated in one process (2 groups) = 2 ranks under torchrun on the same
+    global batch: the same losses, gradients, BatchNorm statistics (student, key encoder,
+    teacher in train mode), queues. Distillation, extra queue and the key shuffle are all on."""
+    script = tmp_path / "step.py"
+    script.write_text(STEP_WORKER)
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, str(script), str(tmp_path), "2"], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc_per_node", "2", str(script), str(tmp_path), "2"],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    one = torch.load(tmp_path / "1proc_rank0.pt", weights_only=True)
+    two = [torch.load(tmp_path / f"2proc_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for name in ("moco", "extra", "distill", "total"):       # each rank's loss is over its half
+        mean = (two[0]["losses"][name] + two[1]["losses"][name]) / 2
+        torch.testing.assert_close(one["losses"][name], mean, atol=1e-5, rtol=1e-4, msg=name)
+    assert float(one["losses"]["distill"]) > 0
+    for part in ("grads", "model", "teacher", "extra_queue"):
+        for name, value in one[part].items():
+            torch.testing.assert_close(value, two[0][part][name], atol=1e-5, rtol=1e-4,
+                                       msg=f"{part}.{name}")

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cclnb import dist, runs
-from cclnb.data import open_dataset
+from cclnb.config import TrainConfig
+from cclnb.data import load_uint8, open_dataset
 from cclnb.trainer import Trainer, plan_tasks, pretrain, resolve_config
 from test_trainer import one_thread, tiny_config  # noqa: F401  (fixture re-used)
 
@@ -193,3 +194,30 @@ def test_pretraining_and_min_variance_selection_never_read_labels(tmp_path, load
     run_dir = runs.prepare_run_dir(tmp_path / "run")
     trainer = pretrain(config, LabelFree(ds), plan, run_dir, CPU, runs.TrainLog(run_dir))
     assert trainer.task == 2 and 0 < len(trainer.replay[1]) <= config.n_save * plan.classes_per_task
+
+
+def test_a_float64_step_stays_float64():
+    """For numerical cross-checks against a reference run in float64: with the model, the queues
+    and the batch in float64 (precision fp32, i.e. no autocast), every loss, the logits and the
+    embeddings come back in float64."""
+    ds = open_dataset("demo")
+    config = TrainConfig(method="CCL", arch="resnet18", stem="imagenet", batch_size=16, moco_k=32, ccl_k=8,
+                         n_tasks=5, n_save=2, epochs=1, seed=0, progress=False, precision="fp32",
+                         device="cpu", bn_groups=2, key_bn_groups=2)
+    trainer = Trainer.from_images(config, load_uint8(ds), ds.targets)
+    trainer.start_task(0)
+    trainer.run_epoch()
+    trainer.finish_task()
+    trainer.start_task(1)
+    for module in (trainer.model, trainer.method.teacher, trainer.method.extra_queue):
+        module.double()
+    trainer.begin_epoch()
+    batch = next(trainer.epoch_batches())
+    batch.q, batch.k, batch.anchor = batch.q.double(), batch.k.double(), batch.anchor.double()
+    old = np.arange(16) % 4 == 0
+    batch.is_old, batch.old_host, batch.old_all_host = torch.from_numpy(old), old, old
+    result = trainer.train_step(batch)
+    assert all(v.dtype == torch.float64 for v in result.losses.values())
+    assert result.logits.dtype == result.q.dtype == result.k.dtype == torch.float64
+    assert float(result.losses["distill"]) > 0 and result.details["teacher_q"].dtype == torch.float64
+    assert trainer.model.queue.dtype == torch.float64
