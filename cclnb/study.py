@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -63,9 +64,10 @@ class Preset:
 
     `task_sequence` / `linear_eval` / `report` hold parameter values for those notebooks (names
     must exist in the notebook's `parameters` cell; `test_study` checks). `data_hint` is what the
-    error says when the preset's data is not on this machine. `parallel` runs the methods'
-    task sequences as concurrent processes (one GPU can hold several small runs). `seeds`: every
-    method runs once per seed (`--seeds` overrides).
+    error says when the preset's data is not on this machine. `jobs`: how many (method, seed)
+    runs proceed at once, each notebook in its own process (one GPU holds several small runs; on
+    a small CPU two processes hide each other's kernel start-up). `seeds`: every method runs once
+    per seed (`--seeds` overrides).
     """
 
     name: str
@@ -75,7 +77,7 @@ class Preset:
     report: Mapping[str, Any] = field(default_factory=dict)
     methods: tuple[str, ...] = METHODS
     data_hint: str = ""
-    parallel: bool = False
+    jobs: int = 1
     seeds: tuple[int, ...] = (0,)
 
     def parameters(self, notebook: str) -> dict[str, Any]:
@@ -112,7 +114,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         linear_eval=_GPU_LINCLS,
         report={"title": "Continual MoCo v2 on Tiny-ImageNet-32 (100 classes, 10 tasks)"},
         data_hint="tiny-imagenet-32-sub100.zip (ImageNet folder layout inside the zip)",
-        parallel=True),
+        jobs=4),
     Preset(
         name="tin200-32",
         description="Tiny-ImageNet-32, all 200 classes, 10 tasks of 20, ResNet-18 at 32 px, bf16",
@@ -120,7 +122,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         linear_eval=_GPU_LINCLS,
         report={"title": "Continual MoCo v2 on Tiny-ImageNet-32 (200 classes, 10 tasks)"},
         data_hint="tiny-imagenet-32.zip (ImageNet folder layout inside the zip)",
-        parallel=True),
+        jobs=4),
     Preset(
         name="imagenet-sub",
         description="the authors' protocol exactly: ImageNet-Sub (classes 0..99), ResNet-50 at "
@@ -141,7 +143,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         linear_eval=_GPU_LINCLS,
         report={"title": "Continual MoCo v2 on CIFAR-100 (10 tasks)"},
         data_hint="the cifar-100-python folder (or add -p download=True)",
-        parallel=True),
+        jobs=4),
 )}
 
 
@@ -269,6 +271,7 @@ class Step:
     parameters: dict[str, Any]
     done: bool = False               # finished by an earlier call: skipped
     action: Callable[[], object] | None = None
+    group: str = ""                  # steps of one group run in order ("CCL seed 0")
 
 
 @dataclass
@@ -278,7 +281,7 @@ class Study:
     runs_dir: Path
     report_dir: Path
     steps: list[Step]
-    parallel: bool
+    jobs: int
     seeds: tuple[int, ...] = (0,)
 
     @property
@@ -329,7 +332,7 @@ def _seeds(seeds: Sequence[int] | None, preset: Preset) -> tuple[int, ...]:
 
 def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root: str | Path = "runs",
                reports_root: str | Path = "reports", methods: Sequence[str] | None = None,
-               study: str | None = None, force: bool = False, parallel: bool | None = None,
+               study: str | None = None, force: bool = False, jobs: int | None = None,
                seeds: Sequence[int] | None = None, baseline: bool = True,
                records: Sequence[str | Path] = (), report_only: bool = False,
                notebooks_dir: str | Path | None = None) -> Study:
@@ -342,6 +345,7 @@ def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root
     complete is skipped (its record is rewritten from it); a half-finished run resumes from its
     last checkpoint; with `force` the selected run directories are deleted first.
     `report_only` plans only the report (records from other machines, nothing to train).
+    `jobs` (default: the preset's) is how many (method, seed) runs proceed at once.
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
     specs = {nb: notebook_parameters(notebook_path(nb, notebooks_dir)) for nb in NOTEBOOKS}
@@ -371,8 +375,10 @@ def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root
     steps.append(Step("report", "report", runs_dir / "report.ipynb",
                       {**params["report"], "study": name, "records": folders,
                        "out_dir": str(report_dir)}))
-    return Study(name, preset, runs_dir, report_dir, steps,
-                 preset.parallel if parallel is None else parallel, chosen_seeds)
+    jobs = preset.jobs if jobs is None else jobs
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1 (1 runs one notebook at a time), got {jobs}")
+    return Study(name, preset, runs_dir, report_dir, steps, jobs, chosen_seeds)
 
 
 def _method_steps(method: str, seed: int, run_dir: Path, params: Mapping[str, dict[str, Any]],
@@ -398,7 +404,10 @@ def _method_steps(method: str, seed: int, run_dir: Path, params: Mapping[str, di
              for who in who_list]
     record = Step(f"{label}: record", "record", records_dir / record_name(method, seed), {},
                   action=functools.partial(_record, run_dir, records_dir, study))
-    return [first, *evals, record]
+    steps = [first, *evals, record]
+    for step in steps:
+        step.group = label
+    return steps
 
 
 def check_preset(preset: Preset, specs: Mapping[str, Mapping[str, Any]]) -> None:
@@ -465,16 +474,69 @@ class _StepError(Exception):
     """Internal: a step failed; `run_study` adds the step's number and label."""
 
 
-def _launch(step: Step, notebooks_dir: str | Path | None) -> subprocess.Popen:
-    """Start papermill for `step` as its own process (for concurrent task sequences)."""
+def _launch(step: Step, notebooks_dir: str | Path | None, threads: int) -> subprocess.Popen:
+    """Start papermill for `step` as its own process, its output in `<output>.log`; the kernel
+    gets `threads` CPU threads (OMP_NUM_THREADS, unless the caller set it) so that concurrent
+    notebooks share the cores instead of oversubscribing them."""
     step.output.parent.mkdir(parents=True, exist_ok=True)
     params_file = step.output.with_suffix(".parameters.json")
     params_file.write_text(json.dumps(step.parameters, indent=1))
     command = [sys.executable, "-m", "papermill", str(notebook_path(step.notebook, notebooks_dir)),
                str(step.output), "-f", str(params_file), "-k", "python3", "--no-progress-bar",
                "--log-output", "--cwd", str(step.output.parent)]
+    env = {"OMP_NUM_THREADS": str(threads), **os.environ}
     with open(step.output.with_suffix(".log"), "w", encoding="utf-8") as log:  # the child keeps its copy
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def _run_action(step: Step, index: int, total: int, log: Callable[[str], None]) -> None:
+    """An in-process step (untrained encoder, record): short, so one line when done."""
+    tic = time.monotonic()
+    try:
+        step.action()
+    except CclnbError as error:
+        raise _failure(step, index, total, f"in cclnb ({type(error).__name__}: {error})") from error
+    log(f"[{index}/{total}] {step.label}: done in {time.monotonic() - tic:.0f} s ({step.output})")
+
+
+def _run_concurrently(pending: list[tuple[int, Step]], jobs: int, notebooks_dir: str | Path | None,
+                      log: Callable[[str], None], total: int) -> None:
+    """Run the groups of `pending` (each group's steps in order) with up to `jobs` notebooks at
+    once. A failed step drops the rest of its group; the other groups finish, then the failures
+    are raised together."""
+    queues: dict[str, list[tuple[int, Step]]] = {}
+    for index, step in pending:
+        queues.setdefault(step.group, []).append((index, step))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    running: dict[str, tuple[int, Step, subprocess.Popen, float]] = {}
+    failures: list[StudyStepFailed] = []
+    while queues or running:
+        for group in [g for g in queues if g not in running]:
+            queue = queues[group]
+            try:
+                while queue and queue[0][1].action is not None:
+                    _run_action(*queue.pop(0), total, log)
+            except StudyStepFailed as failure:
+                failures.append(failure)
+                queue.clear()
+            if queue and len(running) < jobs:
+                index, step = queue.pop(0)
+                log(f"[{index}/{total}] {step.label} ... (log {step.output.with_suffix('.log')})")
+                running[group] = (index, step, _launch(step, notebooks_dir, threads), time.monotonic())
+            if not queue:
+                del queues[group]
+        time.sleep(0.2)
+        for group, (index, step, proc, tic) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[group]
+            if proc.returncode == 0:
+                log(f"[{index}/{total}] {step.label}: done in {time.monotonic() - tic:.0f} s")
+            else:
+                failures.append(_failure(step, index, total, failed_cell(step.output)))
+                queues.pop(group, None)
+    if failures:
+        raise failures[0] if len(failures) == 1 else StudyStepFailed(" | ".join(map(str, failures)))
 
 
 def render_html(executed: Path, html: Path) -> Path:
@@ -492,11 +554,12 @@ def render_html(executed: Path, html: Path) -> Path:
 
 def run_study(study: Study, notebooks_dir: str | Path | None = None,
               log: Callable[[str], None] = print) -> Path:
-    """Execute the plan's pending steps in order and render the report; returns index.html.
+    """Execute the plan's pending steps and render the report; returns index.html.
 
-    Task sequences run concurrently when `study.parallel` (each in its own papermill process,
-    its output in `<run>/task_sequence.log`); linear evals and the report follow in order.
-    A failure raises StudyStepFailed after the other concurrent runs have finished.
+    With `study.jobs` > 1, up to that many (method, seed) runs proceed at once, each notebook
+    in its own papermill process (output in `<notebook>.log` beside its executed copy); else
+    every step runs in this process, in order, its output streamed here. The report comes last.
+    A failure raises StudyStepFailed naming the step (after the concurrent runs have finished).
     """
     total = len(study.steps)
     numbered = list(enumerate(study.steps, start=1))
@@ -505,25 +568,15 @@ def run_study(study: Study, notebooks_dir: str | Path | None = None,
         if step.done:
             log(f"[{index}/{total}] {step.label}: already complete, skipped ({step.output.parent})")
     pending = [(i, s) for i, s in numbered if not s.done]
-    if study.parallel:
-        training = [(i, s) for i, s in pending if s.notebook == "task_sequence"]
-        procs = []
-        for index, step in training:
-            log(f"[{index}/{total}] {step.label} ... (concurrent; log {step.output.with_suffix('.log')})")
-            procs.append((index, step, _launch(step, notebooks_dir)))
-        failures = [_failure(step, index, total, failed_cell(step.output))
-                    for index, step, proc in procs if proc.wait() != 0]
-        if failures:
-            raise failures[0] if len(failures) == 1 else StudyStepFailed(
-                " | ".join(str(f) for f in failures))
-        pending = [(i, s) for i, s in pending if s.notebook != "task_sequence"]
+    if study.jobs > 1:
+        _run_concurrently(pending[:-1], study.jobs, notebooks_dir, log, total)
+        pending = pending[-1:]
     for index, step in pending:
-        tic = time.monotonic()
-        if step.action is not None:   # in-process and short: one line when done
-            step.action()
-            log(f"[{index}/{total}] {step.label}: done in {time.monotonic() - tic:.0f} s ({step.output})")
+        if step.action is not None:
+            _run_action(step, index, total, log)
             continue
         log(f"[{index}/{total}] {step.label} ...")
+        tic = time.monotonic()
         try:
             execute_step(step, notebooks_dir)
         except _StepError as error:

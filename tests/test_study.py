@@ -151,12 +151,12 @@ def test_preset_without_data_asks_for_it(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
-def test_a_failing_step_names_the_notebook_and_cell(tmp_path: Path, parallel: bool) -> None:
+@pytest.mark.parametrize("jobs", [1, 2], ids=["sequential", "concurrent"])
+def test_a_failing_step_names_the_notebook_and_cell(tmp_path: Path, jobs: int) -> None:
     """resnet9 passes -p typing (a str) but TrainConfig.validate rejects it inside the notebook;
-    in parallel mode the cell is read back from the executed copy the subprocess left."""
+    with concurrent jobs the cell is read back from the executed copy the subprocess left."""
     plan = study.plan_study("demo", ["arch=resnet9"], runs_root=tmp_path / "runs",
-                            reports_root=tmp_path / "reports", methods=["Joint"], parallel=parallel,
+                            reports_root=tmp_path / "reports", methods=["Joint"], jobs=jobs,
                             seeds=[0], baseline=False)
     with pytest.raises(study.StudyStepFailed) as info:
         study.run_study(plan, log=lambda _: None)

@@ -40,11 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="delete the selected methods' runs (for the selected seeds) and train "
                              "them again")
-    order = parser.add_mutually_exclusive_group()
-    order.add_argument("--parallel", dest="parallel", action="store_true", default=None,
-                       help="run the methods' task sequences concurrently")
-    order.add_argument("--sequential", dest="parallel", action="store_false",
-                       help="run the methods one after another (overrides the preset)")
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="how many (method, seed) runs proceed at once, each notebook in its own "
+                             "process (default: the preset's; 1 = one notebook at a time, output here)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     study = plan_study(args.preset, args.param, runs_root=args.runs_root,
                        reports_root=args.reports_root, methods=args.methods, study=args.study,
-                       force=args.force, parallel=args.parallel, seeds=args.seeds,
+                       force=args.force, jobs=args.jobs, seeds=args.seeds,
                        baseline=args.baseline, records=args.records, report_only=args.report_only)
     run_study(study)
     return 0
