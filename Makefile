@@ -1,10 +1,10 @@
-# Two entry points (see README): `make study` and `make test`; both create .venv on first use.
+# Entry points (see README): `make lab`, `make study` and `make test`; each creates .venv on first use.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup study test bench clean-venv
+.PHONY: setup lab study test bench clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# JupyterLab from the venv: its `python3` kernel is then the venv's interpreter, the one papermill
+# and `cclnb study` use. Opens notebooks/explore.ipynb; LAB_ARGS adds options (e.g. --no-browser --port 8899).
+lab: $(STAMP)
+	$(PY) -m jupyterlab --ServerApp.root_dir=. $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS) notebooks/explore.ipynb
 
 study: $(STAMP)
 	$(PY) -m cclnb study --preset demo
