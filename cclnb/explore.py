@@ -365,11 +365,15 @@ class Explorer:
         return self._val_features[key], tasks
 
     def embedding_figure(self, run_dir: str, who: str = "student", max_points: int = 2000) -> Figure:
-        """PCA to 2-D of the encoder's validation features, coloured by the task of each class."""
+        """PCA to 2-D of the encoder's L2-normalized validation features (the cosine geometry the
+        contrastive loss and the kNN use; raw features of an untrained net are dominated by a few
+        huge activations), coloured by the task of each class."""
         feats, tasks = self.val_features(run_dir, who, max_points)
-        points = PCA(n_components=2, random_state=self.seed).fit_transform(feats)
+        unit = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+        points = PCA(n_components=2, random_state=self.seed).fit_transform(unit)
         name = run_label(run_dir) + ("" if run_dir == UNTRAINED else f" ({who})")
-        return report.plot_embedding(points, tasks, title=f"PCA of {name}: {len(feats)} val images")
+        return report.plot_embedding(points, tasks, title=f"PCA of {name} features (L2-normalized): "
+                                                          f"{len(feats)} val images")
 
 
 # ----------------------------------------------------------------------------- browsing
