@@ -12,10 +12,16 @@ Each row is timed for a MoCo step (Finetuning) and a CCL step (second task: extr
 distillation on, teacher forwards), both the trainer's own `train_step`, so the table measures
 the code that trains, not a lookalike. Times are wall clocks around `torch.cuda.synchronize()`,
 after warm-up steps (cuDNN autotuning, compilation) that are excluded.
+
+Ratios between rows say how close the data path comes to the step, not how good the step is. For
+that the same run also measures the device's own ceiling, a large square matmul at each precision,
+and counts the FLOPs one `train_step` really executes (torch's `FlopCounterMode`), so every row
+also reads as achieved GFLOP/s and as a fraction of that matmul peak at its precision.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import math
@@ -30,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from cclnb import dist, runs
@@ -37,11 +44,18 @@ from cclnb.batches import Batch, TensorFeeder, WorkerFeeder, epoch_order
 from cclnb.config import ARCHS, TrainConfig
 from cclnb.data import load_uint8, open_dataset
 from cclnb.errors import ConfigError
+from cclnb.precision import resolve_precision
 from cclnb.trainer import SMALL_IMAGE_MAX, TaskPlan, Trainer
 
 REPLAY_FRACTION = 0.2        # share of replayed ("old") samples per batch in the CCL step
 CEILING_BATCHES = 4          # distinct pre-augmented batches cycled through for the ceiling rows
 STEP_KINDS = {"MoCo": "Finetuning", "CCL": "CCL"}
+BENCH_PRECISIONS = ("auto", "fp32", "bf16", "both")     # both: rows 1-3 at the native and the other one
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Side of the square matmuls of the peak measurement: big enough to be compute-bound (2 x 2048^3
+# FLOPs take ~0.08 s in fp32 on this project's 2 CPU cores), small enough to cost seconds.
+PEAK_MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
+PEAK_REPEATS = 3
 
 
 @dataclass
@@ -54,7 +68,7 @@ class BenchOptions:
     batch_size: int = 512
     steps: int = 50
     warmup: int = 3
-    precision: str = "auto"     # auto: bf16 on a GPU, fp32 on the CPU (where bf16 autocast is slow)
+    precision: str = "auto"     # auto (cclnb.precision's rule) | fp32 | bf16 | both
     data: str = "demo"
     workers: int = 8
     compile: bool = False
@@ -68,8 +82,8 @@ class BenchOptions:
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (self.warmup >= 1, f"--warmup must be >= 1 (the first step pays one-time costs), got {self.warmup}"),
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
-            (self.precision in ("auto", "fp32", "bf16"),
-             f"--precision must be auto, fp32 or bf16, got {self.precision!r}"),
+            (self.precision in BENCH_PRECISIONS,
+             f"--precision must be one of {', '.join(BENCH_PRECISIONS)}, got {self.precision!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -84,6 +98,7 @@ class Row:
     precision: str
     first_batch_s: float | None = None
     img_per_s: dict[str, float] = field(default_factory=dict)   # step kind -> images/s
+    reference: bool = False     # the eager ceiling that the "/ ceiling" ratios of its precision use
 
 
 @dataclass
@@ -93,13 +108,20 @@ class BenchResult:
     rows: list[Row]
     header: dict[str, str]
     notes: list[str]
+    peak_gflops: dict[str, float]       # precision -> measured matmul GFLOP/s
+    flops_per_image: dict[str, float]   # step kind -> FLOPs of one train_step per image
 
-    @property
-    def ceiling(self) -> Row:
-        """The eager ceiling at the chosen precision: the reference every ratio is taken to."""
-        return next(r for r in self.rows if r.name.startswith("3."))
+    def ceiling(self, precision: str) -> Row:
+        """The eager ceiling at `precision`: the reference of the img/s ratios of that precision's rows."""
+        return next(r for r in self.rows if r.reference and r.precision == precision)
+
+    def achieved_gflops(self, row: Row, kind: str) -> float:
+        """The row's counted work per second: what "% of peak" divides by the matmul peak."""
+        return row.img_per_s[kind] * self.flops_per_image[kind] / 1e9
 
     def to_markdown(self) -> str:
+        """The table. The img/s columns come first and keep their positions (3 and 5 for MoCo and
+        CCL), which `benchmarks/plan_epochs.py` reads; the FLOP columns follow."""
         kinds = list(STEP_KINDS)
         lines = [f"# cclnb bench: {self.options.arch}, {self.options.image_size} px, "
                  f"batch {self.options.batch_size}", ""]
@@ -107,15 +129,27 @@ class BenchResult:
         cols = ["pipeline", "precision", "first batch (s)"]
         for kind in kinds:
             cols += [f"{kind} img/s", f"{kind} / ceiling"]
+        for kind in kinds:
+            cols += [f"{kind} GFLOP/s", f"{kind} % of peak"]
         lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for row in self.rows:
             cells = [row.name, row.precision, "-" if row.first_batch_s is None else f"{row.first_batch_s:.2f}"]
+            ceiling = self.ceiling(row.precision)
             for kind in kinds:
                 speed = row.img_per_s[kind]
-                cells += [f"{speed:,.0f}", f"{speed / self.ceiling.img_per_s[kind]:.0%}"]
+                cells += [_rate(speed), f"{speed / ceiling.img_per_s[kind]:.0%}"]
+            for kind in kinds:
+                achieved = self.achieved_gflops(row, kind)
+                cells += [_rate(achieved), f"{achieved / self.peak_gflops[row.precision]:.1%}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines += [""] + [f"- {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
+
+
+def _rate(value: float) -> str:
+    """Whole numbers with thousands separators, 3 significant digits below 100: a CPU row at
+    0.4 img/s must not print as 0."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
 # ---------------------------------------------------------------------------- timing
@@ -144,6 +178,68 @@ def time_steps(step: Callable[[Batch], None], make_batches: Callable[[], Iterato
     return first_batch_s, steps * batch_size / (time.perf_counter() - start)
 
 
+# ---------------------------------------------------------------------------- the device's ceiling
+@contextlib.contextmanager
+def _fp32_matmuls_like_convolutions(device: torch.device) -> Iterator[None]:
+    """On CUDA, let fp32 matmuls use TF32 exactly when cuDNN's fp32 convolutions do (torch's
+    defaults differ: convolutions yes, matmuls no). A ResNet step is convolutions, so this is the
+    fp32 peak its rows can reach; measured without TF32 they could read above 100%."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def matmul_peak_gflops(device: torch.device, precision: str, size: int, repeats: int = PEAK_REPEATS,
+                       min_time_s: float = 0.1) -> float:
+    """GFLOP/s of `size` x `size` matmuls in `precision` (2 size^3 FLOPs each), best of `repeats`.
+
+    This is the yardstick of the table's "% of peak": what this device's matrix units actually
+    deliver in this run (same load, same clocks, same library), not a datasheet number. One
+    untimed product pays allocation and kernel selection; then the number of products per timed
+    repeat doubles until a repeat lasts `min_time_s`, so a fast GPU is not timed on one launch.
+    """
+    generator = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(size, size, device=device, generator=generator).to(PRECISION_DTYPES[precision])
+            for _ in range(2))
+    out = torch.empty_like(a)
+
+    def seconds(n: int) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(n):
+            torch.mm(a, b, out=out)
+        _sync(device)
+        return time.perf_counter() - start
+
+    with _fp32_matmuls_like_convolutions(device):
+        seconds(1)
+        n = 1
+        while (elapsed := seconds(n)) < min_time_s:
+            n *= 2
+        best = min([elapsed] + [seconds(n) for _ in range(repeats - 1)])
+    return 2 * size**3 * n / best / 1e9
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs (2 per multiply-add) of the matrix products and convolutions that `fn()` dispatches,
+    backward passes included, as torch's `FlopCounterMode` counts them from the real op shapes.
+
+    Counting the ops that run, rather than typing in a model's FLOPs, keeps the count true when
+    the step changes (a skipped forward, a first layer that needs no input gradient). Elementwise
+    ops, norms and the optimizer are not counted: they are memory-bound and no matmul peak
+    applies to them.
+    """
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 # ---------------------------------------------------------------------------- the trainer's step
 def _config(options: BenchOptions, method: str, precision: str, compile_: bool, loader: str) -> TrainConfig:
     return TrainConfig(
@@ -161,26 +257,53 @@ class StepFactory:
     def __init__(self, options: BenchOptions, images: np.ndarray, ctx: dist.DistContext, run_dir: Path) -> None:
         self.options, self.images, self.ctx, self.run_dir = options, images, ctx, run_dir
         self.generator = torch.Generator(device=ctx.device).manual_seed(0)
-        self._steps: dict[tuple[str, str, bool], Callable[[Batch], None]] = {}
+        self._trainers: dict[tuple[str, str, bool], Trainer] = {}
+
+    def trainer(self, kind: str, precision: str, compile_: bool = False) -> Trainer:
+        key = (kind, precision, compile_)
+        if key not in self._trainers:
+            self._trainers[key] = self._build(kind, precision, compile_)
+        return self._trainers[key]
 
     def get(self, kind: str, precision: str, compile_: bool = False) -> Callable[[Batch], None]:
-        key = (kind, precision, compile_)
-        if key not in self._steps:
-            self._steps[key] = self._build(kind, precision, compile_)
-        return self._steps[key]
+        trainer = self.trainer(kind, precision, compile_)
+        return lambda batch: trainer.train_step(batch, self.generator)
 
-    def _build(self, kind: str, precision: str, compile_: bool) -> Callable[[Batch], None]:
+    def _build(self, kind: str, precision: str, compile_: bool) -> Trainer:
         config = _config(self.options, STEP_KINDS[kind], precision, compile_, "tensor")
         ids = np.arange(len(self.images))
         plan = TaskPlan(task_classes=[np.arange(1)], task_ids=[ids], n_classes=1)
         trainer = Trainer(config, self.images, plan, self.run_dir, self.ctx,
                           runs.TrainLog(self.run_dir, enabled=False), evaluator=None)
-        trainer.model.train()
-        if kind == "CCL":       # the second task: teacher and extra queue exist, both losses on
-            trainer.task = 1
-            trainer.method.on_task_start(1)
-            trainer.method.on_epoch_start(1, 0)
-        return lambda batch: trainer.train_step(batch, self.generator)
+        # MoCo: the first task. CCL: the second, where the teacher and the extra queue take part
+        # (epoch 0: the teacher is in eval mode, see docs/performance.md).
+        trainer.start_task(1 if kind == "CCL" else 0)
+        trainer.begin_epoch()
+        return trainer
+
+
+def step_flops(steps: StepFactory, batches: list[Batch], precision: str) -> tuple[dict[str, float], float]:
+    """(FLOPs per image of a `train_step` of each kind, FLOPs per image of one query-encoder
+    forward). A step's work can depend on its batch (the CCL step skips its distillation forwards
+    on a batch without replayed rows), so each kind is counted over all of `batches`, the ones the
+    ceiling rows cycle through. The counted steps are extra untimed warm-up steps of the trainers;
+    the forward is reported so a reader can check a step's count in units of forwards."""
+    images = sum(len(batch.q) for batch in batches)
+    per_image = {kind: sum(count_flops(lambda: steps.get(kind, precision)(batch)) for batch in batches) / images
+                 for kind in STEP_KINDS}
+    encoder = steps.trainer("MoCo", precision).model.encoder_q
+    with torch.no_grad():
+        forward = count_flops(lambda: encoder(batches[0].q)) / len(batches[0].q)
+    return per_image, forward
+
+
+def row_precisions(precision: str, device: torch.device) -> list[str]:
+    """The precisions the table has rows for, the device's default (`auto`) first: `both` adds
+    the other one, so a single run shows what bf16 buys on this device."""
+    if precision != "both":
+        return [resolve_precision(precision, device)]
+    native = resolve_precision("auto", device)
+    return [native, "fp32" if native == "bf16" else "bf16"]
 
 
 # ---------------------------------------------------------------------------- the run
@@ -238,22 +361,27 @@ def run_bench(options: BenchOptions, command: str = "cclnb bench") -> BenchResul
     def ceiling_batches() -> Iterator[Batch]:
         return itertools.cycle(prepared)
 
-    main = options.precision if options.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    other = "fp32" if main == "bf16" else "bf16"
-    plan: list[tuple[Row, Callable[[], Iterator[Batch]], str, bool]] = [
-        (Row(f"1. authors: PIL + torchvision + DataLoader ({options.workers} workers)", main),
-         worker_batches, main, False),
-        (Row("2. cclnb fast path: uint8 on device + BatchMoCoV2Augment", main), tensor_batches, main, False),
-        (Row("3. ceiling: pre-augmented batches on device", main), ceiling_batches, main, False),
-    ]
-    if device.type == "cuda":   # the precision comparison is only informative on a GPU
-        plan.append((Row("3. ceiling, other precision", other), ceiling_batches, other, False))
+    precisions = row_precisions(options.precision, device)
+    main = precisions[0]
+    plan: list[tuple[Row, Callable[[], Iterator[Batch]], str, bool]] = []
+    for precision in precisions:
+        plan += [
+            (Row(f"1. authors: PIL + torchvision + DataLoader ({options.workers} workers)", precision),
+             worker_batches, precision, False),
+            (Row("2. cclnb fast path: uint8 on device + BatchMoCoV2Augment", precision),
+             tensor_batches, precision, False),
+            (Row("3. ceiling: pre-augmented batches on device", precision, reference=True),
+             ceiling_batches, precision, False),
+        ]
     if options.compile:
         plan.append((Row("2. fast path, torch.compile", main), tensor_batches, main, True))
         plan.append((Row("3. ceiling, torch.compile", main), ceiling_batches, main, True))
 
+    peak_size = PEAK_MATMUL_SIZE[device.type]
+    peaks = {precision: matmul_peak_gflops(device, precision, peak_size) for precision in precisions}
     with tempfile.TemporaryDirectory(prefix="cclnb-bench-") as tmp:
         steps = StepFactory(options, images[:options.batch_size], ctx, Path(tmp))
+        flops, forward_flops = step_flops(steps, prepared, main)
         jobs = [(row, make, precision, compile_, kind) for row, make, precision, compile_ in plan
                 for kind in STEP_KINDS]
         for row, make, precision, compile_, kind in tqdm(jobs, desc="bench", unit="row"):
@@ -265,6 +393,7 @@ def run_bench(options: BenchOptions, command: str = "cclnb bench") -> BenchResul
         aug_speed = _augmentation_speed(tensor_batches, options, device)
 
     rows = [row for row, *_ in plan]
+    tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
     header = {
         "command": f"`{command}`",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -277,15 +406,25 @@ def run_bench(options: BenchOptions, command: str = "cclnb bench") -> BenchResul
         "timing": f"{options.steps} steps per cell after {options.warmup} warm-up steps, wall clock "
                   f"with device synchronization; MoCo = Finetuning step, CCL = second-task step "
                   f"({REPLAY_FRACTION:.0%} replayed samples)",
+        "matmul peak": ", ".join(f"{p} {peaks[p]:,.0f} GFLOP/s" for p in precisions)
+                       + f" (torch.mm of {peak_size} x {peak_size}, measured in this run, best of {PEAK_REPEATS}"
+                       + ("; fp32 with TF32, as cuDNN's convolutions)" if tf32 else ")"),
+        "FLOPs per image": ", ".join(f"{kind} step {flops[kind] / 1e9:.2f} GFLOP "
+                                     f"(= {flops[kind] / forward_flops:.1f} forwards)" for kind in STEP_KINDS)
+                           + f"; one query-encoder forward {forward_flops / 1e9:.2f} GFLOP (FlopCounterMode "
+                             f"over train_steps on the {CEILING_BATCHES} ceiling batches, forward and backward)",
     }
     notes = [
         "first batch: from asking for batches to the first one on the device (worker start-up, "
         "or upload of the uint8 array and the first augmentation), MoCo pass",
         f"uint8 array of {n_unique} images: {load_s:.2f} s to decode or read from the cache (once per dataset)",
         f"BatchMoCoV2Augment alone (q, k and anchor views, no step): {aug_speed:,.0f} img/s",
-        "ratios are to row 3 (eager ceiling at the chosen precision)",
+        "/ ceiling: img/s as a fraction of row 3 (eager ceiling) at the row's precision",
+        "GFLOP/s: FLOPs per image x img/s; % of peak: that over the matmul peak at the row's precision "
+        "(matmuls and convolutions only; BatchNorm, elementwise ops and the optimizer are extra time "
+        "with no FLOPs counted)",
     ]
-    return BenchResult(options, device.type, rows, header, notes)
+    return BenchResult(options, device.type, rows, header, notes, peaks, flops)
 
 
 def _augmentation_speed(make_batches: Callable[[], Iterator[Batch]], options: BenchOptions,

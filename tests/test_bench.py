@@ -1,39 +1,61 @@
-"""`cclnb bench` on the CPU with tiny sizes: the table has the three rows and lands in a file."""
+"""`cclnb bench` on the CPU with tiny sizes: the table has its rows and columns and lands in a file;
+the FLOP count and the matmul peak behind its "% of peak" columns are checked on their own."""
 
 from __future__ import annotations
 
+import math
 import re
 
+import pytest
 import torch
+from torch import nn
 
-from cclnb.bench import time_steps
+from cclnb.bench import count_flops, matmul_peak_gflops, row_precisions, time_steps
 from cclnb.cli import main
+from cclnb.precision import resolve_precision
 
 ROWS = ("1. authors: PIL + torchvision + DataLoader (1 workers)",
         "2. cclnb fast path: uint8 on device + BatchMoCoV2Augment",
         "3. ceiling: pre-augmented batches on device")
+PERCENT = r"\d+%"
 
 
 def test_cpu_tiny_bench_prints_the_table_and_writes_it(tmp_path, capsys):
     out = tmp_path / "bench.md"
-    code = main(["bench", "--device", "cpu", "--arch", "resnet18", "--batch-size", "8", "--steps", "1",
-                 "--warmup", "1", "--workers", "1", "--data", "demo", "--out", str(out)])
+    code = main(["bench", "--device", "cpu", "--arch", "resnet18", "--image-size", "16", "--batch-size", "8",
+                 "--steps", "1", "--warmup", "1", "--workers", "1", "--data", "demo", "--precision", "both",
+                 "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0
     table = out.read_text()
     assert table in printed
     lines = [line for line in table.splitlines() if line.startswith("| ")]
-    assert lines[0].startswith("| pipeline | precision | first batch (s) | MoCo img/s | MoCo / ceiling")
-    body = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in lines[1:]}
-    assert tuple(body) == ROWS                         # no GPU-only rows on the CPU
-    for name, cells in body.items():
-        precision, first, moco, moco_ratio, ccl, ccl_ratio = [c.strip(" |") for c in cells]
-        assert precision == "fp32"
-        assert float(moco.replace(",", "")) > 0 and float(ccl.replace(",", "")) > 0
-        assert re.fullmatch(r"\d+%", moco_ratio) and re.fullmatch(r"\d+%", ccl_ratio)
+    # The img/s columns keep positions 3 and 5 (benchmarks/plan_epochs.py reads them).
+    assert lines[0].startswith("| pipeline | precision | first batch (s) | MoCo img/s | MoCo / ceiling | "
+                               "CCL img/s | CCL / ceiling | MoCo GFLOP/s | MoCo % of peak | CCL GFLOP/s | "
+                               "CCL % of peak |")
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
+    native = resolve_precision("auto", "cpu")
+    other = "fp32" if native == "bf16" else "bf16"
+    assert [(cells[0], cells[1]) for cells in body] == [(name, p) for p in (native, other) for name in ROWS]
+    for name, _, first, moco, moco_ratio, ccl, ccl_ratio, moco_gflops, moco_peak, ccl_gflops, ccl_peak in body:
+        assert float(moco.replace(",", "")) > 0 and float(ccl.replace(",", "")) > 0   # 3 digits below 100
+        assert re.fullmatch(PERCENT, moco_ratio) and re.fullmatch(PERCENT, ccl_ratio)
+        assert float(moco_gflops.replace(",", "")) > 0 and float(ccl_gflops.replace(",", "")) > 0
+        assert re.fullmatch(r"\d+\.\d%", moco_peak) and re.fullmatch(r"\d+\.\d%", ccl_peak)
         assert (first == "-") == name.startswith("3.")
-    assert body[ROWS[2]][3].strip() == "100%"
+        if name.startswith("3."):      # each precision's ceiling is its own reference
+            assert moco_ratio == ccl_ratio == "100%"
     assert "- device: CPU" in table and "- commit: " in table and "demo-digits" in table
+    assert re.search(rf"- matmul peak: {native} [\d,]+ GFLOP/s, {other} [\d,]+ GFLOP/s", table)
+    flops = re.search(r"- FLOPs per image: MoCo step ([\d.]+) GFLOP \(= ([\d.]+) forwards\), "
+                      r"CCL step ([\d.]+) GFLOP \(= ([\d.]+) forwards\)", table)
+    assert flops is not None
+    moco_forwards, ccl_forwards = float(flops[2]), float(flops[4])
+    # q forward + backward (~3 forwards, the stem needs no input gradient) + key forward; CCL adds
+    # the extra queue and, on batches with replayed rows, the student's anchor forward + backward
+    # and two teacher forwards (batch 8 at 20% replay: some of the 4 counted batches have none).
+    assert 3.5 < moco_forwards <= 4.2 and ccl_forwards > moco_forwards
 
 
 def test_bench_rejects_bad_options(capsys):
@@ -48,3 +70,32 @@ def test_time_steps_excludes_warmup_and_counts_images():
                                 device=torch.device("cpu"))
     assert seen == list(range(7))          # 3 warm-up (the first batch included) + 4 timed
     assert first_s >= 0 and speed > 0
+
+
+def test_count_flops_matches_the_analytic_count_forward_and_backward():
+    torch.manual_seed(0)
+    n, c_in, c_out, side, k, classes = 2, 3, 4, 5, 3, 6
+    model = nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(c_out * side * side, classes))
+    x = torch.randn(n, c_in, side, side)
+    conv = 2 * n * c_out * side * side * c_in * k * k          # 2 FLOPs per multiply-add
+    linear = 2 * n * c_out * side * side * classes
+    assert count_flops(lambda: model(x)) == conv + linear
+    # backward: the linear layer needs the weight and the input gradient, the conv only the weight
+    # gradient (its input requires none): the reason a step is not simply 3 forwards.
+    assert count_flops(lambda: model(x).sum().backward()) == conv + linear + 2 * linear + conv
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_matmul_peak_is_a_positive_finite_rate(precision):
+    peak = matmul_peak_gflops(torch.device("cpu"), precision, size=128, repeats=2, min_time_s=0.01)
+    assert math.isfinite(peak) and peak > 0
+
+
+def test_row_precisions_put_the_native_choice_first():
+    cpu = torch.device("cpu")
+    native = resolve_precision("auto", cpu)
+    assert row_precisions("auto", cpu) == [native]
+    assert row_precisions("fp32", cpu) == ["fp32"]
+    both = row_precisions("both", cpu)
+    assert both[0] == native and sorted(both) == ["bf16", "fp32"]

@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from cclnb.bench import BenchOptions, default_out, run_bench, write_table
+from cclnb.bench import BENCH_PRECISIONS, BenchOptions, default_out, run_bench, write_table
 from cclnb.config import ARCHS
 
 
@@ -28,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps, help="timed steps per cell (default 50)")
     parser.add_argument("--warmup", type=int, default=defaults.warmup,
                         help="untimed steps before each cell (default 3)")
-    parser.add_argument("--precision", default=defaults.precision, choices=("auto", "fp32", "bf16"),
-                        help="autocast precision of rows 1-3 (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--precision", default=defaults.precision, choices=BENCH_PRECISIONS,
+                        help="autocast precision of rows 1-3: auto (bf16 on CUDA and on CPUs with native "
+                             "bf16, else fp32; the default), fp32, bf16, or both (rows 1-3 at each)")
     parser.add_argument("--data", default=defaults.data,
                         help="dataset folder / zip / CIFAR folder, or 'demo' (embedded, default)")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
