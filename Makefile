@@ -18,7 +18,8 @@ setup: $(STAMP)
 # JupyterLab from the venv: its `python3` kernel is then the venv's interpreter, the one papermill
 # and `cclnb study` use. Opens notebooks/explore.ipynb; LAB_ARGS adds options (e.g. --no-browser --port 8899).
 lab: $(STAMP)
-	$(PY) -m jupyterlab --ServerApp.root_dir=. $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS) notebooks/explore.ipynb
+	$(PY) -m jupyterlab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks/explore.ipynb \
+		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 study: $(STAMP)
 	$(PY) -m cclnb study --preset demo
