@@ -275,9 +275,11 @@ class StepFactory:
         plan = TaskPlan(task_classes=[np.arange(1)], task_ids=[ids], n_classes=1)
         trainer = Trainer(config, self.images, plan, self.run_dir, self.ctx,
                           runs.TrainLog(self.run_dir, enabled=False), evaluator=None)
-        # MoCo: the first task. CCL: the second, where the teacher and the extra queue take part
-        # (epoch 0: the teacher is in eval mode, see docs/performance.md).
+        # MoCo: the first task. CCL: the second, where the teacher and the extra queue take part,
+        # at its second epoch: the teacher then runs in train mode as in every epoch but a task's
+        # first (in the first it runs in eval mode and fp32, see docs/performance.md).
         trainer.start_task(1 if kind == "CCL" else 0)
+        trainer.epoch = 1 if kind == "CCL" else 0
         trainer.begin_epoch()
         return trainer
 
