@@ -92,6 +92,7 @@ class TrainConfig:
     key_bn_groups: int = 8                  # shuffled BN of the keys in groups (8 = 8 GPUs; 1 = whole batch)
     eval_each_task: str = "knn"             # knn | probe | both | none
     eval_teacher: bool = False              # also measure the CCL teacher after each task
+    eval_bank_per_class: int | None = None  # per-task evaluation: first N train images of each class as the kNN bank / probe set (None: all)
     knn_k: int = 200
     knn_t: float = 0.1
     progress: bool = True                   # tqdm bars on rank 0
@@ -148,6 +149,8 @@ class TrainConfig:
             (self.ccl_teacher_stats in ("own", "student"),
              f"--ccl-teacher-stats must be own or student, got {self.ccl_teacher_stats!r}"),
             (self.subset_per_class is None or self.subset_per_class >= 1, "--subset-per-class must be >= 1"),
+            (self.eval_bank_per_class is None or self.eval_bank_per_class >= 1,
+             "--eval-bank-per-class must be >= 1 (or left out: every training image)"),
         ]
         for ok, message in checks:
             if not ok:

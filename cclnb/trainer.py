@@ -271,6 +271,8 @@ def _make_evaluator(config: TrainConfig, train_ds, plan: TaskPlan, run_dir: Path
 
     val_ds = open_dataset(config.data, "val", config.dataset, config.imagenetsub, config.download)
     train_ids = plan.all_ids
+    if config.eval_bank_per_class is not None:   # a smaller bank: cheaper per-task evaluation
+        train_ids = train_ids[subset_per_class(train_ds.targets[train_ids], config.eval_bank_per_class)]
     small = config.small_images
     if config.loader == "tensor":
         train_images = load_uint8(train_ds, ids=train_ids, progress=config.progress)

@@ -81,6 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "1 = the whole batch)")
     x.add_argument("--eval-each-task", default=D.eval_each_task, choices=("knn", "probe", "both", "none"))
     x.add_argument("--eval-teacher", action="store_true", help="also evaluate CCL's teacher after each task")
+    x.add_argument("--eval-bank-per-class", type=int, default=D.eval_bank_per_class,
+                   help="per-task evaluation on the first N train images of each class (default: all); "
+                        "cuts its cost on a CPU")
     x.add_argument("--knn-k", type=int, default=D.knn_k)
     x.add_argument("--knn-t", type=float, default=D.knn_t)
     x.add_argument("--no-progress", dest="progress", action="store_false")
