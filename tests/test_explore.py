@@ -186,7 +186,7 @@ def test_explore_notebook_static_under_papermill_and_in_html(tmp_path: Path) -> 
                                progress_bar=False, cwd=str(tmp_path))
     nb = nbformat.read(str(out), as_version=4)
     outputs = [o for cell in nb.cells for o in cell.get("outputs", [])]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 4
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 5   # + one CCL step's terms
     assert not [o for o in outputs if o.output_type == "error" or o.get("name") == "stderr"]
     html, _ = HTMLExporter(exclude_input=True).from_notebook_node(nb)
-    assert len(re.findall(r"<img [^>]*src=\"data:image/png;base64", html)) == 4 and "untrained" in html
+    assert len(re.findall(r"<img [^>]*src=\"data:image/png;base64", html)) == 5 and "untrained" in html
