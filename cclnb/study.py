@@ -517,6 +517,8 @@ def _run_concurrently(pending: list[tuple[int, Step]], jobs: int, notebooks_dir:
     failures: list[StudyStepFailed] = []
     while queues or running:
         for group in [g for g in queues if g not in running]:
+            if len(running) >= jobs:   # in-process steps take a slot too: the CPU is shared
+                break
             queue = queues[group]
             try:
                 while queue and queue[0][1].action is not None:
