@@ -44,7 +44,7 @@ def test_notebooks_are_stripped_and_every_parameter_parses(path: Path) -> None:
 def test_every_preset_names_only_declared_parameters(specs: dict) -> None:
     for preset in study.PRESETS.values():
         study.check_preset(preset, specs)
-    assert set(study.PRESETS) == {"demo", "tin100-32", "tin200-32", "imagenet-sub", "cifar100"}
+    assert {"demo", "tin100-32", "tin200-32", "imagenet-sub", "cifar100"} <= set(study.PRESETS)
     sub = study.PRESETS["imagenet-sub"].task_sequence
     assert (sub["arch"], sub["image_size"], sub["n_tasks"], sub["epochs"], sub["moco_k"],
             sub["moco_t"], sub["lr"], sub["batch_size"]) == ("resnet50", 224, 10, 200, 65536, 0.2, 0.03, 256)
