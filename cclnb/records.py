@@ -63,6 +63,14 @@ class Record:
     def config(self) -> dict[str, Any]:
         return self.data["config"]
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What decides whether two records are the same experiment: the training config and
+        the final evaluation's protocol, epochs and optimiser settings of each encoder."""
+        final = {who: {k: result.get(k) for k in ("protocol", "epochs", "settings")}
+                 for who, result in self.data["final"].items()}
+        return {**self.config, "final_evaluation": final}
+
 
 # ----------------------------------------------------------------------------- writing
 def _train_loss_summary(log: pd.DataFrame) -> pd.DataFrame:

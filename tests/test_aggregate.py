@@ -61,7 +61,7 @@ def write_records(folder: Path, *items: dict) -> Path:
 def per_seed(folders: list[Path]) -> tuple[pd.DataFrame, list[aggregate.Refusal]]:
     """What the report notebook does: read, refuse the incomparable, tabulate per seed."""
     found = records.load_records(folders)
-    kept, refused = aggregate.comparable([(r.source, r.method, r.seed, r.config) for r in found])
+    kept, refused = aggregate.comparable([(r.source, r.method, r.seed, r.settings) for r in found])
     runs = report.sort_runs([records.as_run(r) for r in found if r.source in kept])
     return report.results_table(runs), refused
 
@@ -143,6 +143,11 @@ def test_a_record_with_another_config_is_refused_naming_the_field(tmp_path: Path
     assert sorted(table["seed"]) == [0, 1, 2]          # the 30-epoch run is not averaged in
     assert len(refused) == 1 and refused[0].seed == 3
     assert "epochs: 3 vs 30" in refused[0].reason and refused[0].key.endswith("Finetuning-seed3.json")
+    # a different final evaluation is another experiment too
+    other_eval = fixture_record("Finetuning", 4, 51.0)
+    other_eval["final"]["student"]["epochs"] = 30
+    _, refused = per_seed([write_records(tmp_path / "more", other_eval), folder])
+    assert any(r.seed == 4 and "final_evaluation" in r.reason for r in refused)
     # runtime-only fields (run_dir, workers, progress) and the seed never make records incomparable
     assert aggregate.config_differences({**CONFIG, "seed": 1, "workers": 1}, CONFIG) == []
 
