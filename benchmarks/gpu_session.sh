@@ -43,7 +43,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ "${REHEARSAL:-0}" = 1 ]; then       # CPU rehearsal: same steps, toy sizes
   DEV=cpu; BENCH32="--batch-size 16 --steps 2 --warmup 1 --workers 1"
   BENCH224="--batch-size 4 --steps 1 --warmup 1 --workers 1"
-  STUDY_EXTRA="-p subset_per_class=3 -p batch_size=16 -p device=cpu -p precision=fp32 -p linear_eval.device=cpu -p linear_eval.precision=fp32"
+  STUDY_EXTRA="-p subset_per_class=3 -p batch_size=16 -p bn_groups=2 -p key_bn_groups=2 -p device=cpu -p precision=fp32 -p linear_eval.device=cpu -p linear_eval.precision=fp32"
   LIN_EPOCHS=1
 else
   DEV=cuda; BENCH32="--steps 50 --workers 16"; BENCH224="--steps 15 --workers 16"
