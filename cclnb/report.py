@@ -317,7 +317,8 @@ def display_summary(summary: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
         out = {"method": row["method"], "n seeds": int(row["n"]), "seeds": row["seeds"]}
         out.update({name: cell(row, metric) for metric, name in columns})
         out["ln(K+1)"] = f"{chance.get(row['method'], math.nan):.2f}"
-        out["paper top-1"] = PAPER_TOP1.get(row["method"], "-")
+        paper = PAPER_TOP1.get(row["method"])
+        out["paper top-1"] = "-" if paper is None else f"{paper:.2f}"
         rows.append(out)
     return pd.DataFrame(rows)
 
