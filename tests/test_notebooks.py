@@ -99,4 +99,4 @@ def test_study_notebooks_end_to_end(tmp_path: Path) -> None:
     # exploration of the study just run, static: task split, views, replay picks, embedding
     nb = _run("explore", tmp_path / "explore.ipynb", runs_root=str(tmp_path / "runs"), interactive=False,
               n_views=2, max_points=200)
-    assert _images(nb) == 4
+    assert _images(nb) == 5  # + one CCL step term by term (00a2c42)
