@@ -29,7 +29,7 @@ from conftest import write_image_folder
 # every train row passes --run-dir under tmp_path: a refused run must not leave runs/ in the checkout
 TINY = ["-a", "resnet18", "--stem", "imagenet", "--epochs", "1", "-b", "16", "--moco-k", "64",
         "--n-tasks", "2", "--subset-per-class", "10", "--seed", "0", "--eval-each-task", "none",
-        "--device", "cpu", "--no-progress", "--key-bn-groups", "4"]
+        "--device", "cpu", "--no-progress", "--key-bn-groups", "4", "--bn-groups", "2"]
 FINISHED = ["train", "--data", "demo", *TINY, "--method", "SimpleReplay", "--n-save", "12"]
 LINCLS = ["lincls", "--data", "demo", "-a", "resnet18", "--stem", "imagenet", "--epochs", "1",
           "--device", "cpu", "--no-progress"]

@@ -23,7 +23,7 @@ WORKER = textwrap.dedent("""
     config = resolve_config(TrainConfig(
         data="demo", arch="resnet18", stem="imagenet", epochs=1, batch_size=16, moco_k=64, ccl_k=16,
         n_tasks=2, n_save=2, method="CCL", subset_per_class=10, seed=0, progress=False,
-        eval_each_task="none", device="cpu", dist_timeout=60), 32)
+        eval_each_task="none", device="cpu", dist_timeout=60, bn_groups=2, key_bn_groups=2), 32)
     ctx = dist.setup("cpu", timeout_s=60)
     ds = open_dataset("demo")
     run_dir = runs.prepare_run_dir(os.path.join(out, "run"))

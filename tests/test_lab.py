@@ -71,7 +71,8 @@ def _tiny_study(runs_root: Path) -> Path:
     train(TrainConfig(data="demo", dataset="demo", method="CCL", n_tasks=2, epochs=1, subset_per_class=8,
                       batch_size=16, moco_k=64, ccl_k=16, n_save=4, arch="resnet18", stem="imagenet",
                       mlp=True, aug_plus=True, cos=True, eval_each_task="none", progress=False,
-                      device="cpu", seed=0, workers=0, run_dir=str(run_dir)))
+                      device="cpu", seed=0, workers=0, bn_groups=2, key_bn_groups=2,
+                      run_dir=str(run_dir)))
     return run_dir
 
 

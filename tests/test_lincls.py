@@ -169,7 +169,7 @@ def test_lincls_protocol_probe_writes_the_same_json(tmp_path: Path) -> None:
     run = train(TrainConfig(data="demo", arch="resnet18", stem="imagenet", epochs=1, batch_size=16,
                             moco_k=64, ccl_k=16, n_tasks=2, n_save=2, method="CCL",
                             subset_per_class=8, seed=0, workers=0, progress=False,
-                            eval_each_task="none", key_bn_groups=4, device="cpu",
+                            eval_each_task="none", key_bn_groups=4, bn_groups=2, device="cpu",
                             run_dir=str(tmp_path / "run")))
     for who in ("False", "True"):
         assert main(["lincls", "--pretrained", str(run), "--protocol", "probe", "--epochs", "20",

@@ -39,7 +39,7 @@ WAIT_S = 240
 
 TRAIN_ARGS = ["--data", "demo", "-a", "resnet18", "--stem", "imagenet", "--epochs", "2", "-b", "16",
               "--moco-k", "64", "--ccl-k", "16", "--n-tasks", "2", "--n-save", "2", "--method", "CCL",
-              "--subset-per-class", "10", "--key-bn-groups", "4", "--eval-each-task", "knn", "--knn-k", "5",
+              "--subset-per-class", "10", "--key-bn-groups", "4", "--bn-groups", "2", "--eval-each-task", "knn", "--knn-k", "5",
               "--deterministic", "--device", "cpu", "--seed", "0", "--save-every", "1", "-p", "1",
               "--no-progress"]
 STEPS_PER_EPOCH = 3      # 50 images (task 0) or 50 + 10 replayed (task 1), batch 16, drop_last
