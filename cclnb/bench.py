@@ -247,6 +247,7 @@ def _config(options: BenchOptions, method: str, precision: str, compile_: bool, 
         workers=options.workers, method=method, precision=precision, compile=compile_, loader=loader,
         mlp=True, aug_plus=True, cos=True, moco_t=0.2, seed=0, progress=False, n_tasks=1,
         key_bn_groups=math.gcd(options.batch_size, TrainConfig.key_bn_groups),
+        bn_groups=math.gcd(options.batch_size, TrainConfig.bn_groups),
         device=options.device, eval_each_task="none")
 
 
