@@ -14,6 +14,7 @@ import contextlib
 import os
 import pickle
 import random
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -61,14 +62,22 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write `state` (plus `"format": FORMAT`) to `path` atomically; creates the folder.
+def _free_bytes(folder: Path) -> int | None:
+    """Free space where `folder` lives, or None when it cannot be read."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
-    On any failure the previous file at `path` is untouched and the temporary file is removed.
+
+def write_atomically(payload: Any, path: str | os.PathLike, what: str = "checkpoint") -> None:
+    """`torch.save(payload)` to `path` through a fsynced temporary file and a rename.
+
+    On any failure the previous file at `path` is untouched, the temporary file is removed, and a
+    CheckpointError names the file, the cause and the free space. A full disk matters most: torch's
+    zip writer reports it only as "unexpected pos ..." (a RuntimeError), which says nothing to a reader.
     """
     path = Path(path)
-    payload = {**state, "format": FORMAT}
-    _check_loadable(payload, "state")
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,14 +87,27 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_folder(path.parent)
-    except OSError as e:
-        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; free disk space or "
-                              f"choose a writable --run-dir (the previous checkpoint is intact)") from e
+    except (OSError, RuntimeError) as e:
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+        free = _free_bytes(path.parent) if path.parent.exists() else None
+        space = f"{free / 2**20:.0f} MiB free there" if free is not None else "free space unknown"
+        raise CheckpointError(f"could not write {what} {path}: {cause} ({space}); free disk space or "
+                              f"choose a writable --run-dir (the previous file is intact)") from e
     finally:
         with contextlib.suppress(OSError):  # gone already, or its folder never existed
             tmp.unlink(missing_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run killed mid-write
         stale.unlink(missing_ok=True)
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write `state` (plus `"format": FORMAT`) to `path` atomically; creates the folder.
+
+    Checked first, so a state `torch.load(weights_only=True)` could not read is never written.
+    """
+    payload = {**state, "format": FORMAT}
+    _check_loadable(payload, "state")
+    write_atomically(payload, path)
 
 
 def _torch_load(path: Path, map_location: Any, allow_numpy: bool = False) -> Any:

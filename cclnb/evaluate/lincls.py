@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from cclnb.checkpoint import write_atomically
 from cclnb.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from cclnb.evaluate.features import extract_features, frozen
 from cclnb.precision import autocast, resolve_precision
@@ -205,13 +206,6 @@ class _Subset(torch.utils.data.Dataset):
         return self.transform(self.dataset.load_pil(j)), int(self.dataset.targets[j])
 
 
-def _save_state(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic torch.save so a killed run never leaves a torn resume file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
 def _load_state(path: str, who: str, n_classes: int, out_dim: int) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -346,8 +340,8 @@ def linear_eval(args: argparse.Namespace) -> dict[str, Any]:
         top1, top5 = score()
         curve.append({"epoch": epoch + 1, "train_loss": total / seen, "val_top1": top1, "val_top5": top5})
         bar.set_postfix(loss=f"{total / seen:.3f}", top1=f"{top1:.2f}")
-        _save_state(state_path, {"who": who, "epoch": epoch + 1, "fc": fc.state_dict(),
-                                 "optimizer": optimizer.state_dict(), "curve": curve})
+        write_atomically({"who": who, "epoch": epoch + 1, "fc": fc.state_dict(),
+                          "optimizer": optimizer.state_dict(), "curve": curve}, state_path, "lincls state")
 
     for name, value in backbone.state_dict().items():
         if not torch.equal(value, buffers_before[name]):
