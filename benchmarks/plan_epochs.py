@@ -11,7 +11,6 @@ study trains at 256, so the rates are derated by `--batch-derate` (launch-bound 
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 IMAGES = 50_000

@@ -26,7 +26,6 @@ import datetime
 import itertools
 import math
 import platform
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -310,17 +309,6 @@ def row_precisions(precision: str, device: torch.device) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- the run
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).resolve().parent, timeout=10)
-        return out.stdout.strip() + (" (+ local changes)" if dirty.stdout.strip() else "") or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
@@ -403,7 +391,7 @@ def run_bench(options: BenchOptions, command: str = "cclnb bench") -> BenchResul
         "device": _device_name(device),
         "versions": f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
                     f"python {platform.python_version()}",
-        "commit": _git_commit(),
+        "commit": (runs.git_commit() or "unknown")[:12],
         "data": f"{dataset.name} ({len(dataset)} images; {n_unique} used, native "
                 f"{dataset.image_size or 'mixed'} px)",
         "timing": f"{options.steps} steps per cell after {options.warmup} warm-up steps, wall clock "

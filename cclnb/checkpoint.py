@@ -100,6 +100,28 @@ def write_atomically(payload: Any, path: str | os.PathLike, what: str = "checkpo
         stale.unlink(missing_ok=True)
 
 
+def publish_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Make `dst` an atomic copy of the complete file `src` without serializing it again: a hard
+    link (no bytes written: a task's end would otherwise write the same 135-180 MB state twice,
+    as task_<t>.pt and last.pt), or a byte copy where the file system has no hard links.
+    Replacing `dst` later (the next save) breaks the link and leaves `src` as it is."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        _fsync_folder(dst.parent)
+    except OSError as e:
+        raise CheckpointError(f"could not write checkpoint {dst} from {src}: {e.strerror or e}; free disk "
+                              f"space or choose a writable --run-dir (the previous file is intact)") from e
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write `state` (plus `"format": FORMAT`) to `path` atomically; creates the folder.
 

@@ -35,7 +35,9 @@ PAPER_SETTING = "ImageNet-Sub, ResNet-50, 224 px, 10 tasks, 200 epochs"
 PAPER_TOP1 = {"Finetuning": 52.62, "SimpleReplay": 54.28, "CCL": 55.48}
 AUTHORS_CODE_TOP1 = {"Finetuning": 53.06, "SimpleReplay": 54.36, "CCL": 55.54}
 UNTRAINED = "untrained"  # the study's baseline: the same encoder at its random initialisation
-ALL_AT_ONCE = ("Joint", UNTRAINED)  # one accuracy row covering every task (nothing to forget)
+UNTRAINED_BN = "untrained-bn"  # the same weights, BatchNorm statistics measured on the training images
+BASELINES = (UNTRAINED, UNTRAINED_BN)  # encoders that never trained: rows of the table, not of the verdict
+ALL_AT_ONCE = ("Joint", *BASELINES)  # one accuracy row covering every task (nothing to forget)
 
 
 @dataclass
@@ -127,8 +129,8 @@ def load_runs(root: str | Path) -> list[Run]:
 
 
 def sort_runs(runs: Sequence[Run]) -> list[Run]:
-    """Runs ordered by dataset, the canonical method order (the untrained baseline last), seed."""
-    order = {m: i for i, m in enumerate((*METHODS, UNTRAINED))}
+    """Runs ordered by dataset, the canonical method order (the untrained baselines last), seed."""
+    order = {m: i for i, m in enumerate((*METHODS, *BASELINES))}
     return sorted(runs, key=lambda r: (r.dataset, order.get(r.method, len(order)),
                                        _seed(r), str(r.path)))
 
@@ -354,9 +356,9 @@ def _mean_matrix(members: Sequence[Run], who: str) -> tuple[np.ndarray, np.ndarr
     return stack.mean(axis=0), stack.min(axis=0), stack.max(axis=0)
 
 
-def _untrained_level(runs: Sequence[Run], who: str = "student") -> float | None:
-    """Mean per-task accuracy of the untrained encoder over its seeds, if the study measured it."""
-    base = [r for r in runs if r.method == UNTRAINED and r.protocol(who)]
+def _untrained_level(runs: Sequence[Run], who: str = "student", baseline: str = UNTRAINED) -> float | None:
+    """Mean per-task accuracy of an untrained baseline over its seeds, if the study measured it."""
+    base = [r for r in runs if r.method == baseline and r.protocol(who)]
     return float(np.mean([accuracy_matrix(r, who=who)[-1].mean() for r in base])) if base else None
 
 
@@ -367,15 +369,17 @@ def plot_forgetting_curves(runs: Sequence[Run], who: str = "student") -> Figure:
     from the task's own training on (where forgetting shows), dotted before it (transfer to
     classes not trained yet, which a self-supervised encoder also has). Joint learns every task
     in its one training phase, so all its tasks are solid points from step 1. The grey dashed
-    line is the untrained encoder's mean per-task accuracy, when the study measured it: above
-    it, training helped.
+    line is the untrained encoder's mean per-task accuracy and the grey dotted one the same
+    encoder's with BatchNorm statistics of the data, when the study measured them: above both,
+    training taught the weights something.
     """
     groups = [(label, members) for label, members in group_runs(runs)
-              if members[0].method != UNTRAINED and all(r.protocol(who) for r in members)]
+              if members[0].method not in BASELINES and all(r.protocol(who) for r in members)]
     if not groups:
         raise DataError(f"none of the runs has a per-task accuracy matrix for the {who}; train with "
                         f"eval_each_task=knn|probe|both")
-    untrained = _untrained_level(runs, who)
+    levels = [(_untrained_level(runs, who, base), style, label) for base, style, label in
+              ((UNTRAINED, "--", "untrained encoder"), (UNTRAINED_BN, ":", "untrained, BN of the data"))]
     fig, axes = _panel_grid(len(groups))
     for (label, members), ax in zip(groups, axes):
         R, low, high = _mean_matrix(members, who)
@@ -392,8 +396,9 @@ def plot_forgetting_curves(runs: Sequence[Run], who: str = "student") -> Figure:
             if j > 0 and (~seen).any():
                 before = np.arange(min(j + 1, R.shape[0]))
                 ax.plot(steps[before], R[before, j], ":", color=palette[j], alpha=0.6)
-        if untrained is not None:
-            ax.axhline(untrained, color="grey", ls="--", lw=1, label="untrained encoder")
+        for level, style, level_label in levels:
+            if level is not None:
+                ax.axhline(level, color="grey", ls=style, lw=1, label=level_label)
         ax.set_title(f"{label} - {members[0].protocol(who)}{_seeds_note(members)}")
         ax.set_xlabel("tasks learned")
         ax.set_ylabel("accuracy on task's classes (%)")
@@ -409,7 +414,7 @@ def plot_accuracy_heatmaps(runs: Sequence[Run], who: str = "student") -> Figure:
     """One accuracy-matrix heatmap per method, the mean over its seeds (rows: after task i;
     columns: task j), on a shared scale."""
     groups = [(label, members) for label, members in group_runs(runs)
-              if members[0].method != UNTRAINED and all(r.protocol(who) for r in members)]
+              if members[0].method not in BASELINES and all(r.protocol(who) for r in members)]
     if not groups:
         raise DataError(f"none of the runs has a per-task accuracy matrix for the {who}")
     mats = [_mean_matrix(members, who)[0] for _, members in groups]
@@ -613,14 +618,14 @@ def limits_note(runs: Sequence[Run]) -> str:
             lines.append("  The demo uses scikit-learn's 8x8 digits upscaled to 32 px, a tiny "
                          "backbone budget and a fast feature probe: it shows the pipeline works; "
                          "an untrained encoder already separates these digits well, so compare "
-                         "every method with the untrained row before reading the ranking.")
+                         "every method with the untrained rows before reading the ranking.")
     if not any(matches_paper_setting(r.config) for r in runs):
         lines.append(f"- No run uses the paper's setting ({PAPER_SETTING}); the paper's numbers "
                      f"are shown as a reference for a different setting only.")
     if any(not r.complete for r in runs):
         lines.append("- Some runs are not complete (see `state`): their metrics cover the tasks "
                      "finished so far.")
-    seeds = [len(members) for _, members in group_runs(runs) if members[0].method != UNTRAINED]
+    seeds = [len(members) for _, members in group_runs(runs) if members[0].method not in BASELINES]
     if seeds and max(seeds) < 2:
         lines.append("- One seed per method: differences of a point or two are within run-to-run "
                      "noise unless repeated with other seeds (`cclnb study --seeds 0 1 2`).")

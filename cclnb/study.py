@@ -1,7 +1,8 @@
 """Study presets and the papermill runner behind `cclnb study`.
 
 A study is, for every seed: the task-sequence notebook once per method (pretraining over the
-task sequence), the untrained encoder those runs start from (`cclnb.baseline`), the linear-
+task sequence), the untrained encoder those runs start from, as built and with BatchNorm statistics
+of the data (`cclnb.baseline`), the linear-
 evaluation notebook for each encoder (student, and the teacher where the method has one), and a
 record of each finished (method, seed) in `reports/<study>/runs/` (`cclnb.records`); then the
 report notebook, which reads only records, rendered to a self-contained HTML page. Every step's
@@ -34,7 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 from cclnb.config import METHODS, TrainConfig, canonical_method
 from cclnb.errors import CclnbError, ConfigError
 from cclnb.records import RECORDS_FOLDER, record_name
-from cclnb.report import UNTRAINED
+from cclnb.report import BASELINES, UNTRAINED_BN
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ("task_sequence", "linear_eval", "report")
@@ -102,12 +103,16 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         # batch 32 = one of the authors' GPUs (query BatchNorm over the 32, keys shuffled over 2
         # groups of 16), key momentum 0.99 so the key encoder follows within a ~40-step task,
         # lr 0.03 (0.3 drives the MoCo loss to ln(K+1) and keeps it there), a queue of 256, bf16.
-        task_sequence={**_MOCO_V2, "dataset": "demo", "data": "demo", "n_tasks": 5, "epochs": 4,
+        # 2 epochs per task, a kNN bank of 50 images per class and 50 L-BFGS iterations for the
+        # probe keep three seeds and both untrained baselines within 5 minutes (4 epochs, the full
+        # bank, 100 iterations: 366 s; 3 epochs: 310 s, one baseline). More epochs do not learn
+        # more here (docs/study.md, "The demo preset").
+        task_sequence={**_MOCO_V2, "dataset": "demo", "data": "demo", "n_tasks": 5, "epochs": 2,
                        "arch": "resnet18", "stem": "imagenet", "image_size": 32, "batch_size": 32,
                        "bn_groups": 1, "key_bn_groups": 2, "moco_m": 0.99, "moco_k": 256,
                        "ccl_k": 128, "device": "cpu", "precision": "bf16", "eval_each_task": "knn",
-                       "eval_teacher": True, "knn_k": 20},
-        linear_eval={"protocol": "probe", "epochs": 100, "device": "cpu", "workers": 0},
+                       "eval_teacher": True, "eval_bank_per_class": 50, "knn_k": 20},
+        linear_eval={"protocol": "probe", "epochs": 50, "device": "cpu", "workers": 0},
         report={"title": "cclnb demo study: continual MoCo v2 on embedded digits"},
         seeds=(0, 1, 2), jobs=2),
     Preset(
@@ -335,11 +340,11 @@ def train_config(parameters: Mapping[str, Any]) -> TrainConfig:
     return TrainConfig.from_dict({**values, **(parameters.get("extra") or {})})
 
 
-def _untrained(parameters: Mapping[str, Any]) -> Path:
+def _untrained(parameters: Mapping[str, Any], calibrate_bn: bool) -> Path:
     from cclnb.baseline import untrained_run
 
     # any valid method builds the config: the baseline never trains and records itself as untrained
-    return untrained_run(train_config({**parameters, "method": METHODS[0]}))
+    return untrained_run(train_config({**parameters, "method": METHODS[0]}), calibrate_bn)
 
 
 def _record(run_dir: Path, folder: Path, study: str) -> Path:
@@ -364,7 +369,7 @@ def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root
     """Resolve the preset and `-p` overrides into the ordered steps (nothing runs yet).
 
     Seed by seed (so an interrupted study leaves whole seeds): every method's task sequence in
-    `runs/<study>/<method>/seed<k>`, the untrained encoder (`baseline`), the linear evals, and a
+    `runs/<study>/<method>/seed<k>`, the two untrained baselines (`baseline`), the linear evals, and a
     record per (method, seed) in `reports/<study>/runs/`; then the report, which reads the
     records there and in the extra `records` folders. A (method, seed) whose run directory is
     complete is skipped (its record is rewritten from it); a half-finished run resumes from its
@@ -393,7 +398,7 @@ def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root
     records_dir = report_dir / RECORDS_FOLDER
     steps: list[Step] = []
     for seed in ([] if report_only else chosen_seeds):
-        for method in [*chosen, *([UNTRAINED] if baseline else [])]:
+        for method in [*chosen, *(BASELINES if baseline else ())]:
             steps += _method_steps(method, seed, runs_dir / method / f"seed{seed}", params,
                                    records_dir, name, force)
     folders = [str(records_dir), *(str(Path(f).resolve()) for f in records)]
@@ -415,10 +420,10 @@ def _method_steps(method: str, seed: int, run_dir: Path, params: Mapping[str, di
     who_list = ("student", "teacher") if method in TEACHER_METHODS else ("student",)
     label = f"{method} seed {seed}"
     train_params = {**params["task_sequence"], "method": method, "run_dir": str(run_dir), "seed": seed}
-    if method == UNTRAINED:
+    if method in BASELINES:
         first = Step(f"{label}: evaluate at initialisation", "untrained", run_dir / "config.json",
                      train_params, done=trained,
-                     action=functools.partial(_untrained, train_params))
+                     action=functools.partial(_untrained, train_params, method == UNTRAINED_BN))
     else:
         resume = str(run_dir) if (run_dir / "checkpoints" / "last.pt").is_file() else None
         first = Step(f"{label}: task sequence", "task_sequence", run_dir / "task_sequence.ipynb",

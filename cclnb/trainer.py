@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from cclnb import dist, runs
 from cclnb.batches import (Batch, TensorFeeder, WorkerFeeder, check_batch, epoch_entries, epoch_order,
                            steps_per_epoch)
-from cclnb.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from cclnb.checkpoint import load_checkpoint, publish_copy, rng_state, save_checkpoint, set_rng_state
 from cclnb.config import TrainConfig
 from cclnb.data import load_uint8, open_dataset, subset_per_class
 from cclnb.errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
@@ -510,13 +510,18 @@ class Trainer:
 
         task_<t>.pt is written first: a kill between the two writes leaves last.pt at the previous
         epoch, so the resume redoes the task's end and writes task_<t>.pt. The other order would
-        let last.pt say the task is done while task_<t>.pt never gets written."""
+        let last.pt say the task is done while task_<t>.pt never gets written. At a task end
+        last.pt is then published from task_<t>.pt (the same state, serialized once)."""
         if not self.ctx.is_main:
             return
         state = self.state()
+        last = runs.checkpoint_path(self.run_dir)
         if task_end:
-            save_checkpoint(state, runs.checkpoint_path(self.run_dir, self.task - 1))
-        save_checkpoint(state, runs.checkpoint_path(self.run_dir))
+            task_file = runs.checkpoint_path(self.run_dir, self.task - 1)
+            save_checkpoint(state, task_file)
+            publish_copy(task_file, last)
+        else:
+            save_checkpoint(state, last)
 
     def status(self, state: str, **extra: Any) -> None:
         if self.ctx.is_main:

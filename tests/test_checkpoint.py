@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cclnb.checkpoint import (FORMAT, backbone_state_dict, load_checkpoint, rng_state, save_checkpoint,
+from cclnb.checkpoint import (FORMAT, backbone_state_dict, load_checkpoint, publish_copy, rng_state, save_checkpoint,
                               set_rng_state)
 from cclnb.errors import CheckpointError, ConfigError
 from cclnb.models import MoCo, build_backbone
@@ -191,3 +191,24 @@ def test_backbone_from_authors_checkpoint(run_state: dict, tmp_path) -> None:
     torch.save({"weights": {}}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="neither a cclnb checkpoint .* nor the authors'"):
         backbone_state_dict(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_published_copy_is_complete_and_survives_the_next_save(tmp_path, monkeypatch, hard_links) -> None:
+    """A task's end serializes its state once (task_<t>.pt) and publishes it as last.pt; the next
+    save replaces last.pt and must leave task_<t>.pt as it was, with or without hard links."""
+    if not hard_links:
+        def no_links(*args, **kwargs):
+            raise OSError(errno.EPERM, "hard links not supported")
+        monkeypatch.setattr(os, "link", no_links)
+    task_file, last = tmp_path / "task_0.pt", tmp_path / "last.pt"
+    save_checkpoint({"epoch": 1, "w": torch.ones(3)}, last)
+    save_checkpoint({"epoch": 4, "w": torch.full((3,), 4.0)}, task_file)
+    publish_copy(task_file, last)
+    assert load_checkpoint(last)["epoch"] == 4
+    assert (os.stat(last).st_ino == os.stat(task_file).st_ino) == hard_links
+    save_checkpoint({"epoch": 5, "w": torch.zeros(3)}, last)
+    assert load_checkpoint(task_file)["epoch"] == 4
+    assert torch.equal(load_checkpoint(task_file)["w"], torch.full((3,), 4.0))
+    assert load_checkpoint(last)["epoch"] == 5
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "task_0.pt"]

@@ -151,3 +151,25 @@ def test_evaluate_encoder_result_shape_and_range() -> None:
     assert set(only_knn) == {"knn"} and only_knn["knn"] == out["knn"]
     with pytest.raises(ConfigError, match="knn, probe or both"):
         evaluate_encoder(net, _images(4, 0), [0] * 4, _images(4, 1), [0] * 4, [[0]], "none", "cpu")
+
+
+def test_calibrate_batchnorm_takes_the_exact_statistics_of_the_images_and_keeps_the_weights() -> None:
+    """The `untrained-bn` baseline: running statistics = the average over the images' eval views
+    (two equal batches here, so the average of batch means is the mean), weights untouched, the
+    module's mode and BatchNorm momentum as before."""
+    from cclnb.augment import anchor_uint8
+    from cclnb.evaluate import calibrate_batchnorm
+    from cclnb.models import build_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18", stem="imagenet").eval()
+    weights = {k: v.clone() for k, v in backbone.state_dict().items() if "running" not in k and "batches" not in k}
+    images = torch.randint(0, 256, (20, 32, 32, 3), dtype=torch.uint8)
+    assert torch.equal(backbone.bn1.running_var, torch.ones(64))
+    calibrate_batchnorm(backbone, images, "cpu", batch_size=10, progress=False)
+    with torch.no_grad():
+        first = backbone.conv1(anchor_uint8(images, 32, small_images=True))
+    torch.testing.assert_close(backbone.bn1.running_mean, first.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(backbone.bn1.running_var, torch.ones(64))
+    assert not backbone.training and backbone.bn1.momentum == 0.1
+    assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in weights.items())

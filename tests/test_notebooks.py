@@ -18,8 +18,10 @@ import nbformat
 import pandas as pd
 import papermill
 import pytest
+import torch
 
 from cclnb import study
+from cclnb.checkpoint import load_checkpoint
 
 # 2 tasks of 5 digit classes, 8 train images per class, 1 epoch, a 64-key queue: seconds per step.
 # BatchNorm over 8 samples per group (the default 8 groups would leave 2 of a batch of 16, whose
@@ -48,8 +50,8 @@ def test_study_notebooks_end_to_end(tmp_path: Path) -> None:
                             reports_root=tmp_path / "reports", methods=["CCL"], seeds=[0])
     html = study.run_study(plan, log=lines.append)
     run_dir = tmp_path / "runs" / "demo" / "CCL" / "seed0"
-    assert lines[0].startswith("[1/8] CCL seed 0: task sequence ...")
-    assert any(line.startswith("[8/8] report ...") for line in lines)
+    assert lines[0].startswith("[1/11] CCL seed 0: task sequence ...")
+    assert any(line.startswith("[11/11] report ...") for line in lines)
 
     # task sequence: a complete run directory and the notebook's own figures
     assert json.loads((run_dir / "status.json").read_text())["state"] == "complete"
@@ -63,10 +65,20 @@ def test_study_notebooks_end_to_end(tmp_path: Path) -> None:
     untrained = tmp_path / "runs" / "demo" / "untrained" / "seed0"
     assert json.loads((untrained / "config.json").read_text())["method"] == "untrained"
     assert json.loads((untrained / "lincls_student.json").read_text())["protocol"].startswith("probe")
+    # and the same weights with BatchNorm statistics measured on the training images
+    calibrated = tmp_path / "runs" / "demo" / "untrained-bn" / "seed0"
+    assert json.loads((calibrated / "config.json").read_text())["method"] == "untrained-bn"
+    raw, cal = (load_checkpoint(d / "checkpoints" / "last.pt")["model"] for d in (untrained, calibrated))
+    bn = "encoder_q.backbone.bn1"
+    for name in (f"{bn}.weight", f"{bn}.bias", "encoder_q.backbone.conv1.weight"):
+        assert torch.equal(raw[name], cal[name])
+    assert torch.equal(raw[f"{bn}.running_var"], torch.ones_like(raw[f"{bn}.running_var"]))
+    assert not torch.allclose(cal[f"{bn}.running_var"], raw[f"{bn}.running_var"])
 
     # records: one small JSON per (method, seed), no weights; the report is built from them
     records = tmp_path / "reports" / "demo" / "runs"
-    assert sorted(p.name for p in records.iterdir()) == ["CCL-seed0.json", "untrained-seed0.json"]
+    assert sorted(p.name for p in records.iterdir()) == ["CCL-seed0.json", "untrained-bn-seed0.json",
+                                                           "untrained-seed0.json"]
     record = json.loads((records / "CCL-seed0.json").read_text())
     assert record["config"]["seed"] == 0 and record["final"]["teacher"]["top1"] > 0
     assert record["provenance"]["git_commit"] and record["provenance"]["torch"]
@@ -74,10 +86,10 @@ def test_study_notebooks_end_to_end(tmp_path: Path) -> None:
 
     # report: per-seed and summary CSVs, the verdict, HTML with code hidden and figures embedded
     results = pd.read_csv(tmp_path / "reports" / "demo" / "results.csv")
-    assert list(results["method"]) == ["CCL", "untrained"] and results.loc[0, "tasks"] == 2
+    assert list(results["method"]) == ["CCL", "untrained", "untrained-bn"] and results.loc[0, "tasks"] == 2
     assert results.loc[0, "linear_top1_teacher"] > 0 and results.loc[0, "state"] == "complete"
     summary = pd.read_csv(tmp_path / "reports" / "demo" / "summary.csv")
-    assert list(summary["method"]) == ["CCL", "untrained"] and list(summary["n"]) == [1, 1]
+    assert list(summary["method"]) == ["CCL", "untrained", "untrained-bn"] and list(summary["n"]) == [1, 1, 1]
     page = html.read_text(encoding="utf-8")
     assert "student top-1" in page and "teacher top-1" in page and "Forgetting curves" in page
     assert "not resolved" in page and "Rule:" in page and "ln(K+1)" in page
@@ -88,7 +100,7 @@ def test_study_notebooks_end_to_end(tmp_path: Path) -> None:
     again: list[str] = []
     study.run_study(study.plan_study("demo", TINY, runs_root=tmp_path / "runs", seeds=[0],
                                      reports_root=tmp_path / "reports", methods=["CCL"]), log=again.append)
-    assert sum("already complete, skipped" in line for line in again) == 5
+    assert sum("already complete, skipped" in line for line in again) == 7
 
     # linear eval with the paper's SGD protocol (1 epoch), curve shown
     nb = _run("linear_eval", run_dir / "lincls_check.ipynb", run_dir=str(run_dir), who="student",

@@ -304,3 +304,19 @@ def test_only_a_failed_collective_is_reported_as_a_lost_rank(message, lost):
     assert lost_peer(RuntimeError(message), two) is lost
     assert lost_peer(RuntimeError(message), one) is False
     assert lost_peer(ValueError(message), two) is False
+
+
+def test_git_commit_says_when_the_code_differs_from_the_commit(tmp_path: Path) -> None:
+    """Records and runs carry `git_commit`; a result made with uncommitted changes must say so."""
+    from cclnb.runs import git_commit
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "code.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / "untracked.txt").write_text("results\n")   # untracked files are not code changes
+    assert git_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == head + "+dirty"

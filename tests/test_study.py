@@ -104,7 +104,8 @@ def test_plan_orders_steps_seed_by_seed_and_marks_finished_ones(tmp_path: Path) 
              "Finetuning seed 1: record", "CCL seed 1: task sequence", "CCL seed 1: linear eval (student)",
              "CCL seed 1: linear eval (teacher)", "CCL seed 1: record",
              "untrained seed 1: evaluate at initialisation", "untrained seed 1: linear eval (student)",
-             "untrained seed 1: record"]
+             "untrained seed 1: record", "untrained-bn seed 1: evaluate at initialisation",
+             "untrained-bn seed 1: linear eval (student)", "untrained-bn seed 1: record"]
     assert [s.label for s in plan.steps] == [*seed1, *(label.replace("seed 1", "seed 4") for label in seed1),
                                              "report"]
     # finished: Finetuning seed 1 (its record is rewritten from the run directory every time)

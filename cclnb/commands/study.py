@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: render the report from the records")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false",
-                        help="skip the untrained-encoder baseline (evaluated per seed by default)")
+                        help="skip the untrained-encoder baselines (as built, and with BatchNorm statistics of the data; evaluated per seed by default)")
     parser.add_argument("--force", action="store_true",
                         help="delete the selected methods' runs (for the selected seeds) and train "
                              "them again")

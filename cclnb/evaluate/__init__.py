@@ -6,10 +6,10 @@ the paper's 100-epoch augmented linear protocol behind `cclnb lincls` (the headl
 """
 
 from cclnb.evaluate.encoder import evaluate_encoder, overall_accuracy, per_task_accuracy
-from cclnb.evaluate.features import extract_features
+from cclnb.evaluate.features import calibrate_batchnorm, extract_features
 from cclnb.evaluate.knn import knn_predict
 from cclnb.evaluate.lincls import linear_eval, probe_eval
 from cclnb.evaluate.probe import feature_probe
 
-__all__ = ["evaluate_encoder", "extract_features", "feature_probe", "knn_predict", "probe_eval",
+__all__ = ["calibrate_batchnorm", "evaluate_encoder", "extract_features", "feature_probe", "knn_predict", "probe_eval",
            "linear_eval", "overall_accuracy", "per_task_accuracy"]
