@@ -125,7 +125,7 @@ def independent_moco(images: torch.Tensor, s: Setting) -> tuple[nn.Module, list[
             slots = (pointer + torch.arange(len(batch))) % s.moco_k
             queue[:, slots] = k.t()
             pointer = (pointer + len(batch)) % s.moco_k
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         epoch_losses.append(float(np.mean(losses)))
     return backbone, epoch_losses
 

@@ -89,15 +89,20 @@ def writable_folder(path: str | Path, what: str, option: str, subfolders: Sequen
     return folder
 
 
+# What makes a result: a change anywhere else (README, docs, reports) leaves a result's code as committed.
+CODE_PATHS = (":/cclnb", ":/notebooks", ":/benchmarks", ":/pyproject.toml")
+
+
 def git_commit(cwd: str | Path | None = None) -> str | None:
-    """The commit of the cclnb checkout (None outside git), with "+dirty" when tracked files differ
-    from it: ties a result to the code that made it, and says when that code was not committed."""
+    """The commit of the cclnb checkout (None outside git), with "+dirty" when tracked code files
+    (CODE_PATHS) differ from it: ties a result to the code that made it, and says when that code
+    was not committed."""
     where = Path(cwd) if cwd is not None else Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
                               text=True, timeout=10, check=False).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                                 capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
+                                 cwd=where, capture_output=True, text=True, timeout=10, check=False).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return None
     return (head + ("+dirty" if changed else "")) or None

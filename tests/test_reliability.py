@@ -307,16 +307,20 @@ def test_only_a_failed_collective_is_reported_as_a_lost_rank(message, lost):
 
 
 def test_git_commit_says_when_the_code_differs_from_the_commit(tmp_path: Path) -> None:
-    """Records and runs carry `git_commit`; a result made with uncommitted changes must say so."""
+    """Records and runs carry `git_commit`; a result made with uncommitted code changes must say
+    so, while edited docs or untracked result files do not make the code dirty."""
     from cclnb.runs import git_commit
 
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
-    (tmp_path / "code.py").write_text("x = 1\n")
-    subprocess.run([*git, "add", "code.py"], check=True)
+    (tmp_path / "cclnb").mkdir()
+    (tmp_path / "cclnb" / "code.py").write_text("x = 1\n")
+    (tmp_path / "README.md").write_text("docs\n")
+    subprocess.run([*git, "add", "cclnb/code.py", "README.md"], check=True)
     subprocess.run([*git, "commit", "-qm", "c"], check=True)
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    (tmp_path / "untracked.txt").write_text("results\n")   # untracked files are not code changes
-    assert git_commit(tmp_path) == head
-    (tmp_path / "code.py").write_text("x = 2\n")
-    assert git_commit(tmp_path) == head + "+dirty"
+    (tmp_path / "untracked.txt").write_text("results\n")
+    (tmp_path / "README.md").write_text("docs, edited\n")
+    assert git_commit(tmp_path / "cclnb") == head
+    (tmp_path / "cclnb" / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path / "cclnb") == head + "+dirty"
