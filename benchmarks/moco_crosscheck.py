@@ -38,7 +38,7 @@ from torchvision.transforms import v2
 
 from cclnb.config import TrainConfig
 from cclnb.data import load_uint8, open_dataset
-from cclnb.runs import git_commit
+from cclnb.runs import git_commit, short_commit
 from cclnb.trainer import Trainer
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> str:
     chance = float(np.log(s.moco_k + 1))
     lines = [f"# MoCo v2 cross-check: cclnb against an independent loop ({args.data})", "",
              f"`python benchmarks/moco_crosscheck.py {' '.join(argv)}`",
-             f"{datetime.date.today()}, commit {(git_commit() or 'unknown')[:12]}, {platform.processor() or platform.machine()}, "
+             f"{datetime.date.today()}, commit {short_commit(git_commit(), 12)}, {platform.processor() or platform.machine()}, "
              f"torch {torch.__version__}, {args.threads} threads, fp32.", "",
              f"Setting: {len(train)} train images, {n_classes} classes, ResNet-18 (ImageNet stem) at "
              f"{train.shape[-1]} px, {s.epochs} epochs, batch {s.batch_size}, lr {s.lr} (cosine), "

@@ -58,9 +58,9 @@ def untrained_run(config: TrainConfig, calibrate_bn: bool = False) -> Path:
     statistics of every encoder by those of up to CALIBRATION_PER_CLASS training images per
     class of the sequence (method `untrained-bn`).
     """
-    from cclnb.data import load_uint8, subset_per_class
+    from cclnb.data import subset_per_class
     from cclnb.evaluate import calibrate_batchnorm
-    from cclnb.trainer import _IdSubset, _make_evaluator, plan_tasks, resolve_config
+    from cclnb.trainer import _make_evaluator, eval_inputs, plan_tasks, resolve_config
 
     if not config.run_dir:
         raise ConfigError("the untrained baseline needs a run_dir to write its results to")
@@ -77,11 +77,9 @@ def untrained_run(config: TrainConfig, calibrate_bn: bool = False) -> Path:
     model = initial_model(config).to(ctx.device)
     if calibrate_bn:
         ids = plan.all_ids[subset_per_class(train_ds.targets[plan.all_ids], CALIBRATION_PER_CLASS)]
-        images = load_uint8(train_ds, ids=ids, progress=config.progress) if config.loader == "tensor" \
-            else _IdSubset(train_ds, ids)
         size = None if config.small_images else config.image_size
-        calibrate_batchnorm(model.encoder_q.backbone, images, ctx.device, max(256, config.batch_size), size,
-                            config.precision, progress=config.progress)
+        calibrate_batchnorm(model.encoder_q.backbone, eval_inputs(config, train_ds, ids), ctx.device,
+                            max(256, config.batch_size), size, config.precision, progress=config.progress)
     method = UNTRAINED_BN if calibrate_bn else UNTRAINED
     runs.write_config(run_dir, {**config.to_dict(), "method": method}, {"world_size": 1})
     save_checkpoint({"model": model.state_dict(), "seed": config.seed,

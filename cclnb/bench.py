@@ -391,7 +391,7 @@ def run_bench(options: BenchOptions, command: str = "cclnb bench") -> BenchResul
         "device": _device_name(device),
         "versions": f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
                     f"python {platform.python_version()}",
-        "commit": (runs.git_commit() or "unknown")[:12],
+        "commit": runs.short_commit(runs.git_commit(), 12),
         "data": f"{dataset.name} ({len(dataset)} images; {n_unique} used, native "
                 f"{dataset.image_size or 'mixed'} px)",
         "timing": f"{options.steps} steps per cell after {options.warmup} warm-up steps, wall clock "

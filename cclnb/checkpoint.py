@@ -17,7 +17,7 @@ import random
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -70,34 +70,41 @@ def _free_bytes(folder: Path) -> int | None:
         return None
 
 
-def write_atomically(payload: Any, path: str | os.PathLike, what: str = "checkpoint") -> None:
-    """`torch.save(payload)` to `path` through a fsynced temporary file and a rename.
+def _replace_atomically(dst: Path, fill: Callable[[Path], None], what: str) -> None:
+    """`fill(tmp)` a temporary file beside `dst`, then rename it over `dst` and fsync the folder.
 
-    On any failure the previous file at `path` is untouched, the temporary file is removed, and a
+    On any failure the previous `dst` is untouched, the temporary file is removed, and a
     CheckpointError names the file, the cause and the free space. A full disk matters most: torch's
     zip writer reports it only as "unexpected pos ..." (a RuntimeError), which says nothing to a reader.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_folder(path.parent)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fill(tmp)
+        os.replace(tmp, dst)
+        _fsync_folder(dst.parent)
     except (OSError, RuntimeError) as e:
         cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
-        free = _free_bytes(path.parent) if path.parent.exists() else None
+        free = _free_bytes(dst.parent) if dst.parent.exists() else None
         space = f"{free / 2**20:.0f} MiB free there" if free is not None else "free space unknown"
-        raise CheckpointError(f"could not write {what} {path}: {cause} ({space}); free disk space or "
+        raise CheckpointError(f"could not write {what} {dst}: {cause} ({space}); free disk space or "
                               f"choose a writable --run-dir (the previous file is intact)") from e
     finally:
         with contextlib.suppress(OSError):  # gone already, or its folder never existed
             tmp.unlink(missing_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run killed mid-write
+    for stale in dst.parent.glob(f".{dst.name}.*.tmp"):  # left by a run killed mid-write
         stale.unlink(missing_ok=True)
+
+
+def write_atomically(payload: Any, path: str | os.PathLike, what: str = "checkpoint") -> None:
+    """`torch.save(payload)` to `path`, flushed and fsynced, through `_replace_atomically`."""
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _replace_atomically(Path(path), save, what)
 
 
 def publish_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -105,21 +112,13 @@ def publish_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     link (no bytes written: a task's end would otherwise write the same 135-180 MB state twice,
     as task_<t>.pt and last.pt), or a byte copy where the file system has no hard links.
     Replacing `dst` later (the next save) breaks the link and leaves `src` as it is."""
-    src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    def link_or_copy(tmp: Path) -> None:
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-        _fsync_folder(dst.parent)
-    except OSError as e:
-        raise CheckpointError(f"could not write checkpoint {dst} from {src}: {e.strerror or e}; free disk "
-                              f"space or choose a writable --run-dir (the previous file is intact)") from e
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+
+    _replace_atomically(Path(dst), link_or_copy, f"checkpoint (from {src})")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from cclnb import metrics
 from cclnb.config import METHODS
 from cclnb.errors import DataError
+from cclnb.runs import short_commit
 
 WHO = ("student", "teacher")
 PROTOCOLS = ("probe", "knn")  # preference order for the per-task accuracy matrix
@@ -580,7 +581,7 @@ def provenance_table(runs: Sequence[Run]) -> pd.DataFrame:
         versions = run.config.get("versions") or {}
         rows.append({
             "dataset": run.dataset, "method": run.method, "source": str(run.path),
-            "git_commit": (run.config.get("git_commit") or "?")[:10],
+            "git_commit": short_commit(run.config.get("git_commit")),
             "started": run.config.get("started"), "state": run.status.get("state"),
             "train_time_min": times.train_time_s / 60,
             "hardware": device_label(run.config.get("hardware") or {}),

@@ -108,6 +108,14 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
     return (head + ("+dirty" if changed else "")) or None
 
 
+def short_commit(commit: str | None, length: int = 10) -> str:
+    """`git_commit`'s value shortened for a table, keeping its "+dirty" mark ("?" when unknown)."""
+    if not commit:
+        return "?"
+    head, dirty, _ = commit.partition("+dirty")
+    return head[:length] + dirty
+
+
 def environment_info() -> dict[str, Any]:
     """Package versions and hardware: numbers from different machines are not comparable."""
     import sklearn

@@ -261,6 +261,14 @@ def _agree_run_dir(config: TrainConfig, dataset_name: str, ctx: dist.DistContext
     return Path(name[0])
 
 
+def eval_inputs(config: TrainConfig, dataset, ids: np.ndarray | None = None):
+    """The images `ids` (default: all) of `dataset` as the evaluation functions take them: decoded
+    uint8 arrays on the tensor loader, a lazily decoded subset on the worker loader."""
+    if config.loader == "tensor":
+        return load_uint8(dataset, ids=ids, progress=config.progress)
+    return dataset if ids is None else _IdSubset(dataset, ids)
+
+
 def _make_evaluator(config: TrainConfig, train_ds, plan: TaskPlan, run_dir: Path,
                     ctx: dist.DistContext) -> Evaluator | None:
     """The per-task evaluation (engineer D's `evaluate_encoder`), with labels bound here so that
@@ -274,11 +282,8 @@ def _make_evaluator(config: TrainConfig, train_ds, plan: TaskPlan, run_dir: Path
     if config.eval_bank_per_class is not None:   # a smaller bank: cheaper per-task evaluation
         train_ids = train_ids[subset_per_class(train_ds.targets[train_ids], config.eval_bank_per_class)]
     small = config.small_images
-    if config.loader == "tensor":
-        train_images = load_uint8(train_ds, ids=train_ids, progress=config.progress)
-        val_images = load_uint8(val_ds, progress=config.progress)
-    else:
-        train_images, val_images = _IdSubset(train_ds, train_ids), val_ds
+    train_images = eval_inputs(config, train_ds, train_ids)
+    val_images = eval_inputs(config, val_ds)
     train_y, val_y = train_ds.targets[train_ids], val_ds.targets
 
     def evaluate(backbone: torch.nn.Module, after_task: int, who: str) -> None:

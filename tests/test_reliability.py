@@ -324,3 +324,12 @@ def test_git_commit_says_when_the_code_differs_from_the_commit(tmp_path: Path) -
     assert git_commit(tmp_path / "cclnb") == head
     (tmp_path / "cclnb" / "code.py").write_text("x = 2\n")
     assert git_commit(tmp_path / "cclnb") == head + "+dirty"
+
+
+def test_short_commit_keeps_the_dirty_mark() -> None:
+    """Tables shorten the commit; cutting the string would drop "+dirty" (it comes after 40 hex)."""
+    from cclnb.runs import short_commit
+
+    assert short_commit("0123456789abcdef" * 2 + "01234567+dirty") == "0123456789+dirty"
+    assert short_commit("0123456789abcdef" * 2 + "01234567", 12) == "0123456789ab"
+    assert short_commit(None) == "?"
