@@ -18,6 +18,10 @@ METHODS = ("Finetuning", "SimpleReplay", "CCL", "Joint")
 METHOD_ALIASES = {"CLL": "CCL", "finetuning": "Finetuning", "simplereplay": "SimpleReplay",
                   "ccl": "CCL", "cll": "CCL", "joint": "Joint", "FT": "Finetuning", "SR": "SimpleReplay"}
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# ResNet stems: `imagenet` 7x7/2 conv + 3x3/2 max-pool; `cifar` 3x3/1 conv, no pooling (the 32 px
+# protocol); `cifar_pool` the 3x3/1 conv then the max-pool, half the CIFAR stem's resolution (a CPU
+# budget's middle ground); `auto` = cifar for images <= 64 px, else imagenet.
+STEMS = ("auto", "cifar", "cifar_pool", "imagenet")
 
 
 def canonical_method(name: str) -> str:
@@ -77,7 +81,7 @@ class TrainConfig:
     dataset: str = "auto"                   # auto | imagefolder | zip | cifar10 | cifar100 | demo
     download: bool = False                  # CIFAR only: download through torchvision if absent
     image_size: int | None = None           # None: the data's size if <= 64 px, else 224
-    stem: str = "auto"                      # auto (cifar stem for <= 64 px) | cifar | imagenet
+    stem: str = "auto"                      # one of STEMS (auto: cifar stem for <= 64 px)
     subset_per_class: int | None = None     # first N train images of each class (quick runs)
     order_seed: int = 1                     # class-order seed; 1 = the authors' order
     device: str = "auto"                    # auto | cpu | cuda
@@ -137,7 +141,7 @@ class TrainConfig:
             (self.ccl_selection in ("min_var", "random"), f"--ccl-selection must be min_var or random, got {self.ccl_selection!r}"),
             (self.ccl_teacher_mode in ("code", "eval"), f"--ccl-teacher-mode must be code or eval, got {self.ccl_teacher_mode!r}"),
             (self.ccl_distill_group >= 0, "--ccl-distill-group must be >= 0 (0 = whole batch)"),
-            (self.stem in ("auto", "cifar", "imagenet"), f"--stem must be auto, cifar or imagenet, got {self.stem!r}"),
+            (self.stem in STEMS, f"--stem must be one of {', '.join(STEMS)}, got {self.stem!r}"),
             (self.key_bn_groups >= 1, "--key-bn-groups must be >= 1"),
             (self.bn_groups >= 1, "--bn-groups must be >= 1"),
             (self.batch_size % self.bn_groups == 0,

@@ -32,6 +32,16 @@ def test_backbone_stems_and_output() -> None:
     assert build_backbone("resnet50", small_images=True).out_dim == 2048
 
 
+@pytest.mark.parametrize("stem, first_block_px", [("imagenet", 8), ("cifar_pool", 16), ("cifar", 32)])
+def test_stem_sets_the_first_blocks_resolution(stem: str, first_block_px: int) -> None:
+    """What each stem is for: at 32 px the first residual block sees 8, 16 or 32 px."""
+    net = build_backbone("resnet18", stem=stem).eval()
+    x = torch.randn(1, 3, 32, 32)
+    seen = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    assert seen.shape[-2:] == (first_block_px, first_block_px)
+    assert net(x).shape == (1, 512)
+
+
 def test_backbone_keeps_torchvision_names() -> None:
     ours = set(build_backbone("resnet18", small_images=False).state_dict())
     theirs = {k for k in torchvision.models.resnet18(weights=None).state_dict() if not k.startswith("fc.")}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from cclnb.config import ARCHS
+from cclnb.config import ARCHS, STEMS
 
 _TRUE = ("true", "t", "yes", "y", "1")
 _FALSE = ("false", "f", "no", "n", "0")
@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "where native (CUDA, AVX512-BF16/AMX CPUs), else fp32")
     parser.add_argument("--dataset", default=None,
                         help="dataset kind: auto | imagefolder | zip | cifar10 | cifar100 | demo")
-    parser.add_argument("--stem", default=None, choices=("auto", "cifar", "imagenet"),
+    parser.add_argument("--stem", default=None, choices=STEMS,
                         help="ResNet stem (default: the run's, else auto = cifar stem for <= 64 px)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="evaluation size (default: native if <= 64 px, else 224)")

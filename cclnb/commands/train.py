@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from cclnb.config import ARCHS, METHODS, METHOD_ALIASES, TrainConfig
+from cclnb.config import ARCHS, METHODS, METHOD_ALIASES, STEMS, TrainConfig
 from cclnb.errors import ConfigError
 
 D = TrainConfig()
@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     x.add_argument("--dataset", default=D.dataset, choices=("auto", "imagefolder", "zip", "cifar10", "cifar100", "demo"))
     x.add_argument("--download", action="store_true", help="CIFAR: download through torchvision if absent")
     x.add_argument("--image-size", type=int, default=D.image_size, help="default: the data's size if <= 64 px, else 224")
-    x.add_argument("--stem", default=D.stem, choices=("auto", "cifar", "imagenet"))
+    x.add_argument("--stem", default=D.stem, choices=STEMS)
     x.add_argument("--subset-per-class", type=int, default=D.subset_per_class, help="first N images of each class")
     x.add_argument("--order-seed", type=int, default=D.order_seed, help="class order seed (1 = the authors')")
     x.add_argument("--device", default=D.device, choices=("auto", "cpu", "cuda"))
