@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 
 from cclnb import dist, runs
 from cclnb.batches import Batch, TensorFeeder, WorkerFeeder, epoch_order
-from cclnb.config import ARCHS, TrainConfig
+from cclnb.config import ARCHS, STEMS, TrainConfig
 from cclnb.data import load_uint8, open_dataset
 from cclnb.errors import ConfigError
-from cclnb.precision import resolve_precision
+from cclnb.precision import cpu_model, native_bf16_flags, resolve_precision
 from cclnb.trainer import SMALL_IMAGE_MAX, TaskPlan, Trainer
 
 REPLAY_FRACTION = 0.2        # share of replayed ("old") samples per batch in the CCL step
@@ -63,6 +63,7 @@ class BenchOptions:
 
     device: str = "auto"
     arch: str = "resnet18"
+    stem: str = "auto"          # one of STEMS (auto: the 3x3 stem for <= 64 px)
     image_size: int = 32
     batch_size: int = 512
     steps: int = 50
@@ -76,6 +77,7 @@ class BenchOptions:
     def validate(self) -> None:
         checks = [
             (self.arch in ARCHS, f"--arch {self.arch!r} is unknown; choose one of {', '.join(ARCHS)}"),
+            (self.stem in STEMS, f"--stem {self.stem!r} is unknown; choose one of {', '.join(STEMS)}"),
             (self.image_size >= 8, f"--image-size must be >= 8, got {self.image_size}"),
             (self.batch_size >= 2, f"--batch-size must be >= 2, got {self.batch_size}"),
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
@@ -122,7 +124,8 @@ class BenchResult:
         """The table. The img/s columns come first and keep their positions (3 and 5 for MoCo and
         CCL), which `benchmarks/plan_epochs.py` reads; the FLOP columns follow."""
         kinds = list(STEP_KINDS)
-        lines = [f"# cclnb bench: {self.options.arch}, {self.options.image_size} px, "
+        stem = "" if self.options.stem == "auto" else f", {self.options.stem} stem"
+        lines = [f"# cclnb bench: {self.options.arch}{stem}, {self.options.image_size} px, "
                  f"batch {self.options.batch_size}", ""]
         lines += [f"- {key}: {value}" for key, value in self.header.items()]
         cols = ["pipeline", "precision", "first batch (s)"]
@@ -242,8 +245,8 @@ def count_flops(fn: Callable[[], object]) -> int:
 # ---------------------------------------------------------------------------- the trainer's step
 def _config(options: BenchOptions, method: str, precision: str, compile_: bool, loader: str) -> TrainConfig:
     return TrainConfig(
-        data=options.data, arch=options.arch, batch_size=options.batch_size, image_size=options.image_size,
-        workers=options.workers, method=method, precision=precision, compile=compile_, loader=loader,
+        data=options.data, arch=options.arch, stem=options.stem, batch_size=options.batch_size,
+        image_size=options.image_size, workers=options.workers, method=method, precision=precision, compile=compile_, loader=loader,
         mlp=True, aug_plus=True, cos=True, moco_t=0.2, seed=0, progress=False, n_tasks=1,
         key_bn_groups=math.gcd(options.batch_size, TrainConfig.key_bn_groups),
         bn_groups=math.gcd(options.batch_size, TrainConfig.bn_groups),
@@ -312,7 +315,8 @@ def row_precisions(precision: str, device: torch.device) -> list[str]:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    native = "bf16 flags: " + (" ".join(native_bf16_flags()) or "none")
+    return f"CPU ({cpu_model()}, {native}, {torch.get_num_threads()} threads)"
 
 
 def run_bench(options: BenchOptions, command: str = "cclnb bench") -> BenchResult:
@@ -427,7 +431,8 @@ def _augmentation_speed(make_batches: Callable[[], Iterator[Batch]], options: Be
 
 
 def default_out(options: BenchOptions, device_type: str) -> Path:
-    return Path("benchmarks") / f"bench-{device_type}-{options.arch}-{options.image_size}px.md"
+    stem = "" if options.stem == "auto" else f"-{options.stem}"
+    return Path("benchmarks") / f"bench-{device_type}-{options.arch}{stem}-{options.image_size}px.md"
 
 
 def write_table(result: BenchResult, out: Path) -> Path:

@@ -40,7 +40,7 @@ from cclnb.errors import CheckpointError, ConfigError, Interrupted, TrainingDive
 from cclnb.losses import at_least_fp32, info_nce_from_logits, info_nce_logits
 from cclnb.methods import Method, StepOutputs, TrainerEnv, get_method
 from cclnb.models import MoCo, grouped_forward
-from cclnb.precision import autocast, resolve_precision
+from cclnb.precision import autocast, resolve_model_precision
 from cclnb.tasks import class_order, split_classes, task_sample_ids
 
 SMALL_IMAGE_MAX = 64
@@ -78,7 +78,7 @@ def resolve_config(config: TrainConfig, data_image_size: int | None,
                    device: torch.device | None = None) -> TrainConfig:
     """Fill the values that depend on the data and the machine: image size (the data's own when
     <= 64 px, else 224, the authors'), the loader, the precision (`auto` -> bf16 where native on
-    `device`, default: the device `config.device` names), the seed (drawn and recorded when not
+    `device` and, on a CPU, faster for this model; default device: the one `config.device` names), the seed (drawn and recorded when not
     given, so that a resume continues the same random streams)."""
     image_size = config.image_size
     if image_size is None:
@@ -90,7 +90,8 @@ def resolve_config(config: TrainConfig, data_image_size: int | None,
     if device is None:
         use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
         device = torch.device("cuda" if use_cuda else "cpu")
-    precision = resolve_precision(config.precision, device)
+    precision = resolve_model_precision(config.precision, device, config.arch, image_size <= SMALL_IMAGE_MAX,
+                                        config.stem, image_size, config.batch_size, train=True)
     return dataclasses.replace(config, image_size=image_size, loader=loader, seed=seed,
                                precision=precision)
 
@@ -184,8 +185,10 @@ def _train(config: TrainConfig, ctx: dist.DistContext) -> Path:
     if config.resume:
         run_dir, ckpt_path = runs.resolve_resume(config.resume)
         saved = runs.read_config(run_dir)
-        config = resolve_config(dataclasses.replace(config, seed=saved["seed"]), train_ds.image_size,
-                                ctx.device)
+        # `auto` precision was resolved when the run started (on a CPU, by timing): keep that choice
+        precision = saved.get("precision", config.precision) if config.precision == "auto" else config.precision
+        config = resolve_config(dataclasses.replace(config, seed=saved["seed"], precision=precision),
+                                train_ds.image_size, ctx.device)
         differences = _identity_differences(saved, config)
         if differences:
             raise CheckpointError(f"cannot resume {run_dir} with a different configuration: "

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from cclnb.checkpoint import write_atomically
 from cclnb.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from cclnb.evaluate.features import extract_features, frozen
-from cclnb.precision import autocast, resolve_precision
+from cclnb.precision import autocast, resolve_model_precision
 
 BEST_NOTE = "best epoch (selected on val), as the authors report"
 SMALL_MAX = 64
@@ -252,7 +252,9 @@ def _eval_inputs(args: argparse.Namespace) -> _EvalInputs:
     native = train.image_size if train.image_size is not None else 224
     image_size = settings["image_size"] or (native if native <= SMALL_MAX else 224)
     device = _device(args)
-    args.precision = resolve_precision(args.precision, device)   # the result records the resolved one
+    # the result records the resolved precision; the backbone only runs forward here
+    args.precision = resolve_model_precision(args.precision, device, settings["arch"], image_size <= SMALL_MAX,
+                                             settings["stem"], image_size, args.batch_size, train=False)
     return _EvalInputs("teacher" if args.use_teacher_weight else "student", source, settings,
                        device, train, val, ids, image_size)
 
