@@ -246,7 +246,8 @@ def count_flops(fn: Callable[[], object]) -> int:
 def _config(options: BenchOptions, method: str, precision: str, compile_: bool, loader: str) -> TrainConfig:
     return TrainConfig(
         data=options.data, arch=options.arch, stem=options.stem, batch_size=options.batch_size,
-        image_size=options.image_size, workers=options.workers, method=method, precision=precision, compile=compile_, loader=loader,
+        image_size=options.image_size, workers=options.workers, method=method, precision=precision,
+        compile=compile_, loader=loader,
         mlp=True, aug_plus=True, cos=True, moco_t=0.2, seed=0, progress=False, n_tasks=1,
         key_bn_groups=math.gcd(options.batch_size, TrainConfig.key_bn_groups),
         bn_groups=math.gcd(options.batch_size, TrainConfig.bn_groups),

@@ -78,8 +78,9 @@ def resolve_config(config: TrainConfig, data_image_size: int | None,
                    device: torch.device | None = None) -> TrainConfig:
     """Fill the values that depend on the data and the machine: image size (the data's own when
     <= 64 px, else 224, the authors'), the loader, the precision (`auto` -> bf16 where native on
-    `device` and, on a CPU, faster for this model; default device: the one `config.device` names), the seed (drawn and recorded when not
-    given, so that a resume continues the same random streams)."""
+    `device` and, on a CPU, faster for this model; default device: the one `config.device`
+    names), the seed (drawn and recorded when not given, so that a resume continues the same
+    random streams)."""
     image_size = config.image_size
     if image_size is None:
         image_size = data_image_size if data_image_size and data_image_size <= SMALL_IMAGE_MAX else 224
