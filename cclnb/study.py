@@ -129,7 +129,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         name="tin100-32-cpu",
         description="Tiny-ImageNet-32 sub100 (100 classes, 250 train images per class), 10 tasks, "
                     "ResNet-18 with the ImageNet stem at 32 px, bf16 where native, 8 epochs per task, "
-                    "2 seeds: about 33 minutes per seed on 2 AMD EPYC cores (some CPUs take 3-4x longer)",
+                    "2 seeds: about 33 minutes per seed on 2 AMD EPYC cores (2 Intel Xeon cores: about 3x longer)",
         # Sized for this project's 2-core CPU (docs/study.md, "The CPU preset"): the ImageNet stem
         # (7x the 3x3 stem's speed at 32 px), key momentum 0.99 (0.999 leaves the MoCo loss at
         # ln(K+1) over a few hundred steps per task), batch 64 in 2 BatchNorm groups of 32 (the
