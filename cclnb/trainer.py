@@ -78,7 +78,7 @@ def resolve_config(config: TrainConfig, data_image_size: int | None,
                    device: torch.device | None = None) -> TrainConfig:
     """Fill the values that depend on the data and the machine: image size (the data's own when
     <= 64 px, else 224, the authors'), the loader, the precision (`auto` -> bf16 where native on
-    `device` and, on a CPU, faster for this model; default device: the one `config.device`
+    `device` and, on a CPU, convolutions large enough to gain; default device: the one `config.device`
     names), the seed (drawn and recorded when not given, so that a resume continues the same
     random streams)."""
     image_size = config.image_size
@@ -91,8 +91,8 @@ def resolve_config(config: TrainConfig, data_image_size: int | None,
     if device is None:
         use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
         device = torch.device("cuda" if use_cuda else "cpu")
-    precision = resolve_model_precision(config.precision, device, config.arch, image_size <= SMALL_IMAGE_MAX,
-                                        config.stem, image_size, config.batch_size, train=True)
+    precision = resolve_model_precision(config.precision, device, config.stem, image_size <= SMALL_IMAGE_MAX,
+                                        image_size)
     return dataclasses.replace(config, image_size=image_size, loader=loader, seed=seed,
                                precision=precision)
 
@@ -186,7 +186,7 @@ def _train(config: TrainConfig, ctx: dist.DistContext) -> Path:
     if config.resume:
         run_dir, ckpt_path = runs.resolve_resume(config.resume)
         saved = runs.read_config(run_dir)
-        # `auto` precision was resolved when the run started (on a CPU, by timing): keep that choice
+        # `auto` was resolved when the run started: keep that choice even if the rule has changed since
         precision = saved.get("precision", config.precision) if config.precision == "auto" else config.precision
         config = resolve_config(dataclasses.replace(config, seed=saved["seed"], precision=precision),
                                 train_ds.image_size, ctx.device)

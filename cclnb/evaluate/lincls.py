@@ -252,9 +252,9 @@ def _eval_inputs(args: argparse.Namespace) -> _EvalInputs:
     native = train.image_size if train.image_size is not None else 224
     image_size = settings["image_size"] or (native if native <= SMALL_MAX else 224)
     device = _device(args)
-    # the result records the resolved precision; the backbone only runs forward here
-    args.precision = resolve_model_precision(args.precision, device, settings["arch"], image_size <= SMALL_MAX,
-                                             settings["stem"], image_size, args.batch_size, train=False)
+    # the result records the resolved precision
+    args.precision = resolve_model_precision(args.precision, device, settings["stem"], image_size <= SMALL_MAX,
+                                             image_size)
     return _EvalInputs("teacher" if args.use_teacher_weight else "student", source, settings,
                        device, train, val, ids, image_size)
 
