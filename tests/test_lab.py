@@ -140,6 +140,7 @@ def _prompts(driver) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_explore_notebook_runs_in_jupyterlab(browser, lab: tuple[str, str, Path]) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.select import Select
     from selenium.webdriver.support.ui import WebDriverWait
@@ -156,7 +157,10 @@ def test_explore_notebook_runs_in_jupyterlab(browser, lab: tuple[str, str, Path]
         papermill.iorw.load_notebook_node(str(REPO / "notebooks" / "explore.ipynb")),
         {"runs_root": str(root / "runs"), **SMALL}), str(notebook))
 
-    wait = WebDriverWait(browser, 120, poll_frequency=0.5)
+    # a redraw (a dropdown's new figure, a cell's output) replaces DOM nodes: a node found a moment
+    # ago may be gone or not there yet, which means "not yet", not failure
+    wait = WebDriverWait(browser, 120, poll_frequency=0.5,
+                         ignored_exceptions=(StaleElementReferenceException, IndexError))
     browser.get(f"{base}/lab/tree/notebooks/explore.ipynb?token={token}")
     # the parameters cell comes first, each parameter with its description
     first = wait.until(lambda d: [c for c in d.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-Cell")[:1]
