@@ -22,6 +22,12 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # protocol); `cifar_pool` the 3x3/1 conv then the max-pool, half the CIFAR stem's resolution (a CPU
 # budget's middle ground); `auto` = cifar for images <= 64 px, else imagenet.
 STEMS = ("auto", "cifar", "cifar_pool", "imagenet")
+STEM_DOWNSAMPLING = {"cifar": 1, "cifar_pool": 2, "imagenet": 4}   # input side / first block's side
+
+
+def resolve_stem(stem: str, small_images: bool | None) -> str:
+    """`auto` -> cifar for small images, else imagenet; the others pass through."""
+    return stem if stem != "auto" else ("cifar" if small_images else "imagenet")
 
 
 def canonical_method(name: str) -> str:

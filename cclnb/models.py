@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from cclnb.config import ARCHS, STEMS
+from cclnb.config import ARCHS, STEMS, resolve_stem
 from cclnb.errors import ConfigError
 
 _OUT_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
@@ -163,7 +163,8 @@ def build_backbone(arch: str, small_images: bool | None = None, stem: str = "aut
     if stem not in STEMS:
         raise ConfigError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
     net = getattr(torchvision.models, arch)(weights=None, norm_layer=GroupedBatchNorm2d)
-    if stem in ("cifar", "cifar_pool") or (stem == "auto" and small_images):
+    stem = resolve_stem(stem, small_images)
+    if stem in ("cifar", "cifar_pool"):
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
         if stem != "cifar_pool":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from cclnb.config import STEM_DOWNSAMPLING, resolve_stem
 from cclnb.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -81,13 +82,11 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 # (ImageNet stem) 0.6-0.7x, at 16 px (`cifar_pool`) 1.0x, at 32 px (3x3 stem) 1.6-1.9x; on the AMD
 # EPYC cores of earlier sessions the ImageNet stem was also slower in bf16 and the 3x3 stem 3x faster.
 BF16_MIN_FIRST_BLOCK_PX = 32
-_STEM_STRIDE = {"imagenet": 4, "cifar_pool": 2, "cifar": 1}
 
 
 def first_block_px(image_size: int, stem: str, small_images: bool) -> int:
     """The side of the map the first residual block sees (the stem's downsampling applied)."""
-    resolved = stem if stem != "auto" else ("cifar" if small_images else "imagenet")
-    return image_size // _STEM_STRIDE[resolved]
+    return image_size // STEM_DOWNSAMPLING[resolve_stem(stem, small_images)]
 
 
 def resolve_model_precision(precision: str, device: torch.device | str, stem: str, small_images: bool,
