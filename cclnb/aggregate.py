@@ -33,6 +33,9 @@ HEADLINE = "linear_top1_student"                                # the metric the
 # Config fields that change where or how visibly a run executes, not what it computes.
 RUNTIME_FIELDS = frozenset({"seed", "run_dir", "resume", "progress", "workers", "print_freq",
                             "dist_url", "dist_timeout", "gpu", "rank"})
+# TrainConfig fields added after records were first written, with the behaviour those records had.
+_DEFAULTS_OF_LATER_FIELDS = {"width": 64, "train_tasks": None}
+
 # The per-seed columns summarised per method (those present in the table are used).
 SUMMARY_METRICS = ("linear_top1_student", "linear_top1_teacher", "final_knn", "avg_acc",
                    "avg_forgetting", "bwt", "final_loss_moco")
@@ -47,8 +50,11 @@ VERDICT_RULE = (
 
 # ----------------------------------------------------------------------------- comparability
 def comparable_settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The fields of a resolved config that define the experiment (runtime-only fields dropped)."""
-    return {k: v for k, v in config.items() if k not in RUNTIME_FIELDS}
+    """The fields of a resolved config that define the experiment (runtime-only fields dropped).
+    A field the record predates (added to TrainConfig later) counts as its default, which is what
+    that record's code ran with: old records stay comparable with new ones of the same settings."""
+    filled = {**_DEFAULTS_OF_LATER_FIELDS, **config}
+    return {k: v for k, v in filled.items() if k not in RUNTIME_FIELDS}
 
 
 def config_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:

@@ -46,7 +46,8 @@ def initial_model(config: TrainConfig) -> MoCo:
     random.seed(seed)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
-    return MoCo(config.arch, config.moco_dim, config.moco_k, config.mlp, config.small_images, config.stem)
+    return MoCo(config.arch, config.moco_dim, config.moco_k, config.mlp, config.small_images, config.stem,
+                config.width)
 
 
 def untrained_run(config: TrainConfig, calibrate_bn: bool = False) -> Path:

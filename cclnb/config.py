@@ -88,6 +88,8 @@ class TrainConfig:
     download: bool = False                  # CIFAR only: download through torchvision if absent
     image_size: int | None = None           # None: the data's size if <= 64 px, else 224
     stem: str = "auto"                      # one of STEMS (auto: cifar stem for <= 64 px)
+    width: int = 64                         # channels of the ResNet's first stage (64 = torchvision's; 16 = a quarter-width network for CPU budgets)
+    train_tasks: int | None = None          # train (and evaluate on) only the first N tasks of the split: short protocols; None = all
     subset_per_class: int | None = None     # first N train images of each class (quick runs)
     order_seed: int = 1                     # class-order seed; 1 = the authors' order
     device: str = "auto"                    # auto | cpu | cuda
@@ -159,6 +161,10 @@ class TrainConfig:
             (self.ccl_teacher_stats in ("own", "student"),
              f"--ccl-teacher-stats must be own or student, got {self.ccl_teacher_stats!r}"),
             (self.subset_per_class is None or self.subset_per_class >= 1, "--subset-per-class must be >= 1"),
+            (self.width >= 1, f"--width must be >= 1 (channels of the first stage; 64 = torchvision's), got {self.width}"),
+            (self.train_tasks is None or 1 <= self.train_tasks <= self.n_tasks,
+             f"--train-tasks must be between 1 and --n-tasks {self.n_tasks} (or left out: every task), "
+             f"got {self.train_tasks}"),
             (self.eval_bank_per_class is None or self.eval_bank_per_class >= 1,
              "--eval-bank-per-class must be >= 1 (or left out: every training image)"),
         ]
@@ -181,4 +187,4 @@ class TrainConfig:
     # Fields whose change makes a checkpoint belong to another experiment (resume refuses them).
     IDENTITY_FIELDS = ("data", "dataset", "imagenetsub", "arch", "method", "n_tasks", "n_save",
                        "moco_dim", "moco_k", "mlp", "image_size", "subset_per_class", "order_seed",
-                       "ccl_k", "batch_size", "epochs", "stem")
+                       "ccl_k", "batch_size", "epochs", "stem", "width", "train_tasks")

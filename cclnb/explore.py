@@ -272,7 +272,8 @@ class Explorer:
         if key not in self._encoders:
             config = runs.read_config(Path(run_dir)) if run_dir != UNTRAINED else dataclasses.asdict(self.config)
             torch.manual_seed(self.seed)
-            backbone = build_backbone(config["arch"], self.small_images, config.get("stem", "auto"))
+            backbone = build_backbone(config["arch"], self.small_images, config.get("stem", "auto"),
+                                      config.get("width", 64))
             if run_dir != UNTRAINED:
                 if who == "teacher" and config.get("method") != "CCL":
                     raise DataError(f"{run_dir} is a {config.get('method')} run, which keeps no "

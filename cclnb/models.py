@@ -29,6 +29,10 @@ from cclnb.config import ARCHS, STEMS, resolve_stem
 from cclnb.errors import ConfigError
 
 _OUT_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
+_B, _N = torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck
+_RESNET_LAYOUT = {"resnet18": (_B, [2, 2, 2, 2]), "resnet34": (_B, [3, 4, 6, 3]), "resnet50": (_N, [3, 4, 6, 3]),
+                  "resnet101": (_N, [3, 4, 23, 3]), "resnet152": (_N, [3, 8, 36, 3])}
+DEFAULT_WIDTH = 64   # torchvision's first-stage channels
 
 
 class GroupedBatchNorm2d(nn.BatchNorm2d):
@@ -149,7 +153,8 @@ def reset_bn_statistics(module: nn.Module) -> nn.Module:
     return module
 
 
-def build_backbone(arch: str, small_images: bool | None = None, stem: str = "auto") -> nn.Module:
+def build_backbone(arch: str, small_images: bool | None = None, stem: str = "auto",
+                   width: int = DEFAULT_WIDTH) -> nn.Module:
     """A torchvision ResNet without its classifier (`fc = Identity`), with `out_dim` set.
 
     `stem="cifar"` (or `"auto"` with `small_images`) swaps the 7x7/2 convolution and max-pool for a
@@ -157,21 +162,46 @@ def build_backbone(arch: str, small_images: bool | None = None, stem: str = "aut
     before the first residual block and waste most of the network. `stem="cifar_pool"` keeps the
     max-pool after the 3x3/1 convolution: 16 px at the first block, about a third of the CIFAR
     stem's CPU time, with a 2x2 map left at the last block where the ImageNet stem leaves 1x1.
+
+    `width` is the channel count of the first stage (torchvision's 64; the later stages double it,
+    the stem follows it). A narrower network is how a CPU budget keeps every pixel of a 32 px image:
+    at width 16 the 3x3 stem costs less per image than the full-width ImageNet stem. The default
+    builds torchvision's network unchanged (same modules, same random draws).
     """
     if arch not in ARCHS:
         raise ConfigError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if stem not in STEMS:
         raise ConfigError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
-    net = getattr(torchvision.models, arch)(weights=None, norm_layer=GroupedBatchNorm2d)
+    if width < 1:
+        raise ConfigError(f"--width must be >= 1 (channels of the first stage; 64 = torchvision's), got {width}")
+    if width == DEFAULT_WIDTH:
+        net = getattr(torchvision.models, arch)(weights=None, norm_layer=GroupedBatchNorm2d)
+    else:
+        net = _NarrowResNet(width, *_RESNET_LAYOUT[arch], norm_layer=GroupedBatchNorm2d)
     stem = resolve_stem(stem, small_images)
     if stem in ("cifar", "cifar_pool"):
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
         if stem != "cifar_pool":
             net.maxpool = nn.Identity()
     net.fc = nn.Identity()
-    net.out_dim = _OUT_DIMS[arch]
+    net.out_dim = _OUT_DIMS[arch] * width // DEFAULT_WIDTH
     return net
+
+
+class _NarrowResNet(torchvision.models.ResNet):
+    """torchvision's ResNet with every stage's channels scaled by `width / 64` (stem included)."""
+
+    def __init__(self, width: int, block: type[nn.Module], layers: list[int], **kwargs) -> None:
+        self._width = width
+        super().__init__(block, layers, **kwargs)
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1, dilate: bool = False) -> nn.Sequential:
+        if planes == DEFAULT_WIDTH:           # the first stage: it follows the stem, built at `width` below
+            self.inplanes = self._width
+            self.conv1 = nn.Conv2d(3, self._width, kernel_size=7, stride=2, padding=3, bias=False)
+            self.bn1 = self._norm_layer(self._width)
+        return super()._make_layer(block, planes * self._width // DEFAULT_WIDTH, blocks, stride, dilate)
 
 
 class Encoder(nn.Module):
@@ -200,11 +230,11 @@ class MoCo(nn.Module):
     queue_ptr: torch.Tensor
 
     def __init__(self, arch: str, dim: int = 128, k: int = 65536, mlp: bool = True,
-                 small_images: bool | None = None, stem: str = "auto") -> None:
+                 small_images: bool | None = None, stem: str = "auto", width: int = DEFAULT_WIDTH) -> None:
         super().__init__()
         if k < 1:
             raise ConfigError(f"--moco-k must be >= 1, got {k}")
-        self.encoder_q = Encoder(build_backbone(arch, small_images, stem), dim, mlp)
+        self.encoder_q = Encoder(build_backbone(arch, small_images, stem, width), dim, mlp)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         self.encoder_k.requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(dim, k), dim=0))

@@ -59,7 +59,12 @@ class TaskPlan:
 
     @property
     def classes_per_task(self) -> int:
-        return self.n_classes // len(self.task_classes)
+        return len(self.task_classes[0])
+
+    @property
+    def classes(self) -> np.ndarray:
+        """Every class the plan trains on (all of the data's, unless --train-tasks cuts the sequence)."""
+        return np.concatenate(self.task_classes)
 
     @property
     def all_ids(self) -> np.ndarray:
@@ -68,9 +73,10 @@ class TaskPlan:
 
 def plan_tasks(config: TrainConfig, targets: np.ndarray, n_classes: int) -> TaskPlan:
     """Class order (seed `order_seed`, 1 = the authors'), split into `n_tasks`, sample ids per task
-    (restricted to the first `subset_per_class` images of each class when set)."""
+    (restricted to the first `subset_per_class` images of each class when set). With `train_tasks`
+    only the first tasks of that split remain: a short protocol on the start of the same sequence."""
     ids = None if config.subset_per_class is None else subset_per_class(targets, config.subset_per_class)
-    task_classes = split_classes(class_order(n_classes, config.order_seed), config.n_tasks)
+    task_classes = split_classes(class_order(n_classes, config.order_seed), config.n_tasks)[:config.train_tasks]
     return TaskPlan(task_classes, task_sample_ids(targets, task_classes, ids), n_classes)
 
 
@@ -287,8 +293,12 @@ def _make_evaluator(config: TrainConfig, train_ds, plan: TaskPlan, run_dir: Path
         train_ids = train_ids[subset_per_class(train_ds.targets[train_ids], config.eval_bank_per_class)]
     small = config.small_images
     train_images = eval_inputs(config, train_ds, train_ids)
-    val_images = eval_inputs(config, val_ds)
-    train_y, val_y = train_ds.targets[train_ids], val_ds.targets
+    if len(plan.classes) < plan.n_classes:   # --train-tasks: measured on the classes trained on
+        val_ids = np.flatnonzero(np.isin(val_ds.targets, plan.classes))
+        val_images, val_y = eval_inputs(config, val_ds, val_ids), val_ds.targets[val_ids]
+    else:
+        val_images, val_y = eval_inputs(config, val_ds), val_ds.targets
+    train_y = train_ds.targets[train_ids]
 
     def evaluate(backbone: torch.nn.Module, after_task: int, who: str) -> None:
         results = evaluate_encoder(backbone, train_images, train_y, val_images, val_y, plan.task_classes,
@@ -342,7 +352,7 @@ class Trainer:
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % 2**32)
         self.model = MoCo(config.arch, config.moco_dim, config.moco_k, config.mlp,
-                          config.small_images, config.stem).to(self.device)
+                          config.small_images, config.stem, config.width).to(self.device)
         if self.device.type == "cuda" and config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.copy_query_to_key()

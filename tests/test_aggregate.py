@@ -150,6 +150,9 @@ def test_a_record_with_another_config_is_refused_naming_the_field(tmp_path: Path
     assert any(r.seed == 4 and "final_evaluation" in r.reason for r in refused)
     # runtime-only fields (run_dir, workers, progress) and the seed never make records incomparable
     assert aggregate.config_differences({**CONFIG, "seed": 1, "workers": 1}, CONFIG) == []
+    # a record written before a field existed ran with its default: comparable with one that names it
+    assert aggregate.config_differences({**CONFIG, "width": 64, "train_tasks": None}, CONFIG) == []
+    assert aggregate.config_differences({**CONFIG, "width": 16}, CONFIG) == ["width: 16 vs 64"]
 
 
 def test_records_from_two_folders_merge_and_a_duplicate_seed_is_refused(tmp_path: Path) -> None:

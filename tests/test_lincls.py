@@ -63,7 +63,8 @@ def test_teacher_flag_picks_the_weights(tmp_path: Path) -> None:
     student, teacher = _checkpoint(ckpt)
     source = Source(ckpt, {}, tmp_path)
     for who, expected, other in (("student", student, teacher), ("teacher", teacher, student)):
-        loaded = load_backbone(source, "resnet18", "imagenet", False, who, torch.device("cpu")).state_dict()
+        loaded = load_backbone(source, {"arch": "resnet18", "stem": "imagenet", "width": 64}, False, who,
+                                   torch.device("cpu")).state_dict()
         assert torch.equal(loaded["conv1.weight"], expected["conv1.weight"])
         assert not torch.equal(loaded["conv1.weight"], other["conv1.weight"])
 
@@ -74,7 +75,8 @@ def test_wrong_arch_is_a_checkpoint_error(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt.pt"
     _checkpoint(ckpt)
     with pytest.raises(CheckpointError, match="--arch"):
-        load_backbone(Source(ckpt, {}, tmp_path), "resnet34", "imagenet", False, "student", torch.device("cpu"))
+        load_backbone(Source(ckpt, {}, tmp_path), {"arch": "resnet34", "stem": "imagenet", "width": 64}, False,
+                      "student", torch.device("cpu"))
 
 
 def test_lincls_tiny_real_run(tmp_path: Path, sub100_zip: Path, monkeypatch: pytest.MonkeyPatch) -> None:

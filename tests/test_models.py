@@ -204,3 +204,30 @@ def test_channels_last_and_bf16(moco: MoCo) -> None:
     assert torch.isfinite(q.float()).all() and torch.isfinite(k.float()).all()
     model.enqueue(k)
     assert model.queue.dtype == torch.float32
+
+
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_width_scales_every_stage_and_the_default_is_torchvisions_network(stem: str) -> None:
+    """--width 16: a quarter of the channels in every stage (stem included), every pixel kept; the
+    default (64) draws the same initial weights as torchvision's own ResNet-18."""
+    narrow = build_backbone("resnet18", stem=stem, width=16)
+    assert narrow.conv1.out_channels == 16 and narrow.bn1.num_features == 16
+    assert [narrow.layer1[0].conv1.out_channels, narrow.layer2[0].conv1.out_channels,
+            narrow.layer3[0].conv1.out_channels, narrow.layer4[0].conv1.out_channels] == [16, 32, 64, 128]
+    assert narrow.out_dim == 128 and narrow(torch.randn(2, 3, 32, 32)).shape == (2, 128)
+    assert all(isinstance(m, GroupedBatchNorm2d) for m in narrow.modules() if isinstance(m, nn.BatchNorm2d))
+    full = sum(p.numel() for p in build_backbone("resnet18", stem=stem).parameters())
+    assert sum(p.numel() for p in narrow.parameters()) < full / 12     # channels^2: about 1/16
+    torch.manual_seed(3)
+    default = build_backbone("resnet18", stem=stem)
+    torch.manual_seed(3)
+    reference = torchvision.models.resnet18(weights=None)
+    if stem == "cifar":
+        reference.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(reference.conv1.weight, mode="fan_out", nonlinearity="relu")
+    assert torch.equal(default.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    assert torch.equal(default.conv1.weight, reference.conv1.weight)
+    assert build_backbone("resnet50", stem=stem, width=32).out_dim == 1024
+    with pytest.raises(ConfigError, match="--width must be >= 1"):
+        build_backbone("resnet18", width=0)
+    assert MoCo("resnet18", dim=8, k=4, stem=stem, width=16).encoder_k.backbone.out_dim == 128

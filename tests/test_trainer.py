@@ -168,3 +168,27 @@ def test_resume_refuses_another_configuration_and_a_complete_run_is_a_no_op(tmp_
     assert train(tiny_config(tmp_path, "Finetuning", resume=str(run))) == run
     assert "already complete" in capsys.readouterr().out
     assert (run / "checkpoints" / "last.pt").stat().st_mtime_ns == before
+
+
+def test_train_tasks_trains_and_measures_the_first_tasks_of_the_same_split(tmp_path):
+    """--train-tasks 2 of --n-tasks 5: the first two tasks of the 5-task split (same classes as a
+    full run's first two), a 2x2 accuracy matrix over those classes only, and a clear error when
+    it exceeds the split."""
+    from cclnb.data import open_dataset
+    from cclnb.trainer import plan_tasks
+
+    config = tiny_config(tmp_path, "Finetuning", n_tasks=5, train_tasks=2, eval_each_task="knn", knn_k=5,
+                         width=16)
+    targets = open_dataset("demo", "train").targets
+    full, short = plan_tasks(tiny_config(tmp_path, n_tasks=5), targets, 10), plan_tasks(config, targets, 10)
+    assert len(short.task_classes) == 2 and short.classes_per_task == 2
+    for a, b in zip(short.task_classes, full.task_classes):
+        assert np.array_equal(a, b)
+    run = train(config)
+    acc = read_csv(run / "eval" / "acc_knn_student.csv")
+    assert [int(r["after_task"]) for r in acc] == [0, 1]
+    assert set(acc[0]) == {"after_task", "task_0", "task_1", "all"}
+    assert json.loads((run / "config.json").read_text())["width"] == 16
+    assert load_ckpt(run / "checkpoints" / "last.pt")["task"] == 2
+    with pytest.raises(ConfigError, match="--train-tasks must be between 1 and --n-tasks 5"):
+        tiny_config(tmp_path, n_tasks=5, train_tasks=6).validate()

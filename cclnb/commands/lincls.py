@@ -76,6 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset kind: auto | imagefolder | zip | cifar10 | cifar100 | demo")
     parser.add_argument("--stem", default=None, choices=STEMS,
                         help="ResNet stem (default: the run's, else auto = cifar stem for <= 64 px)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="channels of the first stage (default: the run's, else 64)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="evaluation size (default: native if <= 64 px, else 224)")
     parser.add_argument("--subset-per-class", type=int, default=None,

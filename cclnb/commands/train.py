@@ -60,6 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     x.add_argument("--download", action="store_true", help="CIFAR: download through torchvision if absent")
     x.add_argument("--image-size", type=int, default=D.image_size, help="default: the data's size if <= 64 px, else 224")
     x.add_argument("--stem", default=D.stem, choices=STEMS)
+    x.add_argument("--width", type=int, default=D.width,
+                   help="channels of the ResNet's first stage (64 = torchvision's; 16: a quarter-width network)")
+    x.add_argument("--train-tasks", type=int, default=D.train_tasks,
+                   help="train only the first N tasks of the split (a short protocol on the same sequence)")
     x.add_argument("--subset-per-class", type=int, default=D.subset_per_class, help="first N images of each class")
     x.add_argument("--order-seed", type=int, default=D.order_seed, help="class order seed (1 = the authors')")
     x.add_argument("--device", default=D.device, choices=("auto", "cpu", "cuda"))

@@ -91,7 +91,8 @@ def resolved_settings(args: argparse.Namespace, run_config: dict[str, Any]) -> d
                 return value
         return default
 
-    return {"arch": pick("arch", "resnet50"), "stem": pick("stem", "auto"), "data": pick("data", None),
+    return {"arch": pick("arch", "resnet50"), "stem": pick("stem", "auto"), "width": pick("width", 64),
+            "data": pick("data", None),
             "dataset": pick("dataset", "auto"), "image_size": pick("image_size", None),
             "imagenetsub": bool(args.imagenetsub or run_config.get("imagenetsub", False))}
 
@@ -127,20 +128,22 @@ def _device(args: argparse.Namespace) -> torch.device:
     return device
 
 
-def load_backbone(source: Source, arch: str, stem: str, small_images: bool, who: str,
+def load_backbone(source: Source, settings: dict[str, Any], small_images: bool, who: str,
                   device: torch.device) -> nn.Module:
-    """The frozen backbone (eval mode, no gradients) with the student's or teacher's weights."""
+    """The frozen backbone (eval mode, no gradients) with the student's or teacher's weights;
+    `settings` (`resolved_settings`) name its arch, stem and width."""
     from cclnb.checkpoint import backbone_state_dict
     from cclnb.models import build_backbone
 
-    backbone = build_backbone(arch, small_images, stem)
+    arch, stem = settings["arch"], settings["stem"]
+    backbone = build_backbone(arch, small_images, stem, settings["width"])
     if source.checkpoint is not None:
         state = backbone_state_dict(str(source.checkpoint), who)
         missing, unexpected = backbone.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise CheckpointError(f"{source.checkpoint} does not fit a {arch} backbone (stem {stem}): "
                                   f"missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}; "
-                                  f"pass the -a/--arch and --stem it was trained with")
+                                  f"pass the -a/--arch, --stem and --width it was trained with")
     backbone.requires_grad_(False)
     return backbone.to(device).eval()
 
@@ -281,7 +284,7 @@ def linear_eval(args: argparse.Namespace) -> dict[str, Any]:
     small = image_size <= SMALL_MAX
     workers = max(0, min(args.workers, os.cpu_count() or 1))
 
-    backbone = load_backbone(source, settings["arch"], settings["stem"], small, who, device)
+    backbone = load_backbone(source, settings, small, who, device)
     buffers_before = {k: v.clone() for k, v in backbone.state_dict().items()}
     fc = nn.Linear(backbone.out_dim, n_classes).to(device)
     nn.init.normal_(fc.weight, mean=0.0, std=0.01)
@@ -390,7 +393,7 @@ def probe_eval(args: argparse.Namespace) -> dict[str, Any]:
     if size > SMALL_MAX:
         raise ConfigError(f"the fast probe decodes every image into memory and is meant for images "
                           f"<= {SMALL_MAX} px; this run uses {size} px: use the lincls protocol")
-    backbone = load_backbone(source, inputs.settings["arch"], inputs.settings["stem"], True, who, device)
+    backbone = load_backbone(source, inputs.settings, True, who, device)
     progress = not args.no_progress
     train_f, val_f = (extract_features(backbone, images, device, image_size=size,
                                        precision=args.precision, progress=progress)
