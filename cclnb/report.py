@@ -569,9 +569,10 @@ def plot_lincls_curves(runs: Sequence[Run]) -> Figure:
 
 
 def device_label(hardware: dict[str, Any]) -> str:
-    """The GPUs a run used, else `CPU xN`: numbers from different devices are not comparable."""
+    """The GPUs a run used, else `<CPU model> xN` (`CPU xN` for records that predate the model):
+    numbers from different devices, even two x86 CPUs, are not comparable."""
     gpus = hardware.get("gpus")
-    return ", ".join(gpus) if gpus else f"CPU x{hardware.get('cpu_count', '?')}"
+    return ", ".join(gpus) if gpus else f"{hardware.get('cpu_model') or 'CPU'} x{hardware.get('cpu_count', '?')}"
 
 
 def provenance_table(runs: Sequence[Run]) -> pd.DataFrame:

@@ -123,9 +123,10 @@ def environment_info() -> dict[str, Any]:
     import torchvision
 
     import cclnb
+    from cclnb.precision import cpu_model
 
     hardware: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                                "cuda_available": torch.cuda.is_available()}
+                                "cpu_model": cpu_model(), "cuda_available": torch.cuda.is_available()}
     if torch.cuda.is_available():
         hardware["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     versions = {"python": platform.python_version(), "cclnb": cclnb.__version__,
