@@ -8,7 +8,11 @@ runs every method with several seeds, and this module turns the per-(method, see
 - paired differences against Finetuning *with the same seed* (the seed fixes the initialisation
   and the data order, so pairing removes what the two runs share);
 - a verdict on the paper's order Joint > CCL > SimpleReplay > Finetuning, by the rule in
-  `VERDICT_RULE`, stated on the report page.
+  `VERDICT_RULE`, stated on the report page, with its precondition: a *continual penalty*
+  (Joint > Finetuning). Where training on a sequence costs nothing, there is nothing for replay
+  or CCL to recover, and the order of the other methods says nothing about the paper;
+- the same rule on forgetting (does replay cut Finetuning's forgetting?) and on CCL taken apart
+  (each ablation against CCL and against SimpleReplay).
 
 It also decides which results may be averaged at all: results whose configurations differ in
 anything but the seed (and runtime-only fields) are not the same experiment, so `comparable`
@@ -27,9 +31,15 @@ from typing import Any, Hashable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from cclnb.config import ABLATIONS
+
 PAPER_ORDER = ("Joint", "CCL", "SimpleReplay", "Finetuning")   # best first, as the paper ranks them
 BASELINE = "Finetuning"                                         # paired differences are against it
 HEADLINE = "linear_top1_student"                                # the metric the verdict reads
+PENALTY = ("Joint", "Finetuning")            # the precondition: the i.i.d. bound above the sequence
+FORGETTING = "avg_forgetting"
+REPLAY_METHODS = ("SimpleReplay", "CCL")     # each should forget less than Finetuning
+ABLATION_REFERENCES = ("CCL", "SimpleReplay")   # what each ablation of CCL is paired against
 # Config fields that change where or how visibly a run executes, not what it computes.
 RUNTIME_FIELDS = frozenset({"seed", "run_dir", "resume", "progress", "workers", "print_freq",
                             "dist_url", "dist_timeout", "gpu", "rank"})
@@ -169,15 +179,17 @@ class PairVerdict:
     better: str            # the method the paper ranks higher
     worse: str
     n: int
-    mean: float            # mean of better - worse over paired seeds
+    mean: float            # mean of better - worse over paired seeds (worse - better where lower is better)
     std: float
     status: str            # holds | reversed | not resolved
+    relation: str = ">"    # "<" for a metric where lower is better (forgetting)
 
     def sentence(self) -> str:
+        claim = f"{self.better} {self.relation} {self.worse}"
         if self.n == 0:
-            return f"{self.better} > {self.worse}: not resolved (no seed run by both)"
+            return f"{claim}: not resolved (no seed run by both)"
         gap = f"mean gap {self.mean:+.2f}, sd {self.std:.2f} over {self.n} seed{'s' * (self.n > 1)}"
-        return f"{self.better} > {self.worse}: {self.status} ({gap})"
+        return f"{claim}: {self.status} ({gap})"
 
 
 @dataclass(frozen=True)
@@ -207,17 +219,77 @@ def judge_pair(diff: Sequence[float]) -> tuple[str, float, float]:
     return "not resolved", mean, std
 
 
+def judged(per_seed: pd.DataFrame, better: str, worse: str, metric: str = HEADLINE,
+           lower_is_better: bool = False) -> PairVerdict:
+    """The claim "`better` beats `worse` on `metric`" judged by `VERDICT_RULE` on paired seeds
+    (d = better - worse, or worse - better where lower is better, so d > 0 always favours `better`)."""
+    first, second = (worse, better) if lower_is_better else (better, worse)
+    diff = paired_differences(per_seed, first, second, metric).tolist() if _has(per_seed, metric) else []
+    status, mean, std = judge_pair(diff)
+    return PairVerdict(better, worse, len(diff), mean, std, status, "<" if lower_is_better else ">")
+
+
+def _has(per_seed: pd.DataFrame, metric: str) -> bool:
+    return metric in per_seed.columns and "method" in per_seed.columns
+
+
 def verdict(per_seed: pd.DataFrame, order: Sequence[str] = PAPER_ORDER, metric: str = HEADLINE) -> Verdict:
     """Judge every neighbouring pair of `order` on `metric`, then the order, by `VERDICT_RULE`."""
-    pairs = []
-    for better, worse in zip(order, order[1:]):
-        diff = paired_differences(per_seed, better, worse, metric).tolist()
-        status, mean, std = judge_pair(diff)
-        pairs.append(PairVerdict(better, worse, len(diff), mean, std, status))
+    pairs = [judged(per_seed, better, worse, metric) for better, worse in zip(order, order[1:])]
     statuses = {p.status for p in pairs}
     outcome = ("does not hold" if "reversed" in statuses
                else "holds" if statuses == {"holds"} else "not resolved")
     return Verdict(outcome, tuple(pairs), metric)
+
+
+def continual_penalty(per_seed: pd.DataFrame, metric: str = HEADLINE) -> PairVerdict:
+    """The verdict's precondition, Joint > Finetuning: does training on a sequence cost anything?"""
+    return judged(per_seed, *PENALTY, metric)
+
+
+def penalty_line(penalty: PairVerdict) -> str:
+    """The precondition's line on the page, and what follows from it for the paper's order."""
+    head = f"Precondition, a continual penalty: {penalty.sentence()}."
+    if penalty.status == "holds":
+        return (f"{head} Training on the sequence costs something here, so the order of Finetuning, "
+                f"SimpleReplay and CCL below is evidence about the paper's claim.")
+    return (f"{head} **Without a resolved penalty the order of Finetuning, SimpleReplay and CCL cannot be "
+            f"read as evidence about the paper**: there is no cost of the sequence for replay or CCL to "
+            f"recover, and their gaps measure something else (e.g. what replayed images add as data).")
+
+
+def forgetting_verdicts(per_seed: pd.DataFrame) -> list[PairVerdict]:
+    """Replay against forgetting, by the verdict's rule: each replay method < Finetuning on average
+    forgetting (only the pairs whose methods the study ran)."""
+    methods = set(per_seed["method"]) if "method" in per_seed.columns else set()
+    return [judged(per_seed, m, BASELINE, FORGETTING, lower_is_better=True)
+            for m in REPLAY_METHODS if m in methods and BASELINE in methods]
+
+
+def ablation_table(per_seed: pd.DataFrame, metric: str = HEADLINE) -> pd.DataFrame:
+    """CCL taken apart: every ablation the study ran, minus CCL and minus SimpleReplay with the same
+    seed, with the verdict's status of "ablation > reference". Empty without ablations."""
+    methods = set(per_seed["method"]) if "method" in per_seed.columns else set()
+    rows = []
+    for ablation in (a for a in ABLATIONS if a in methods):
+        for reference in (r for r in ABLATION_REFERENCES if r in methods):
+            diff = paired_differences(per_seed, ablation, reference, metric)
+            rows.append({"method": ablation, "vs": reference, **spread(diff.tolist()),
+                         "status": judge_pair(diff.tolist())[0],
+                         "per_seed": ", ".join(f"seed {s}: {v:+.2f}" for s, v in diff.items())})
+    return pd.DataFrame(rows, columns=["method", "vs", "n", "mean", "std", "min", "max", "status", "per_seed"])
+
+
+def verdict_markdown(per_seed: pd.DataFrame) -> str:
+    """The report's verdict section: the precondition, the paper's order, replay against
+    forgetting, then the rule they all follow."""
+    lines = [penalty_line(continual_penalty(per_seed)), verdict(per_seed).line()]
+    forgetting = forgetting_verdicts(per_seed)
+    if forgetting:
+        lines.append("Replay against forgetting (average forgetting, lower is better): "
+                     + "; ".join(p.sentence() for p in forgetting) + ".")
+    return "\n\n".join(lines) + f"\n\n*Rule:* {VERDICT_RULE} Forgetting pairs read d = forgetting of " \
+        "Finetuning - forgetting of the replay method."
 
 
 def mean_spread_text(mean: float, std: float, low: float, high: float, n: int) -> str:

@@ -64,6 +64,7 @@ class BenchOptions:
     device: str = "auto"
     arch: str = "resnet18"
     stem: str = "auto"          # one of STEMS (auto: the 3x3 stem for <= 64 px)
+    width: int = 64             # channels of the ResNet's first stage (64 = torchvision's)
     image_size: int = 32
     batch_size: int = 512
     steps: int = 50
@@ -78,6 +79,7 @@ class BenchOptions:
         checks = [
             (self.arch in ARCHS, f"--arch {self.arch!r} is unknown; choose one of {', '.join(ARCHS)}"),
             (self.stem in STEMS, f"--stem {self.stem!r} is unknown; choose one of {', '.join(STEMS)}"),
+            (self.width >= 1, f"--width must be >= 1, got {self.width}"),
             (self.image_size >= 8, f"--image-size must be >= 8, got {self.image_size}"),
             (self.batch_size >= 2, f"--batch-size must be >= 2, got {self.batch_size}"),
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
@@ -125,6 +127,7 @@ class BenchResult:
         CCL), which `benchmarks/plan_epochs.py` reads; the FLOP columns follow."""
         kinds = list(STEP_KINDS)
         stem = "" if self.options.stem == "auto" else f", {self.options.stem} stem"
+        stem += "" if self.options.width == 64 else f", width {self.options.width}"
         lines = [f"# cclnb bench: {self.options.arch}{stem}, {self.options.image_size} px, "
                  f"batch {self.options.batch_size}", ""]
         lines += [f"- {key}: {value}" for key, value in self.header.items()]
@@ -245,7 +248,7 @@ def count_flops(fn: Callable[[], object]) -> int:
 # ---------------------------------------------------------------------------- the trainer's step
 def _config(options: BenchOptions, method: str, precision: str, compile_: bool, loader: str) -> TrainConfig:
     return TrainConfig(
-        data=options.data, arch=options.arch, stem=options.stem, batch_size=options.batch_size,
+        data=options.data, arch=options.arch, stem=options.stem, width=options.width, batch_size=options.batch_size,
         image_size=options.image_size, workers=options.workers, method=method, precision=precision,
         compile=compile_, loader=loader,
         mlp=True, aug_plus=True, cos=True, moco_t=0.2, seed=0, progress=False, n_tasks=1,
@@ -432,7 +435,7 @@ def _augmentation_speed(make_batches: Callable[[], Iterator[Batch]], options: Be
 
 
 def default_out(options: BenchOptions, device_type: str) -> Path:
-    stem = "" if options.stem == "auto" else f"-{options.stem}"
+    stem = ("" if options.stem == "auto" else f"-{options.stem}") + ("" if options.width == 64 else f"-w{options.width}")
     return Path("benchmarks") / f"bench-{device_type}-{options.arch}{stem}-{options.image_size}px.md"
 
 

@@ -15,8 +15,14 @@ from typing import Any
 from cclnb.errors import ConfigError
 
 METHODS = ("Finetuning", "SimpleReplay", "CCL", "Joint")
+# CCL taken apart: each ablation is CCL with one of its two additions switched off. A study runs
+# them as methods of their own (a record, a row, paired differences), named for what they drop.
+ABLATIONS: dict[str, dict[str, Any]] = {"CCL-no-distill": {"ccl_distill": False},
+                                        "CCL-no-extra-queue": {"ccl_extra_queue": False}}
+STUDY_METHODS = (*METHODS, *ABLATIONS)   # every name `--method` and a study's `--methods` take
 METHOD_ALIASES = {"CLL": "CCL", "finetuning": "Finetuning", "simplereplay": "SimpleReplay",
-                  "ccl": "CCL", "cll": "CCL", "joint": "Joint", "FT": "Finetuning", "SR": "SimpleReplay"}
+                  "ccl": "CCL", "cll": "CCL", "joint": "Joint", "FT": "Finetuning", "SR": "SimpleReplay",
+                  **{name.lower(): name for name in ABLATIONS}}
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # ResNet stems: `imagenet` 7x7/2 conv + 3x3/2 max-pool; `cifar` 3x3/1 conv, no pooling (the 32 px
 # protocol); `cifar_pool` the 3x3/1 conv then the max-pool, half the CIFAR stem's resolution (a CPU
@@ -33,12 +39,18 @@ def resolve_stem(stem: str, small_images: bool | None) -> str:
 def canonical_method(name: str) -> str:
     """Map a method name (or an accepted alias such as the authors' README spelling `CLL`) to its
     canonical form; unknown names are an error that lists the valid ones."""
-    if name in METHODS:
+    if name in STUDY_METHODS:
         return name
     if name in METHOD_ALIASES:
         return METHOD_ALIASES[name]
-    raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)} "
+    raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(STUDY_METHODS)} "
                       f"(CLL is accepted for CCL)")
+
+
+def base_method(name: str) -> str:
+    """The method class that trains `name`: an ablation trains as CCL with its switch off."""
+    name = canonical_method(name)
+    return "CCL" if name in ABLATIONS else name
 
 
 @dataclass
@@ -124,6 +136,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.method = canonical_method(self.method)
+        for switch, value in ABLATIONS.get(self.method, {}).items():   # the ablation is its switch
+            setattr(self, switch, value)
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -26,7 +26,7 @@ from sklearn.decomposition import PCA
 from cclnb import report, runs
 from cclnb.augment import BatchMoCoV2Augment, normalize_uint8
 from cclnb.checkpoint import backbone_state_dict
-from cclnb.config import METHODS, TrainConfig
+from cclnb.config import STUDY_METHODS, TrainConfig, base_method
 from cclnb.data import ImageDataset, load_uint8, open_dataset
 from cclnb.errors import CclnbError, DataError
 from cclnb.evaluate import extract_features
@@ -85,7 +85,7 @@ def find_studies(runs_root: str | Path) -> list[StudyRuns]:
         parts = config_path.relative_to(root).parts
         if "checkpoints" not in parts:
             grouped.setdefault(parts[0], {})["/".join(parts[1:-1]) or parts[0]] = config_path
-    order = {m: i for i, m in enumerate(METHODS)}
+    order = {m: i for i, m in enumerate(STUDY_METHODS)}
     studies = []
     for name, paths in grouped.items():
         configs = {label: runs.read_json(path) for label, path in paths.items()}
@@ -275,7 +275,7 @@ class Explorer:
             backbone = build_backbone(config["arch"], self.small_images, config.get("stem", "auto"),
                                       config.get("width", 64))
             if run_dir != UNTRAINED:
-                if who == "teacher" and config.get("method") != "CCL":
+                if who == "teacher" and base_method(config.get("method", "Finetuning")) != "CCL":
                     raise DataError(f"{run_dir} is a {config.get('method')} run, which keeps no "
                                     f"teacher (only CCL does); choose who='student'")
                 backbone.load_state_dict(backbone_state_dict(runs.checkpoint_path(Path(run_dir)), who))

@@ -23,7 +23,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from cclnb import metrics
-from cclnb.config import METHODS
+from cclnb.config import STUDY_METHODS
 from cclnb.errors import DataError
 from cclnb.runs import short_commit
 
@@ -131,7 +131,7 @@ def load_runs(root: str | Path) -> list[Run]:
 
 def sort_runs(runs: Sequence[Run]) -> list[Run]:
     """Runs ordered by dataset, the canonical method order (the untrained baselines last), seed."""
-    order = {m: i for i, m in enumerate((*METHODS, *BASELINES))}
+    order = {m: i for i, m in enumerate((*STUDY_METHODS, *BASELINES))}
     return sorted(runs, key=lambda r: (r.dataset, order.get(r.method, len(order)),
                                        _seed(r), str(r.path)))
 

@@ -32,14 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from cclnb.config import METHODS, TrainConfig, canonical_method
+from cclnb.config import ABLATIONS, METHODS, TrainConfig, canonical_method
 from cclnb.errors import CclnbError, ConfigError
 from cclnb.records import RECORDS_FOLDER, record_name
 from cclnb.report import BASELINES, UNTRAINED_BN
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ("task_sequence", "linear_eval", "report")
-TEACHER_METHODS = ("CCL",)  # methods whose run keeps a momentum teacher worth probing
+TEACHER_METHODS = ("CCL", *ABLATIONS)  # methods whose run keeps a momentum teacher worth probing
 # Parameters the runner sets for every step; -p cannot override them (use the CLI options).
 RUNNER_PARAMETERS = {"task_sequence": {"method", "run_dir", "resume", "seed"},
                      "linear_eval": {"run_dir", "who", "seed"},

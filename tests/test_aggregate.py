@@ -209,3 +209,40 @@ def test_bad_record_files_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not a cclnb study record"):
         records.load_records([tmp_path])
     assert records.load_records([tmp_path / "absent"]) == []
+
+
+def test_the_continual_penalty_is_the_verdicts_precondition_and_forgetting_follows_the_same_rule() -> None:
+    """Joint > Finetuning must hold before the order of the other methods says anything about the
+    paper; replay's lower forgetting is judged with the verdict's rule (d = FT - replay)."""
+    def rows(method: str, top1: list[float], forgetting: list[float] | None = None) -> list[dict]:
+        return [{"method": method, "seed": s, "linear_top1_student": v,
+                 "avg_forgetting": None if forgetting is None else forgetting[s]} for s, v in enumerate(top1)]
+
+    base = rows("Finetuning", [50.0, 51.0, 52.0], [3.0, 3.2, 2.8]) + rows("SimpleReplay", [51, 52, 53], [1.0, 1.1, 0.9])
+    last = pd.DataFrame(base + rows("Joint", [49.0, 50.2, 50.8]))
+    penalty = aggregate.continual_penalty(last)
+    assert penalty.status == "reversed" and penalty.better == "Joint" and penalty.worse == "Finetuning"
+    text = aggregate.verdict_markdown(last)
+    assert "cannot be read as evidence about the paper" in text
+    assert "SimpleReplay < Finetuning: holds (mean gap +2.00, sd 0.10 over 3 seeds)" in text
+    first = pd.DataFrame(base + rows("Joint", [53.0, 54.1, 54.9]))
+    assert aggregate.continual_penalty(first).status == "holds"
+    assert "is evidence about the paper's claim" in aggregate.verdict_markdown(first)
+    # without Joint the precondition is not resolved, and says so
+    assert "no seed run by both" in aggregate.penalty_line(aggregate.continual_penalty(pd.DataFrame(base)))
+
+
+def test_ccl_taken_apart_pairs_each_ablation_against_ccl_and_simplereplay() -> None:
+    top1 = {"SimpleReplay": [52.0, 53.0, 54.0], "CCL": [51.0, 52.5, 53.0],
+            "CCL-no-distill": [52.5, 53.5, 54.6], "Finetuning": [50.0, 51.0, 52.0]}
+    table = pd.DataFrame([{"method": m, "seed": s, "linear_top1_student": v}
+                          for m, values in top1.items() for s, v in enumerate(values)])
+    ablations = aggregate.ablation_table(table)
+    assert list(zip(ablations["method"], ablations["vs"])) == [("CCL-no-distill", "CCL"),
+                                                              ("CCL-no-distill", "SimpleReplay")]
+    vs_ccl = ablations.iloc[0]
+    assert vs_ccl["mean"] == pytest.approx((1.5 + 1.0 + 1.6) / 3) and vs_ccl["status"] == "holds"
+    assert ablations.iloc[1]["per_seed"] == "seed 0: +0.50, seed 1: +0.50, seed 2: +0.60"
+    assert aggregate.ablation_table(table[table["method"] != "CCL-no-distill"]).empty
+    # ablations are rows of the summary, after the paper's methods; never part of the order
+    assert aggregate.method_order(list(top1))[-1] == "CCL-no-distill"

@@ -221,3 +221,17 @@ def test_a_float64_step_stays_float64():
     assert result.logits.dtype == result.q.dtype == result.k.dtype == torch.float64
     assert float(result.losses["distill"]) > 0 and result.details["teacher_q"].dtype == torch.float64
     assert trainer.model.queue.dtype == torch.float64
+
+
+@pytest.mark.parametrize("name, switch", [("CCL-no-distill", "ccl_distill"), ("CCL-no-extra-queue", "ccl_extra_queue")])
+def test_an_ablation_is_ccl_with_its_switch_off(name: str, switch: str) -> None:
+    """CCL taken apart: the ablation's name is a method of its own (records, rows), trained by the
+    CCL class with exactly one addition switched off, whatever the config said."""
+    from cclnb.config import TrainConfig, base_method, canonical_method
+
+    config = TrainConfig(method=name.lower(), **{switch: True})
+    assert config.method == name and getattr(config, switch) is False and base_method(name) == "CCL"
+    other = {"ccl_distill", "ccl_extra_queue"} - {switch}
+    assert all(getattr(config, s) is True for s in other)
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    assert canonical_method("CCL") == "CCL" and base_method("CLL") == "CCL"

@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default=defaults.arch, choices=ARCHS, help="backbone (default resnet18)")
     parser.add_argument("--stem", default=defaults.stem, choices=STEMS,
                         help="ResNet stem (default auto: the 3x3 stem for <= 64 px; imagenet: the CPU presets')")
+    parser.add_argument("--width", type=int, default=defaults.width,
+                        help="channels of the ResNet's first stage (default 64; 16: quarter width)")
     parser.add_argument("--image-size", type=int, default=defaults.image_size,
                         help="training resolution; <= 64 px uses the small-image protocol (default 32)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="batch (default 512)")
@@ -44,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    options = BenchOptions(device=args.device, arch=args.arch, stem=args.stem, image_size=args.image_size,
+    options = BenchOptions(device=args.device, arch=args.arch, stem=args.stem, width=args.width,
+                           image_size=args.image_size,
                            batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                            precision=args.precision, data=args.data, workers=args.workers,
                            compile=args.compile, out=args.out)

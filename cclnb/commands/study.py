@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from cclnb.config import METHODS
+from cclnb.config import STUDY_METHODS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a notebook parameter (checked against the notebooks' "
                              "parameters cells; prefix linear_eval. or report. to target one)")
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
-                        help=f"only these methods (default: the preset's; from {', '.join(METHODS)})")
+                        help=f"only these methods (default: the preset's; from {', '.join(STUDY_METHODS)})")
     parser.add_argument("--study", metavar="NAME",
                         help="study name for runs/<study> and reports/<study> (default: the preset)")
     parser.add_argument("--runs-root", default="runs", help="where run directories go (default runs)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from cclnb.config import ARCHS, METHODS, METHOD_ALIASES, STEMS, TrainConfig
+from cclnb.config import ARCHS, METHOD_ALIASES, STEMS, STUDY_METHODS, TrainConfig
 from cclnb.errors import ConfigError
 
 D = TrainConfig()
@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--mlp", action="store_true")
     a.add_argument("--aug-plus", action="store_true", help="MoCo v2 augmentation (cclnb always uses it)")
     a.add_argument("--cos", action="store_true", help="cosine LR per task")
-    a.add_argument("--method", default=D.method, choices=sorted(set(METHODS) | set(METHOD_ALIASES)))
+    a.add_argument("--method", default=D.method, choices=sorted(set(STUDY_METHODS) | set(METHOD_ALIASES)))
     a.add_argument("--n-tasks", "--n_tasks", dest="n_tasks", type=int, default=D.n_tasks)
     a.add_argument("--n-save", "--n_save", dest="n_save", type=int, default=D.n_save)
     a.add_argument("--imagenetsub", action="store_true", help="the first 100 classes (ImageNet-Sub)")

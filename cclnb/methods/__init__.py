@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cclnb.config import METHODS, TrainConfig, canonical_method
+from cclnb.config import METHODS, TrainConfig, base_method
 from cclnb.methods.base import Method, StepOutputs, TrainerEnv
 from cclnb.methods.ccl import CCL
 from cclnb.methods.finetuning import Finetuning
@@ -14,8 +14,9 @@ assert set(REGISTRY) == set(METHODS), "every configured method needs a class"
 
 
 def get_method(config: TrainConfig, env: TrainerEnv) -> Method:
-    """The method object for `config.method` (aliases such as the README's `CLL` accepted)."""
-    return REGISTRY[canonical_method(config.method)](env)
+    """The method object for `config.method` (aliases such as the README's `CLL` accepted; an
+    ablation such as `CCL-no-distill` is CCL, its switch already off in the config)."""
+    return REGISTRY[base_method(config.method)](env)
 
 
 __all__ = ["CCL", "Finetuning", "Joint", "Method", "REGISTRY", "SimpleReplay", "StepOutputs",
