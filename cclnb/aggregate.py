@@ -292,6 +292,25 @@ def verdict_markdown(per_seed: pd.DataFrame) -> str:
         "Finetuning - forgetting of the replay method."
 
 
+# The budget axis: the gaps that say whether the sequence costs something, whether replay recovers
+# it, and whether CCL adds to replay, followed across training budgets.
+BUDGET_GAPS = (("Joint", "Finetuning"), ("SimpleReplay", "Finetuning"), ("CCL", "SimpleReplay"))
+
+
+def budget_gaps(points: Sequence[tuple[float, pd.DataFrame]], metric: str = HEADLINE) -> pd.DataFrame:
+    """One row per (budget, gap): `points` are (images seen per method, per-seed table) of the same
+    study at several budgets; each gap's paired differences over seeds (n, mean, std, min, max)
+    and its status by `VERDICT_RULE`, ordered by budget."""
+    rows = []
+    for images, table in sorted(points, key=lambda point: point[0]):
+        for a, b in BUDGET_GAPS:
+            diff = (paired_differences(table, a, b, metric).tolist()
+                    if _has(table, metric) and {a, b} <= set(table["method"]) else [])
+            rows.append({"images_seen": images, "gap": f"{a} - {b}", **spread(diff),
+                         "status": judge_pair(diff)[0]})
+    return pd.DataFrame(rows, columns=["images_seen", "gap", "n", "mean", "std", "min", "max", "status"])
+
+
 def mean_spread_text(mean: float, std: float, low: float, high: float, n: int) -> str:
     """`mean ± std [min, max]` for the page (`-` when nothing was measured, no ± for one seed)."""
     if n == 0 or not math.isfinite(mean):

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from cclnb import report
+from cclnb import aggregate, report
 from cclnb.errors import DataError
 from cclnb.runs import write_json
 
@@ -189,3 +189,22 @@ def as_run(record: Record) -> report.Run:
         run.accuracy[(protocol, who)] = _frame(payload)
     run.lincls = {who: dict(result) for who, result in data["final"].items()}
     return run
+
+
+@dataclass(frozen=True)
+class StudyResults:
+    """What a report reads from records folders: every record, the comparable ones as runs (sorted),
+    those left out of the averages and why, and one results row per kept run."""
+
+    records: list[Record]
+    runs: list[report.Run]
+    refused: list[aggregate.Refusal]
+    table: pd.DataFrame
+
+
+def study_results(folders: Sequence[str | Path]) -> StudyResults:
+    """Read `folders`' records and keep those that may be averaged (`aggregate.comparable`)."""
+    found = load_records(folders)
+    kept, refused = aggregate.comparable([(r.source, r.method, r.seed, r.settings) for r in found])
+    runs = report.sort_runs([as_run(r) for r in found if r.source in kept])
+    return StudyResults(found, runs, refused, report.results_table(runs))

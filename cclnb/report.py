@@ -502,6 +502,33 @@ def plot_throughput(runs: Sequence[Run]) -> Figure:
     return fig
 
 
+def images_seen(runs: Sequence[Run], method: str = "Finetuning") -> float:
+    """Images one run of `method` trained on (optimizer steps x batch), the median over its runs:
+    the x of a study on the budget axis (every method of a study takes the same number of steps)."""
+    seen = [float(r.train_log["global_step"].max()) * int(r.config["batch_size"])
+            for r in runs if r.method == method and not r.train_log.empty]
+    return float(np.median(seen)) if seen else math.nan
+
+
+def plot_budget_gaps(gaps: pd.DataFrame, metric: str = "linear top-1 of the student") -> Figure:
+    """The budget axis: each paired gap (mean over seeds, bar = min to max) against the images each
+    method saw. Above zero the paper's side of the gap wins; the Joint - Finetuning line is the
+    continual penalty the others need."""
+    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for gap, frame in gaps.groupby("gap", sort=False):
+        frame = frame.dropna(subset=["mean"])
+        low, high = frame["mean"] - frame["min"], frame["max"] - frame["mean"]
+        ax.errorbar(frame["images_seen"], frame["mean"], yerr=[low, high], marker="o", capsize=3, label=gap)
+    ax.axhline(0.0, color="grey", linestyle=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("images seen per method (log scale)")
+    ax.set_ylabel(f"paired gap, {metric} (points)")
+    ax.legend(title="mean over seeds, bar: min-max", fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def lincls_curve(result: dict[str, Any]) -> pd.DataFrame:
     """The per-epoch curve of a lincls JSON as a frame with an `epoch` column.
 

@@ -405,11 +405,23 @@ def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root
     folders = [str(records_dir), *(str(Path(f).resolve()) for f in records)]
     steps.append(Step("report", "report", runs_dir / "report.ipynb",
                       {**params["report"], "study": name, "records": folders,
+                       "budget": _budget_folders(params["report"].get("budget") or []),
                        "out_dir": str(report_dir)}))
     jobs = preset.jobs if jobs is None else jobs
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1 (1 runs one notebook at a time), got {jobs}")
     return Study(name, preset, runs_dir, report_dir, steps, jobs, chosen_seeds)
+
+
+def _budget_folders(folders: Sequence[str]) -> list[str]:
+    """The budget axis' records folders as absolute paths (the report's kernel runs elsewhere), each
+    checked to hold records: a typo must not silently drop a point of the axis."""
+    resolved = [Path(f).resolve() for f in folders]
+    for folder in resolved:
+        if not any(folder.glob("*-seed*.json")):
+            raise ConfigError(f"-p report.budget names {folder}, which holds no study records "
+                              f"(<method>-seed<k>.json); pass the runs/ folder of another study of this preset")
+    return [str(f) for f in resolved]
 
 
 def _method_steps(method: str, seed: int, run_dir: Path, params: Mapping[str, dict[str, Any]],

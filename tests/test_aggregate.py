@@ -199,6 +199,13 @@ def test_figures_draw_one_panel_per_method_with_the_seed_band(tmp_path: Path) ->
     assert any(line.get_label() == "untrained encoder" for line in panels[0].get_lines())
     loss = [ax for ax in report.plot_loss_curves(runs).axes if ax.get_title()]
     assert any(line.get_label().startswith("ln(K+1) = 5.55") for line in loss[0].get_lines())
+    # the budget axis: images seen from the records (steps x batch), one line per gap
+    results = records.study_results([folder])
+    assert len(results.runs) == 4 and not results.refused and len(results.table) == 4
+    seen = report.images_seen(results.runs)
+    assert seen == results.runs[0].train_log["global_step"].max() * CONFIG["batch_size"]
+    gaps = aggregate.budget_gaps([(seen, results.table), (2 * seen, results.table)])
+    assert len(report.plot_budget_gaps(gaps).axes[0].get_lines()) >= 1
 
 
 def test_bad_record_files_are_clear_errors(tmp_path: Path) -> None:
@@ -246,3 +253,25 @@ def test_ccl_taken_apart_pairs_each_ablation_against_ccl_and_simplereplay() -> N
     assert aggregate.ablation_table(table[table["method"] != "CCL-no-distill"]).empty
     # ablations are rows of the summary, after the paper's methods; never part of the order
     assert aggregate.method_order(list(top1))[-1] == "CCL-no-distill"
+
+
+def test_the_budget_axis_follows_each_gap_across_budgets() -> None:
+    """Three budgets of one study: the continual penalty appears only at the largest; every gap is
+    a row per budget with its seed spread and status, ordered by images seen."""
+    def table(penalty: list[float]) -> pd.DataFrame:
+        top1 = {"Finetuning": [50.0, 51.0, 52.0], "SimpleReplay": [50.5, 51.6, 52.4], "CCL": [50.4, 51.7, 52.2]}
+        top1["Joint"] = [f + p for f, p in zip(top1["Finetuning"], penalty)]
+        return pd.DataFrame([{"method": m, "seed": s, "linear_top1_student": v}
+                             for m, values in top1.items() for s, v in enumerate(values)])
+
+    gaps = aggregate.budget_gaps([(4e5, table([1.0, 1.2, 0.9])), (1e5, table([-1.0, -0.8, -1.2])),
+                                  (2e5, table([0.1, -0.2, 0.2]))])
+    penalty = gaps[gaps["gap"] == "Joint - Finetuning"]
+    assert penalty["images_seen"].tolist() == [1e5, 2e5, 4e5]
+    assert penalty["status"].tolist() == ["reversed", "not resolved", "holds"]
+    assert penalty["mean"].iloc[0] == pytest.approx(-1.0)
+    assert set(gaps["gap"]) == {"Joint - Finetuning", "SimpleReplay - Finetuning", "CCL - SimpleReplay"}
+    assert len(gaps) == 9
+    # a budget that lacks a method gives an unresolved, empty gap rather than an error
+    partial = aggregate.budget_gaps([(1e5, table([1, 1, 1])[lambda t: t["method"] != "CCL"])])
+    assert partial.loc[partial["gap"] == "CCL - SimpleReplay", "n"].item() == 0

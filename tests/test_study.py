@@ -135,6 +135,14 @@ def test_preset_seeds_report_only_and_extra_records(tmp_path: Path) -> None:
                                                    str((tmp_path / "other").resolve())]
     with pytest.raises(ConfigError, match="--seeds needs one or more non-negative"):
         study.plan_study("demo", runs_root=tmp_path, seeds=[-1])
+    # the budget axis: other studies' records folders reach the report absolute, and must hold records
+    other = tmp_path / "e16" / "runs"
+    other.mkdir(parents=True)
+    with pytest.raises(ConfigError, match="report.budget names .* which holds no study records"):
+        study.plan_study("demo", [f"report.budget=['{other}']"], runs_root=tmp_path, report_only=True)
+    (other / "Finetuning-seed0.json").write_text("{}")
+    budget = study.plan_study("demo", [f"report.budget=['{other}']"], runs_root=tmp_path, report_only=True)
+    assert budget.steps[-1].parameters["budget"] == [str(other.resolve())]
 
 
 def test_the_untrained_step_builds_the_task_sequence_config() -> None:
