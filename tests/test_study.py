@@ -139,9 +139,9 @@ def test_preset_seeds_report_only_and_extra_records(tmp_path: Path) -> None:
     other = tmp_path / "e16" / "runs"
     other.mkdir(parents=True)
     with pytest.raises(ConfigError, match="report.budget names .* which holds no study records"):
-        study.plan_study("demo", [f"report.budget=['{other}']"], runs_root=tmp_path, report_only=True)
+        study.plan_study("demo", [f'report.budget=["{other}"]'], runs_root=tmp_path, report_only=True)
     (other / "Finetuning-seed0.json").write_text("{}")
-    budget = study.plan_study("demo", [f"report.budget=['{other}']"], runs_root=tmp_path, report_only=True)
+    budget = study.plan_study("demo", [f'report.budget=["{other}"]'], runs_root=tmp_path, report_only=True)
     assert budget.steps[-1].parameters["budget"] == [str(other.resolve())]
 
 
