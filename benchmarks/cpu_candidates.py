@@ -82,11 +82,19 @@ def summarize(name: str, rows: pd.DataFrame) -> dict:
 
 
 def build(reports: Path) -> pd.DataFrame:
+    """One row per candidate study. A variant run with --no-baseline (name `<base>-<variant>`, the
+    same network and seeds as `<base>`) is measured against `<base>`'s baselines."""
+    per_study = {folder.parent.name[len(PREFIX):]: candidate_rows(folder)
+                 for folder in sorted(reports.glob(f"{PREFIX}*/runs"))}
     rows = []
-    for folder in sorted(reports.glob(f"{PREFIX}*/runs")):
-        per_run = candidate_rows(folder)
-        if per_run["method"].isin(TRAINED).any():
-            rows.append(summarize(folder.parent.name[len(PREFIX):], per_run))
+    for name, per_run in per_study.items():
+        if not per_run["method"].isin(TRAINED).any():
+            continue
+        if not per_run["method"].isin(report.BASELINES).any():
+            base = per_study.get(name.split("-", 1)[0], pd.DataFrame(columns=["method"]))
+            per_run = pd.concat([per_run, base[base["method"].isin(report.BASELINES)
+                                               & base["seed"].isin(per_run["seed"])]])
+        rows.append(summarize(name, per_run))
     return pd.DataFrame(rows)
 
 

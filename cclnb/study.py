@@ -128,7 +128,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset(
         name="tin100-32-cpu",
         description="Tiny-ImageNet-32 sub100 (100 classes, 250 train images per class), 10 tasks, "
-                    "ResNet-18 with the ImageNet stem at 32 px, bf16 where native, 8 epochs per task, "
+                    "ResNet-18 with the ImageNet stem at 32 px, bf16 (pinned: its records are bf16), 8 epochs per task, "
                     "2 seeds: about 33 minutes per seed on 2 AMD EPYC cores (2 Intel Xeon cores: about 3x longer)",
         # Sized for this project's 2-core CPU (docs/study.md, "The CPU preset"): the ImageNet stem
         # (7x the 3x3 stem's speed at 32 px), key momentum 0.99 (0.999 leaves the MoCo loss at
@@ -140,7 +140,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                        "subset_per_class": 250, "n_tasks": 10, "epochs": 8, "arch": "resnet18",
                        "stem": "imagenet", "image_size": 32, "batch_size": 64, "lr": 0.015,
                        "moco_m": 0.99, "moco_k": 1024, "ccl_k": 256, "bn_groups": 2, "key_bn_groups": 2,
-                       "device": "cpu", "precision": "auto", "eval_each_task": "knn", "eval_teacher": True,
+                       "device": "cpu", "precision": "bf16", "eval_each_task": "knn", "eval_teacher": True,
                        "eval_bank_per_class": 50, "knn_k": 20},
         linear_eval={"protocol": "probe", "epochs": 100, "device": "cpu", "workers": 0},
         report={"title": "Continual MoCo v2 on Tiny-ImageNet-32 sub100, CPU budget (10 tasks)"},

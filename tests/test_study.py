@@ -190,3 +190,17 @@ def test_a_relative_data_path_reaches_the_notebooks_absolute(tmp_path, monkeypat
                        reports_root=tmp_path / "reports")
     first = study.steps[0]
     assert first.parameters["data"] == str(data.resolve())
+
+
+@pytest.mark.parametrize("name", [n for n in study.PRESETS if (study.REPO_ROOT / "reports" / n / "runs").is_dir()])
+def test_a_preset_with_committed_records_pins_their_precision(name: str) -> None:
+    """A seed added later must be averaged with the committed ones, so whatever a record depends on
+    is fixed by the preset, not resolved per machine: `precision: auto` once gave fp32 where the
+    committed records were bf16, and the new seed was refused from the average."""
+    import json
+
+    pinned = study.PRESETS[name].task_sequence["precision"]
+    assert pinned in ("fp32", "bf16"), f"preset {name} leaves precision to the machine ({pinned!r})"
+    folder = study.REPO_ROOT / "reports" / name / "runs"
+    recorded = {json.loads(p.read_text())["config"]["precision"] for p in folder.glob("*-seed*.json")}
+    assert recorded == {pinned}
