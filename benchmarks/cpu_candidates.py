@@ -98,6 +98,55 @@ def build(reports: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# The speed column: one MoCo v2 training step (cclnb's fast path: uint8 images, batched augmentation,
+# train_step) per candidate network, timed in interleaved rounds within one process, so that whatever
+# else the machine does falls on every candidate alike; each candidate's speed is also given as its
+# median ratio to the reference within a round. 1 thread, batch 64: what one job of a study sees.
+SPEED_CANDIDATES = {"ref": dict(stem="imagenet", width=64, precision="fp32"),
+                    "w16": dict(stem="cifar", width=16, precision="bf16"),
+                    "w16-fp32": dict(stem="cifar", width=16, precision="fp32"),
+                    "w32": dict(stem="cifar", width=32, precision="bf16"),
+                    "w64": dict(stem="cifar", width=64, precision="bf16")}
+
+
+def measure_speed(data: str, rounds: int = 5, steps: int = 8, threads: int = 1) -> pd.DataFrame:
+    """img/s of each SPEED_CANDIDATES network's training step (median over rounds) and its median
+    ratio to `ref` within a round."""
+    import itertools
+    import tempfile
+
+    import torch
+
+    from cclnb import dist
+    from cclnb.batches import TensorFeeder, epoch_order
+    from cclnb.bench import BenchOptions, StepFactory, time_steps
+    from cclnb.data import load_uint8, open_dataset
+
+    torch.set_num_threads(threads)
+    ctx = dist.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    batch = 64
+    n = batch * (steps + 1)
+    images = load_uint8(open_dataset(data, "train"), ids=np.arange(n), progress=False)
+    entries = (np.arange(n), np.zeros(n, dtype=bool))
+    speeds: dict[str, list[float]] = {name: [] for name in SPEED_CANDIDATES}
+    with tempfile.TemporaryDirectory(prefix="cclnb-speed-") as tmp:
+        factories = {name: StepFactory(BenchOptions(device="cpu", batch_size=batch, steps=steps, warmup=1,
+                                                    stem=spec["stem"], width=spec["width"]),
+                                       images[:batch], ctx, Path(tmp) / name)
+                     for name, spec in SPEED_CANDIDATES.items()}
+        for _, name in itertools.product(range(rounds), SPEED_CANDIDATES):
+            def batches():
+                feeder = TensorFeeder(images, np.arange(n), 32, False, True, ctx.device)
+                return feeder.batches(entries, epoch_order(n, 0, 0, 0), batch, 0, 1, 0,
+                                      torch.Generator().manual_seed(1))
+            step = factories[name].get("MoCo", SPEED_CANDIDATES[name]["precision"])
+            speeds[name].append(time_steps(step, batches, 1, steps, batch, ctx.device)[1])
+    ratios = {name: np.median(np.asarray(v) / np.asarray(speeds["ref"])) for name, v in speeds.items()}
+    return pd.DataFrame([{"network": name, **SPEED_CANDIDATES[name], "img/s (median)": np.median(v),
+                          "x ref (median within a round)": ratios[name], "rounds": rounds}
+                         for name, v in speeds.items()])
+
+
 def plot(table: pd.DataFrame, out: Path) -> Path:
     """Final kNN and probe of Finetuning against its training time, one point per candidate."""
     import matplotlib
@@ -125,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reports", default="reports", type=Path)
     parser.add_argument("--out", default="benchmarks/cpu-candidates", type=Path)
+    parser.add_argument("--speed", action="store_true",
+                        help="also time each network's training step in interleaved rounds (minutes)")
+    parser.add_argument("--data", default="../shared/data/tiny-imagenet-32-sub100.zip")
     args = parser.parse_args(argv)
     table = build(args.reports)
     if table.empty:
@@ -143,6 +195,15 @@ def main(argv: list[str] | None = None) -> int:
              "classes trained on (bank 50 per class, k 20), probe = the fast L-BFGS probe over all 100 "
              "classes; 2 jobs on the 2 cores, 1 thread each (times are per run, with the other core busy)",
              "", shown.to_markdown(index=False), ""]
+    if args.speed:
+        speed = measure_speed(args.data)
+        lines += ["## Training speed, interleaved", "",
+                  "One MoCo v2 step of cclnb's fast path per network (batch 64, 1 thread), timed in "
+                  "rounds that alternate the networks within one process, so that other load on the "
+                  "machine falls on all alike; `x ref` is the median within-round ratio to the "
+                  "reference network. These ratios, not the per-run img/s above (taken while other "
+                  "work shared the cores), are what the choice reads.", "",
+                  speed.round(2).to_markdown(index=False), ""]
     md = args.out.with_suffix(".md")
     md.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
