@@ -50,6 +50,17 @@ def initial_model(config: TrainConfig) -> MoCo:
                 config.width)
 
 
+def check_config(config: TrainConfig) -> None:
+    """What `untrained_run` needs of its config, checked before it builds anything (`cclnb study`
+    also checks it before any step starts)."""
+    if not config.run_dir:
+        raise ConfigError("the untrained baseline needs a run_dir to write its results to")
+    if config.eval_each_task == "none":
+        raise ConfigError("the untrained baseline is measured with the study's per-task protocol; "
+                          "set eval_each_task to knn, probe or both")
+    config.validate()
+
+
 def untrained_run(config: TrainConfig, calibrate_bn: bool = False) -> Path:
     """Write `config.run_dir` as the finished "run" of the untrained encoder and return it.
 
@@ -63,12 +74,7 @@ def untrained_run(config: TrainConfig, calibrate_bn: bool = False) -> Path:
     from cclnb.evaluate import calibrate_batchnorm
     from cclnb.trainer import _make_evaluator, eval_inputs, plan_tasks, resolve_config
 
-    if not config.run_dir:
-        raise ConfigError("the untrained baseline needs a run_dir to write its results to")
-    if config.eval_each_task == "none":
-        raise ConfigError("the untrained baseline is measured with the study's per-task protocol; "
-                          "set eval_each_task to knn, probe or both")
-    config.validate()
+    check_config(config)
     train_ds = open_dataset(config.data, "train", config.dataset, config.imagenetsub, config.download)
     config = resolve_config(config, train_ds.image_size)
     run_dir = runs.prepare_run_dir(config.run_dir)

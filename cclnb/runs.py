@@ -84,9 +84,26 @@ def writable_folder(path: str | Path, what: str, option: str, subfolders: Sequen
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
-        raise ConfigError(f"{what} {folder} is not writable ({error.strerror}); "
-                          f"choose another one with {option}") from error
+        raise _not_writable(folder, what, option, error) from error
     return folder
+
+
+def check_writable(path: str | Path, what: str, option: str) -> None:
+    """Whether `path` is a folder this process can write in, or could create, without creating it:
+    the nearest existing folder above it (or itself) must take a file, probed with a temporary file
+    that is removed at once. For checks that must leave nothing behind (`cclnb study`'s pre-flight)."""
+    folder = Path(path)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".write_test.", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise _not_writable(folder, what, option, error) from error
+
+
+def _not_writable(folder: Path, what: str, option: str, error: OSError) -> ConfigError:
+    return ConfigError(f"{what} {folder} is not writable ({error.strerror}); choose another one with {option}")
 
 
 # What makes a result: a change anywhere else (README, docs, reports) leaves a result's code as committed.

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cclnb.cli import build_parser, main
+from cclnb.errors import ConfigError
 from cclnb.evaluate.lincls import Source, load_backbone, lr_at, topk_correct
 
 
@@ -31,6 +32,24 @@ def test_authors_defaults() -> None:
 ])
 def test_use_teacher_weight_is_a_real_boolean(argv: tuple, expected: bool) -> None:
     assert _parse("--data", "d", *argv).use_teacher_weight is expected
+
+
+def test_notebook_args_match_the_command_line() -> None:
+    """linear_eval.ipynb's parameters give the flags `cclnb lincls` would parse from them; a
+    refused value is a ConfigError naming the flag, not an argparse exit."""
+    from cclnb.commands.lincls import notebook_args
+
+    args = notebook_args(dict(run_dir="runs/x", who="teacher", protocol="probe", epochs=5, batch_size=32,
+                              lr=0.5, schedule=[2, 3], device="cpu", precision="fp32", seed=1, workers=0,
+                              subset_per_class=None, progress=False))
+    expected = _parse("--pretrained", "runs/x", "--use-teacher-weight", "True", "--protocol", "probe",
+                      "--epochs", "5", "-b", "32", "--lr", "0.5", "--schedule", "2", "3", "--device", "cpu",
+                      "--precision", "fp32", "--seed", "1", "-j", "0", "--no-progress")
+    assert vars(args) == {k: v for k, v in vars(expected).items() if k != "command"}
+    with pytest.raises(ConfigError, match="who must be student or teacher"):
+        notebook_args({"who": "both"})
+    with pytest.raises(ConfigError, match=r"argument --device: invalid choice: 'gpu'"):
+        notebook_args({"device": "gpu"})
 
 
 def test_use_teacher_weight_rejects_garbage(capsys: pytest.CaptureFixture) -> None:

@@ -9,6 +9,7 @@ distributed flags are accepted; one process on one device does the work). Two fi
 from __future__ import annotations
 
 import argparse
+from typing import Any, Mapping
 
 from cclnb.config import ARCHS, STEMS
 
@@ -88,6 +89,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=("lincls", "probe"), default="lincls",
                         help="lincls: the paper's protocol (default); probe: one L-BFGS fit on frozen "
                              "features of un-augmented images (<= 64 px, --epochs = iterations)")
+
+
+# linear_eval.ipynb's parameters that are `cclnb lincls` flags of the same meaning
+NOTEBOOK_FLAGS = {"run_dir": "--pretrained", "protocol": "--protocol", "epochs": "--epochs", "batch_size": "-b",
+                  "lr": "--lr", "device": "--device", "precision": "--precision", "seed": "--seed", "workers": "-j"}
+
+
+def notebook_args(parameters: Mapping[str, Any]) -> argparse.Namespace:
+    """The `cclnb lincls` arguments for linear_eval.ipynb's parameters (its cell calls this).
+
+    The notebook's parameters become this command's flags, so the two share one set of defaults
+    and checks, and `cclnb study` can run those checks before any notebook starts (`cclnb.preflight`).
+    A parameter left out takes the command's default. A value the flag refuses is a ConfigError
+    naming the flag, where argparse would end the process.
+    """
+    from cclnb.errors import ConfigError
+
+    who = parameters.get("who", "student")
+    if who not in ("student", "teacher"):
+        raise ConfigError(f"who must be student or teacher, got {who!r}")
+    argv = ["--use-teacher-weight", str(who == "teacher")]
+    for name, flag in NOTEBOOK_FLAGS.items():
+        if name in parameters:
+            argv += [flag, str(parameters[name])]
+    if "schedule" in parameters:
+        argv += ["--schedule", *map(str, parameters["schedule"])]
+    if parameters.get("subset_per_class"):
+        argv += ["--subset-per-class", str(parameters["subset_per_class"])]
+    if not parameters.get("progress", True):
+        argv.append("--no-progress")
+    parser = argparse.ArgumentParser(prog="linear_eval.ipynb", exit_on_error=False)
+    add_arguments(parser)
+    try:
+        return parser.parse_args(argv)
+    except argparse.ArgumentError as error:
+        raise ConfigError(str(error)) from error
 
 
 def run(args: argparse.Namespace) -> int:

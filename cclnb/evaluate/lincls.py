@@ -262,6 +262,25 @@ def _eval_inputs(args: argparse.Namespace) -> _EvalInputs:
                        device, train, val, ids, image_size)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """The checks of `linear_eval`'s flags that need neither data nor weights: `cclnb study` runs
+    them before any notebook starts (`cclnb.preflight`)."""
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+        raise ConfigError(f"need --epochs >= 1, -b/--batch-size >= 1 and --lr > 0; got {args.epochs}, "
+                          f"{args.batch_size}, {args.lr}")
+    if args.evaluate and not args.resume:
+        raise ConfigError("-e/--evaluate scores a trained classifier: pass --resume lincls_<who>.pt "
+                          "(a fresh classifier is random)")
+
+
+def check_probe_size(image_size: int) -> None:
+    """The fast probe holds every decoded image in memory: small images only (`cclnb study`
+    checks a run's size before its notebooks start)."""
+    if image_size > SMALL_MAX:
+        raise ConfigError(f"the fast probe decodes every image into memory and is meant for images "
+                          f"<= {SMALL_MAX} px; this run uses {image_size} px: use the lincls protocol (--protocol lincls)")
+
+
 def linear_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Run the linear protocol described in the module docstring; returns the result dict and
     writes `lincls_<student|teacher>.json` (plus `lincls_<who>.pt` for --resume) to the output
@@ -269,12 +288,7 @@ def linear_eval(args: argparse.Namespace) -> dict[str, Any]:
     from cclnb.runs import write_json
 
     started = time.time()
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-        raise ConfigError(f"need --epochs >= 1, -b >= 1 and --lr > 0; got {args.epochs}, "
-                          f"{args.batch_size}, {args.lr}")
-    if args.evaluate and not args.resume:
-        raise ConfigError("-e/--evaluate scores a trained classifier: pass --resume lincls_<who>.pt "
-                          "(a fresh classifier is random)")
+    check_arguments(args)
     inputs = _eval_inputs(args)
     who, source, settings, device = inputs.who, inputs.source, inputs.settings, inputs.device
     train, val, ids, image_size = inputs.train, inputs.val, inputs.ids, inputs.image_size
@@ -390,9 +404,7 @@ def probe_eval(args: argparse.Namespace) -> dict[str, Any]:
     inputs = _eval_inputs(args)
     who, source, size, ids = inputs.who, inputs.source, inputs.image_size, inputs.ids
     train_ds, val_ds, device = inputs.train, inputs.val, inputs.device
-    if size > SMALL_MAX:
-        raise ConfigError(f"the fast probe decodes every image into memory and is meant for images "
-                          f"<= {SMALL_MAX} px; this run uses {size} px: use the lincls protocol")
+    check_probe_size(size)
     backbone = load_backbone(source, inputs.settings, True, who, device)
     progress = not args.no_progress
     train_f, val_f = (extract_features(backbone, images, device, image_size=size,
