@@ -314,6 +314,7 @@ class Study:
     steps: list[Step]
     jobs: int
     seeds: tuple[int, ...] = (0,)
+    forced: tuple[Path, ...] = ()    # run directories --force deletes once the pre-flight has passed
 
     @property
     def html(self) -> Path:
@@ -341,11 +342,16 @@ def train_config(parameters: Mapping[str, Any]) -> TrainConfig:
     return TrainConfig.from_dict({**values, **(parameters.get("extra") or {})})
 
 
+def untrained_config(parameters: Mapping[str, Any]) -> TrainConfig:
+    """The TrainConfig of an untrained-baseline step: the task-sequence one under any valid method
+    (the baseline never trains and records itself as untrained)."""
+    return train_config({**parameters, "method": METHODS[0]})
+
+
 def _untrained(parameters: Mapping[str, Any], calibrate_bn: bool) -> Path:
     from cclnb.baseline import untrained_run
 
-    # any valid method builds the config: the baseline never trains and records itself as untrained
-    return untrained_run(train_config({**parameters, "method": METHODS[0]}), calibrate_bn)
+    return untrained_run(untrained_config(parameters), calibrate_bn)
 
 
 def _record(run_dir: Path, folder: Path, study: str) -> Path:
@@ -374,7 +380,8 @@ def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root
     record per (method, seed) in `reports/<study>/runs/`; then the report, which reads the
     records there and in the extra `records` folders. A (method, seed) whose run directory is
     complete is skipped (its record is rewritten from it); a half-finished run resumes from its
-    last checkpoint; with `force` the selected run directories are deleted first.
+    last checkpoint; with `force` the selected run directories are planned afresh and `run_study`
+    deletes them once its pre-flight has passed (planning changes nothing on disk).
     `report_only` plans only the report (records from other machines, nothing to train).
     `jobs` (default: the preset's) is how many (method, seed) runs proceed at once.
     """
@@ -398,10 +405,13 @@ def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root
     report_dir = Path(reports_root).resolve() / name
     records_dir = report_dir / RECORDS_FOLDER
     steps: list[Step] = []
+    forced: list[Path] = []
     for seed in ([] if report_only else chosen_seeds):
         for method in [*chosen, *(BASELINES if baseline else ())]:
-            steps += _method_steps(method, seed, runs_dir / method / f"seed{seed}", params,
-                                   records_dir, name, force)
+            run_dir = runs_dir / method / f"seed{seed}"
+            if force and run_dir.exists():
+                forced.append(run_dir)
+            steps += _method_steps(method, seed, run_dir, params, records_dir, name, fresh=force)
     folders = [str(records_dir), *(str(Path(f).resolve()) for f in records)]
     steps.append(Step("report", "report", runs_dir / "report.ipynb",
                       {**params["report"], "study": name, "records": folders,
@@ -410,7 +420,7 @@ def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root
     jobs = preset.jobs if jobs is None else jobs
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1 (1 runs one notebook at a time), got {jobs}")
-    return Study(name, preset, runs_dir, report_dir, steps, jobs, chosen_seeds)
+    return Study(name, preset, runs_dir, report_dir, steps, jobs, chosen_seeds, tuple(forced))
 
 
 def _budget_folders(folders: Sequence[str]) -> list[str]:
@@ -425,11 +435,10 @@ def _budget_folders(folders: Sequence[str]) -> list[str]:
 
 
 def _method_steps(method: str, seed: int, run_dir: Path, params: Mapping[str, dict[str, Any]],
-                  records_dir: Path, study: str, force: bool) -> list[Step]:
-    """Pretraining (or the untrained encoder), linear evals and the record of one (method, seed)."""
-    if force and run_dir.exists():
-        shutil.rmtree(run_dir)
-    trained = _training_done(run_dir)
+                  records_dir: Path, study: str, fresh: bool) -> list[Step]:
+    """Pretraining (or the untrained encoder), linear evals and the record of one (method, seed);
+    `fresh`: as if `run_dir` were empty (--force deletes it before the first step)."""
+    trained = not fresh and _training_done(run_dir)
     who_list = ("student", "teacher") if method in TEACHER_METHODS else ("student",)
     label = f"{method} seed {seed}"
     train_params = {**params["task_sequence"], "method": method, "run_dir": str(run_dir), "seed": seed}
@@ -438,7 +447,7 @@ def _method_steps(method: str, seed: int, run_dir: Path, params: Mapping[str, di
                      train_params, done=trained,
                      action=functools.partial(_untrained, train_params, method == UNTRAINED_BN))
     else:
-        resume = str(run_dir) if (run_dir / "checkpoints" / "last.pt").is_file() else None
+        resume = str(run_dir) if not fresh and (run_dir / "checkpoints" / "last.pt").is_file() else None
         first = Step(f"{label}: task sequence", "task_sequence", run_dir / "task_sequence.ipynb",
                      {**train_params, "resume": None if trained else resume}, done=trained)
     evals = [Step(f"{label}: linear eval ({who})", "linear_eval", run_dir / f"linear_eval_{who}.ipynb",
@@ -605,8 +614,15 @@ def run_study(study: Study, notebooks_dir: str | Path | None = None,
     With `study.jobs` > 1, up to that many (method, seed) runs proceed at once, each notebook
     in its own papermill process (output in `<notebook>.log` beside its executed copy); else
     every step runs in this process, in order, its output streamed here. The report comes last.
-    A failure raises StudyStepFailed naming the step (after the concurrent runs have finished).
+    First the pre-flight (`cclnb.preflight`) checks everything knowable before a step starts, and
+    only then does --force delete the runs it names. A failure raises StudyStepFailed naming the
+    step (after the concurrent runs have finished).
     """
+    from cclnb.preflight import check_study
+
+    check_study(study)
+    for run_dir in study.forced:
+        shutil.rmtree(run_dir)
     total = len(study.steps)
     numbered = list(enumerate(study.steps, start=1))
     started = time.monotonic()

@@ -51,6 +51,11 @@ def write_image_folder(root: Path, n_classes: int = 3, per_class: int = 4, size:
     return root
 
 
+def study_cli(tmp: Path, *argv: str) -> list[str]:
+    """The command line `cclnb study ARGV` with its runs and reports under `tmp`."""
+    return ["study", *argv, "--runs-root", str(tmp / "runs"), "--reports-root", str(tmp / "reports")]
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """`<repo>/../shared/data` (the project's real datasets), or skip saying it is missing."""

@@ -24,7 +24,7 @@ import torch
 
 from cclnb import cli
 from cclnb.errors import CheckpointError, ConfigError, DataError
-from conftest import write_image_folder
+from conftest import study_cli, write_image_folder
 
 # every train row passes --run-dir under tmp_path: a refused run must not leave runs/ in the checkout
 TINY = ["-a", "resnet18", "--stem", "imagenet", "--epochs", "1", "-b", "16", "--moco-k", "64",
@@ -176,6 +176,19 @@ CATALOGUE = [
     _row("unknown notebook parameter",
          lambda t, r: ["study", "--preset", "demo", "-p", "epochz=1", "--runs-root", str(t / "runs")],
          ConfigError.exit_code, r"unknown parameter 'epochz'", r"valid names are .*epochs"),
+    _row("study: parameter out of range", lambda t, r: study_cli(t, "--preset", "demo", "-p", "epochs=0"),
+         ConfigError.exit_code, r"Finetuning seed 0: task sequence \(and 17 more runs\): --epochs must be >= 1, got 0",
+         r"-p epochs=.*checked before any step started; nothing was written"),
+    _row("study: GPU preset where there is none",
+         lambda t, r: study_cli(t, "--preset", "tin100-32", "-p", "data=demo", "-p", "dataset=demo"),
+         ConfigError.exit_code, r"ask for device=cuda, but no CUDA GPU is visible",
+         r"add -p device=cpu -p linear_eval.device=cpu \(or auto\)"),
+    _row("study: missing records folder", lambda t, r: study_cli(t, "--preset", "demo", "--records",
+                                                                  str(t / "nonexistent"), "--report-only"),
+         DataError.exit_code, r"--records .*/nonexistent: no such folder", r"check the path .* or drop that --records"),
+    _row("study: output folder not writable",
+         lambda t, r: ["study", "--preset", "demo", "--runs-root", under_a_file(t, r), "--reports-root", str(t / "rep")],
+         ConfigError.exit_code, r"output folder .*a_file/out/demo is not writable", r"choose another one with --runs-root"),
     _row("resume with another configuration",
          lambda t, r: [*FINISHED[:-4], "--method", "CCL", "--n-save", "12", "--resume", str(r)],
          CheckpointError.exit_code, r"cannot resume .*run with a different configuration: method: run has "

@@ -121,7 +121,8 @@ def test_plan_orders_steps_seed_by_seed_and_marks_finished_ones(tmp_path: Path) 
     assert plan.steps[-1].parameters["records"] == [str(records_dir)]
     assert plan.html == (tmp_path / "rep" / "demo" / "index.html").resolve()
     forced = study.plan_study("demo", runs_root=runs_root, methods=["Finetuning"], seeds=[1], force=True)
-    assert not forced.steps[0].done and not done.exists()
+    # planned afresh; run_study deletes the run once its pre-flight has passed (test_preflight)
+    assert not forced.steps[0].done and forced.forced == (done.resolve(),) and done.exists()
 
 
 def test_preset_seeds_report_only_and_extra_records(tmp_path: Path) -> None:
@@ -162,16 +163,20 @@ def test_preset_without_data_asks_for_it(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("jobs", [1, 2], ids=["sequential", "concurrent"])
 def test_a_failing_step_names_the_notebook_and_cell(tmp_path: Path, jobs: int) -> None:
-    """resnet9 passes -p typing (a str) but TrainConfig.validate rejects it inside the notebook;
-    with concurrent jobs the cell is read back from the executed copy the subprocess left."""
-    plan = study.plan_study("demo", ["arch=resnet9"], runs_root=tmp_path / "runs",
+    """A fault the pre-flight cannot see fails inside the notebook: the study resumes a run
+    directory that holds a checkpoint but no config.json. With concurrent jobs the cell is read
+    back from the executed copy the subprocess left."""
+    checkpoints = tmp_path / "runs" / "demo" / "Joint" / "seed0" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "last.pt").write_bytes(b"not a checkpoint")
+    plan = study.plan_study("demo", [], runs_root=tmp_path / "runs",
                             reports_root=tmp_path / "reports", methods=["Joint"], jobs=jobs,
                             seeds=[0], baseline=False)
     with pytest.raises(study.StudyStepFailed) as info:
         study.run_study(plan, log=lambda _: None)
     message = str(info.value)
     assert "[1/4] Joint seed 0: task sequence failed in notebooks/task_sequence.ipynb, cell " in message
-    assert "In [" in message and "ConfigError" in message and "resnet9" in message
+    assert "In [" in message and "CheckpointError" in message and "not a cclnb run directory" in message
     assert str(plan.steps[0].output) in message
     assert plan.steps[0].output.is_file()  # the executed copy with the traceback is kept
     assert info.value.exit_code == study.StudyStepFailed.exit_code != 0

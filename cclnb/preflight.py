@@ -1,0 +1,189 @@
+"""The pre-flight of `cclnb study`: every cause of failure that can be known is checked before the
+first step starts.
+
+Why: a study starts a notebook kernel for every (method, seed) and baseline. A cause that is
+knowable in this process (a parameter out of range, a CUDA preset on a machine without CUDA, a
+mistyped `--records` folder, an output folder that cannot be written, data that is not there)
+would otherwise surface minutes later as one traceback per run, the same message 18 times for
+the demo, or not at all: a `--records` folder that does not exist used to be skipped, silently
+dropping another machine's results from the report.
+
+So `check_study` builds, in this process, every configuration the pending steps would run, from
+the parameters their notebooks would get, and runs the checks those notebooks (and the untrained
+baseline) would run first: `TrainConfig.validate`, the linear evaluation's flags, the device, the
+records, the output folders, the data and its task split. The first problem is raised as one
+`CclnbError` naming the `-p` parameter or option to change, with the exit code the reliability
+catalogue lists (docs/reliability.md). Nothing is written: writability is probed with a temporary
+file removed at once. What costs nothing comes first; the data, whose index must be read, last.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from cclnb.config import TrainConfig
+from cclnb.errors import CclnbError, ConfigError, DataError
+from cclnb.study import Step, Study, train_config, untrained_config
+
+_FLAG = re.compile(r"--([a-z][a-z0-9-]*)")
+_NOTHING_WRITTEN = "checked before any step started; nothing was written"
+
+
+def check_study(study: Study) -> None:
+    """Raise the first problem that would stop a pending step of `study`; write nothing."""
+    pending = [step for step in study.steps if not step.done]
+    configs = _training_configs(pending)
+    _check_device(configs, pending)
+    _check_linear_evals(pending)
+    _check_records(study, pending)
+    _check_folders(study, pending)
+    _check_data(configs, pending)
+
+
+def _raise_first(refused: Sequence[tuple[Step, CclnbError]], kind: str, notebook: str = "") -> None:
+    """Raise the first cause in `refused` once, as `cclnb study` says it (same class and exit
+    code): the first step it stops and how many more of its `kind` ("run"), the cause, and the `-p`
+    parameter of each flag the message names (the notebooks' parameters carry the flags' names,
+    `-` written `_`; `notebook` prefixes those of a notebook other than the task sequence)."""
+    if not refused:
+        return
+    first, error = refused[0]
+    others = sum(str(other) == str(error) for _, other in refused) - 1
+    subject = first.label + (f" (and {others} more {kind}{'s' if others > 1 else ''})" if others else "")
+    names = dict.fromkeys(flag.replace("-", "_") for flag in _FLAG.findall(str(error)))
+    where = f" (in the study: {', '.join(f'-p {notebook}{name}=...' for name in names)})" if names else ""
+    raise type(error)(f"{subject}: {error}{where}; {_NOTHING_WRITTEN}") from error
+
+
+def _training_configs(steps: Sequence[Step]) -> list[tuple[Step, TrainConfig]]:
+    """The TrainConfig of every pending pretraining and untrained-baseline step, checked as the
+    task-sequence notebook (`validate`) and `untrained_run` check it."""
+    from cclnb.baseline import check_config
+
+    built: list[tuple[Step, TrainConfig]] = []
+    refused: list[tuple[Step, CclnbError]] = []
+    for step in steps:
+        try:
+            if step.notebook == "task_sequence":
+                config = train_config(step.parameters)
+                config.validate()
+            elif step.notebook == "untrained":
+                config = untrained_config(step.parameters)
+                check_config(config)
+            else:
+                continue
+        except CclnbError as error:
+            refused.append((step, error))
+            continue
+        built.append((step, config))
+    _raise_first(refused, "run")
+    return built
+
+
+def _check_device(configs: Sequence[tuple[Step, TrainConfig]], steps: Sequence[Step]) -> None:
+    """A CUDA preset on a machine without CUDA: said once, for the training and the linear
+    evaluation together, before any process would have found out."""
+    if torch.cuda.is_available():
+        return
+    wanted: dict[str, str] = {}
+    if any(config.device == "cuda" for _, config in configs):
+        wanted["training"] = "-p device=cpu"
+    if any(step.notebook == "linear_eval" and step.parameters.get("device") == "cuda" for step in steps):
+        wanted["linear evaluation"] = "-p linear_eval.device=cpu"
+    if wanted:
+        ask = "ask" if len(wanted) > 1 else "asks"
+        raise ConfigError(f"the study's {' and '.join(wanted)} {ask} for device=cuda, but no CUDA GPU is "
+                          f"visible to PyTorch; add {' '.join(wanted.values())} (or auto) to run on the "
+                          f"CPU, or run on a machine with a GPU; {_NOTHING_WRITTEN}")
+
+
+def _check_linear_evals(steps: Sequence[Step]) -> None:
+    """The linear-evaluation notebook's parameters, turned into `cclnb lincls` arguments and
+    checked as the notebook's first cells would (the protocol's limit on the image size waits for
+    the data, `_check_data`)."""
+    from cclnb.commands.lincls import notebook_args
+    from cclnb.evaluate.lincls import check_arguments
+
+    refused: list[tuple[Step, CclnbError]] = []
+    for step in steps:
+        if step.notebook == "linear_eval":
+            try:
+                args = notebook_args(step.parameters)
+                if args.protocol == "lincls":
+                    check_arguments(args)
+            except CclnbError as error:
+                refused.append((step, error))
+    _raise_first(refused, "linear eval", "linear_eval.")
+
+
+def _check_records(study: Study, steps: Sequence[Step]) -> None:
+    """Every `--records` folder must exist and hold records (a mistyped path would silently drop
+    results from the report), and the report must have something to read."""
+    from cclnb.records import load_records
+
+    report = study.steps[-1]   # always planned, never skipped
+    extra = [Path(folder) for folder in report.parameters["records"] if Path(folder) != study.records_dir]
+    for folder in extra:
+        if not folder.is_dir():
+            raise DataError(f"--records {folder}: no such folder; check the path (a folder of study records "
+                            f"<method>-seed<k>.json, such as another checkout's reports/<study>/runs) or "
+                            f"drop that --records; {_NOTHING_WRITTEN}")
+        if not load_records([folder]):
+            raise DataError(f"--records {folder} holds no study records (<method>-seed<k>.json); check the "
+                            f"path or drop that --records; {_NOTHING_WRITTEN}")
+    planned = any(step.notebook == "record" for step in steps)
+    if not planned and not load_records([study.records_dir, *extra]):   # also reads every record
+        raise DataError(f"nothing to report: {study.records_dir} holds no study records and no run is "
+                        f"planned; run the study without --report-only, or name a folder of records "
+                        f"with --records DIR; {_NOTHING_WRITTEN}")
+
+
+def _check_folders(study: Study, steps: Sequence[Step]) -> None:
+    """Every folder a pending step writes to must be writable, or creatable (it is not created)."""
+    from cclnb.runs import check_writable
+
+    folders = {step.output.parent for step in steps}
+    folders |= {Path(step.parameters["out_dir"]) for step in steps if step.notebook == "report"}
+    for folder in sorted(folders):
+        option = "--runs-root" if folder.is_relative_to(study.runs_dir) else "--reports-root"
+        check_writable(folder, "output folder", option)
+
+
+def _check_data(configs: Sequence[tuple[Step, TrainConfig]], steps: Sequence[Step]) -> None:
+    """Open each dataset the runs name (both splits), split it into the runs' tasks, and check
+    that the linear evaluation's protocol suits the runs' image size."""
+    from cclnb.data import open_dataset
+    from cclnb.evaluate.lincls import check_probe_size
+    from cclnb.trainer import plan_tasks, resolve_config
+
+    opened = {}
+    image_size: dict[str | None, int] = {}   # run_dir -> the image size the run trains at
+    refused: list[tuple[Step, CclnbError]] = []
+    for step, config in configs:
+        key = (config.data, config.dataset, config.imagenetsub, config.download)
+        try:
+            if key not in opened:
+                opened[key], _ = (open_dataset(config.data, split, config.dataset, config.imagenetsub,
+                                               config.download) for split in ("train", "val"))
+            train = opened[key]
+            # on the CPU: only the image size is used here, and CUDA stays untouched in this process
+            resolved = resolve_config(config, train.image_size, torch.device("cpu"))
+            plan_tasks(resolved, train.targets, len(train.classes))
+        except CclnbError as error:
+            refused.append((step, error))
+            continue
+        image_size[config.run_dir] = resolved.image_size
+    _raise_first(refused, "run")
+    refused = []
+    for step in steps:
+        size = image_size.get(step.parameters.get("run_dir"))   # None: trained before, not checked
+        if step.notebook == "linear_eval" and step.parameters.get("protocol") == "probe" and size is not None:
+            try:
+                check_probe_size(size)
+            except CclnbError as error:
+                refused.append((step, error))
+    _raise_first(refused, "linear eval", "linear_eval.")
