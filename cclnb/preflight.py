@@ -146,7 +146,7 @@ def _check_folders(study: Study, steps: Sequence[Step]) -> None:
     """Every folder a pending step writes to must be writable, or creatable (it is not created)."""
     from cclnb.runs import check_writable
 
-    folders = {step.output.parent for step in steps}
+    folders = {step.output.parent for step in steps} | {step.log.parent for step in steps if step.log}
     folders |= {Path(step.parameters["out_dir"]) for step in steps if step.notebook == "report"}
     for folder in sorted(folders):
         option = "--runs-root" if folder.is_relative_to(study.runs_dir) else "--reports-root"

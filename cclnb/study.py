@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -48,9 +49,13 @@ RUNNER_OPTIONS = {"seed": "--seeds", "records": "--records"}  # the option to us
 
 
 class StudyStepFailed(CclnbError):
-    """A notebook of the study raised; its executed copy shows the traceback."""
+    """Steps of the study raised; each `StepFailure` names the file that holds its traceback."""
 
     exit_code = 6
+
+    def __init__(self, failures: Sequence[StepFailure], message: str) -> None:
+        super().__init__(message)
+        self.failures = list(failures)
 
 
 def shared_data(filename: str) -> str | None:
@@ -303,6 +308,7 @@ class Step:
     done: bool = False               # finished by an earlier call: skipped
     action: Callable[[], object] | None = None
     group: str = ""                  # steps of one group run in order ("CCL seed 0")
+    log: Path | None = None          # an action's log: where a failure leaves its traceback
 
 
 @dataclass
@@ -445,7 +451,8 @@ def _method_steps(method: str, seed: int, run_dir: Path, params: Mapping[str, di
     if method in BASELINES:
         first = Step(f"{label}: evaluate at initialisation", "untrained", run_dir / "config.json",
                      train_params, done=trained,
-                     action=functools.partial(_untrained, train_params, method == UNTRAINED_BN))
+                     action=functools.partial(_untrained, train_params, method == UNTRAINED_BN),
+                     log=run_dir / "untrained.log")
     else:
         resume = str(run_dir) if not fresh and (run_dir / "checkpoints" / "last.pt").is_file() else None
         first = Step(f"{label}: task sequence", "task_sequence", run_dir / "task_sequence.ipynb",
@@ -455,7 +462,7 @@ def _method_steps(method: str, seed: int, run_dir: Path, params: Mapping[str, di
                   done=trained and (run_dir / f"lincls_{who}.json").is_file())
              for who in who_list]
     record = Step(f"{label}: record", "record", records_dir / record_name(method, seed), {},
-                  action=functools.partial(_record, run_dir, records_dir, study))
+                  action=functools.partial(_record, run_dir, records_dir, study), log=run_dir / "record.log")
     steps = [first, *evals, record]
     for step in steps:
         step.group = label
@@ -472,31 +479,74 @@ def check_preset(preset: Preset, specs: Mapping[str, Mapping[str, Any]]) -> None
 
 
 # ----------------------------------------------------------------------------- execution
-def _failure(step: Step, index: int, total: int, detail: str) -> StudyStepFailed:
-    return StudyStepFailed(
-        f"[{index}/{total}] {step.label} failed in notebooks/{step.notebook}.ipynb, {detail}. "
-        f"The executed notebook with the full traceback is {step.output}; everything finished "
-        f"before is kept, so fix the cause and run the same command again to continue")
+_RERUN = ("everything finished before is kept, so fix the cause and run the same command again "
+          "to continue")
 
 
-def _cell_detail(cell_index: int, exec_count: int | None, source: str, ename: str, evalue: str) -> str:
+@dataclass(frozen=True)
+class StepFailure:
+    """One failed step: which, where it raised, why, and the file that holds the traceback.
+
+    `cause` (the exception's name and message) is what several failures are grouped by: one fault
+    that stops every run of a study is said once, with the first file to read and a log of all.
+    """
+
+    step: str      # "[3/13] CCL seed 0: task sequence"
+    where: str     # "notebooks/task_sequence.ipynb, cell 3 (In [2]: `...`)" or "cclnb (in process)"
+    cause: str     # "ConfigError: --epochs must be >= 1, got 0"
+    trace: Path    # the executed notebook, or the log holding the traceback
+
+    def __str__(self) -> str:
+        return f"{self.step} failed in {self.where}: {self.cause}. The traceback is in {self.trace}"
+
+
+def _notebook_failure(step: Step, index: int, total: int, cell: str, cause: str,
+                      trace: Path | None = None) -> StepFailure:
+    where = f"notebooks/{step.notebook}.ipynb" + (f", {cell}" if cell else "")
+    return StepFailure(f"[{index}/{total}] {step.label}", where, cause, trace or step.output)
+
+
+def _failed(failures: Sequence[StepFailure], log: Path) -> StudyStepFailed:
+    """The study's failed steps as one error. One failure is said in full; several are grouped
+    by cause, each cause once with its count and first traceback, and every failure is listed in
+    `log` (written here)."""
+    if len(failures) == 1:
+        return StudyStepFailed(failures, f"{failures[0]}; {_RERUN}")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("".join(f"{failure}\n" for failure in failures), encoding="utf-8")
+    groups: dict[str, list[StepFailure]] = {}
+    for failure in failures:
+        groups.setdefault(failure.cause, []).append(failure)
+    causes = "; ".join(f"{len(group)} run{'s' if len(group) > 1 else ''} failed: {cause} "
+                       f"(first: {group[0].trace}; all: {log})" for cause, group in groups.items())
+    return StudyStepFailed(failures, f"{causes}. {_RERUN[0].upper()}{_RERUN[1:]}")
+
+
+def _cell_detail(cell_index: int, exec_count: int | None, source: str, ename: str,
+                 evalue: str) -> tuple[str, str]:
+    """(the cell, the cause) of a notebook's error."""
     first_line = next((line for line in source.splitlines() if line.strip()), "")
-    return f"cell {cell_index} (In [{exec_count}]: `{first_line.strip()}`): {ename}: {evalue}"
+    return f"cell {cell_index} (In [{exec_count}]: `{first_line.strip()}`)", f"{ename}: {evalue}"
 
 
-def failed_cell(output: Path) -> str:
-    """Describe the first cell with an error output in an executed notebook (subprocess runs)."""
+def _subprocess_failure(step: Step, index: int, total: int) -> StepFailure:
+    """A notebook run in its own process failed: the first cell with an error output in its
+    executed copy; without one, its log (papermill's own error, or the kernel's death)."""
     import nbformat
 
-    if not output.is_file():
-        return "before the notebook started (no executed copy was written)"
-    nb = nbformat.read(str(output), as_version=4)
-    for index, cell in enumerate(nb.cells):
+    log = step.output.with_suffix(".log")
+    if not step.output.is_file():
+        return _notebook_failure(step, index, total, "", "stopped before the notebook started (no "
+                                 "executed copy was written)", log)
+    nb = nbformat.read(str(step.output), as_version=4)
+    for cell_index, cell in enumerate(nb.cells):
         for out in cell.get("outputs", []):
             if out.get("output_type") == "error":
-                return _cell_detail(index, cell.get("execution_count"), cell.source,
-                                    out.get("ename", "?"), out.get("evalue", ""))
-    return "without a cell error (the kernel died or was killed: out of memory?)"
+                return _notebook_failure(step, index, total, *_cell_detail(
+                    cell_index, cell.get("execution_count"), cell.source, out.get("ename", "?"),
+                    out.get("evalue", "")))
+    return _notebook_failure(step, index, total, "", "the kernel died or was killed without a cell "
+                             "error (out of memory?)", log)
 
 
 def execute_step(step: Step, notebooks_dir: str | Path | None = None) -> None:
@@ -516,14 +566,14 @@ def execute_step(step: Step, notebooks_dir: str | Path | None = None) -> None:
                                    progress_bar=False, log_output=True, stdout_file=sys.stdout,
                                    stderr_file=sys.stderr, cwd=str(step.output.parent))
     except PapermillExecutionError as error:
-        raise _StepError(_cell_detail(error.cell_index, error.exec_count, error.source,
-                                      error.ename, error.evalue)) from error
+        raise _StepError(*_cell_detail(error.cell_index, error.exec_count, error.source,
+                                       error.ename, error.evalue)) from error
     except DeadKernelError as error:
-        raise _StepError(f"the kernel died ({error}); out of memory?") from error
+        raise _StepError("", f"the kernel died ({error}); out of memory?") from error
 
 
 class _StepError(Exception):
-    """Internal: a step failed; `run_study` adds the step's number and label."""
+    """Internal: a step failed in (cell, cause); `run_study` adds the step's number and label."""
 
 
 def _launch(step: Step, notebooks_dir: str | Path | None, threads: int) -> subprocess.Popen:
@@ -541,39 +591,43 @@ def _launch(step: Step, notebooks_dir: str | Path | None, threads: int) -> subpr
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def _run_action(step: Step, index: int, total: int, log: Callable[[str], None]) -> None:
-    """An in-process step (untrained encoder, record): short, so one line when done."""
+def _run_action(step: Step, index: int, total: int, log: Callable[[str], None]) -> StepFailure | None:
+    """An in-process step (untrained encoder, record): short, so one line when done. A failure's
+    traceback goes to the step's log, and is returned to be reported with the others."""
     tic = time.monotonic()
     try:
         step.action()
     except CclnbError as error:
-        raise _failure(step, index, total, f"in cclnb ({type(error).__name__}: {error})") from error
+        step.log.parent.mkdir(parents=True, exist_ok=True)
+        step.log.write_text(traceback.format_exc(), encoding="utf-8")
+        return StepFailure(f"[{index}/{total}] {step.label}", "cclnb (in process)",
+                           f"{type(error).__name__}: {error}", step.log)
     log(f"[{index}/{total}] {step.label}: done in {time.monotonic() - tic:.0f} s ({step.output})")
+    return None
 
 
 def _run_concurrently(pending: list[tuple[int, Step]], jobs: int, notebooks_dir: str | Path | None,
-                      log: Callable[[str], None], total: int) -> None:
+                      log: Callable[[str], None], total: int) -> list[StepFailure]:
     """Run the groups of `pending` (each group's steps in order) with up to `jobs` notebooks at
-    once. A failed step drops the rest of its group; the other groups finish, then the failures
-    are raised together."""
+    once. A failed step drops the rest of its group; the other groups finish; returns the
+    failures."""
     queues: dict[str, list[tuple[int, Step]]] = {}
     for index, step in pending:
         queues.setdefault(step.group, []).append((index, step))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     running: dict[str, tuple[int, Step, subprocess.Popen, float]] = {}
-    failures: list[StudyStepFailed] = []
+    failures: list[StepFailure] = []
     while queues or running:
         for group in [g for g in queues if g not in running]:
             if len(running) >= jobs:   # in-process steps take a slot too: the CPU is shared
                 break
             queue = queues[group]
-            try:
-                while queue and queue[0][1].action is not None:
-                    index, step = queue.pop(0)
-                    _run_action(step, index, total, log)
-            except StudyStepFailed as failure:
-                failures.append(failure)
-                queue.clear()
+            while queue and queue[0][1].action is not None:
+                index, step = queue.pop(0)
+                failure = _run_action(step, index, total, log)
+                if failure is not None:
+                    failures.append(failure)
+                    queue.clear()
             if queue and len(running) < jobs:
                 index, step = queue.pop(0)
                 log(f"[{index}/{total}] {step.label} ... (log {step.output.with_suffix('.log')})")
@@ -588,10 +642,9 @@ def _run_concurrently(pending: list[tuple[int, Step]], jobs: int, notebooks_dir:
             if proc.returncode == 0:
                 log(f"[{index}/{total}] {step.label}: done in {time.monotonic() - tic:.0f} s")
             else:
-                failures.append(_failure(step, index, total, failed_cell(step.output)))
+                failures.append(_subprocess_failure(step, index, total))
                 queues.pop(group, None)
-    if failures:
-        raise failures[0] if len(failures) == 1 else StudyStepFailed(" | ".join(map(str, failures)))
+    return failures
 
 
 def render_html(executed: Path, html: Path) -> Path:
@@ -616,13 +669,15 @@ def run_study(study: Study, notebooks_dir: str | Path | None = None,
     every step runs in this process, in order, its output streamed here. The report comes last.
     First the pre-flight (`cclnb.preflight`) checks everything knowable before a step starts, and
     only then does --force delete the runs it names. A failure raises StudyStepFailed naming the
-    step (after the concurrent runs have finished).
+    step and the file with its traceback (after the concurrent runs have finished; several failures
+    are grouped by cause and listed in `runs/<study>/failures.log`).
     """
     from cclnb.preflight import check_study
 
     check_study(study)
     for run_dir in study.forced:
         shutil.rmtree(run_dir)
+    failures_log = study.runs_dir / "failures.log"
     total = len(study.steps)
     numbered = list(enumerate(study.steps, start=1))
     started = time.monotonic()
@@ -631,18 +686,23 @@ def run_study(study: Study, notebooks_dir: str | Path | None = None,
             log(f"[{index}/{total}] {step.label}: already complete, skipped ({step.output.parent})")
     pending = [(i, s) for i, s in numbered if not s.done]
     if study.jobs > 1:
-        _run_concurrently(pending[:-1], study.jobs, notebooks_dir, log, total)
+        failures = _run_concurrently(pending[:-1], study.jobs, notebooks_dir, log, total)
+        if failures:
+            raise _failed(failures, failures_log)
         pending = pending[-1:]
     for index, step in pending:
         if step.action is not None:
-            _run_action(step, index, total, log)
+            failure = _run_action(step, index, total, log)
+            if failure is not None:
+                raise _failed([failure], failures_log)
             continue
         log(f"[{index}/{total}] {step.label} ...")
         tic = time.monotonic()
         try:
             execute_step(step, notebooks_dir)
         except _StepError as error:
-            raise _failure(step, index, total, str(error)) from error.__cause__
+            raise _failed([_notebook_failure(step, index, total, *error.args)],
+                          failures_log) from error.__cause__
         log(f"[{index}/{total}] {step.label}: done in {time.monotonic() - tic:.0f} s")
     html = render_html(study.steps[-1].output, study.html)
     log(f"study {study.name!r} finished in {time.monotonic() - started:.0f} s; report: {html}")

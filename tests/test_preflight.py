@@ -1,8 +1,8 @@
-"""`cclnb study`'s pre-flight: every knowable cause stops the study before any step starts, said
-once, with nothing written.
+"""`cclnb study`'s pre-flight and failure report: every knowable cause stops the study before any
+step starts, said once, with nothing written; runs that fail anyway are grouped by cause.
 
 No test here starts a notebook kernel: the launchers are replaced by ones that fail the test if
-called (`no_steps`).
+called (`no_steps`), or by fakes that leave what a failed notebook leaves.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import json
 import time
 from pathlib import Path
 
+import nbformat
 import pytest
 import torch
 
-from cclnb import baseline, cli, preflight, study  # noqa: F401  (baseline: imported before the timing)
+from cclnb import baseline, cli, preflight, records, study
 from cclnb.errors import CclnbError, ConfigError, DataError
 from conftest import study_cli
 
@@ -148,3 +149,75 @@ def test_a_valid_study_passes_and_force_deletes_only_after_the_preflight(tmp_pat
     with pytest.raises(Started):
         study.run_study(plan, log=lambda _: None)
     assert not done.exists()
+
+
+# ----------------------------------------------------------------------------- runs that fail anyway
+class _Exited:
+    """What `_launch` returns, for a papermill process that has already exited with `code`."""
+
+    def __init__(self, code: int) -> None:
+        self.returncode = code
+
+    def poll(self) -> int:
+        return self.returncode
+
+
+def _failing_notebook(step: study.Step, notebooks_dir: object, threads: int) -> _Exited:
+    """Leave what papermill leaves when cell 3 raises: the executed copy with the error output."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f"cell {i}") for i in range(4)])
+    nb.cells[3].execution_count = 2
+    nb.cells[3].outputs = [nbformat.v4.new_output("error", ename="ConfigError", evalue="boom",
+                                                  traceback=["Traceback ...", "ConfigError: boom"])]
+    step.output.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, str(step.output))
+    return _Exited(1)
+
+
+def _failing_baseline(config: object, calibrate_bn: bool = False) -> None:
+    raise ConfigError("boom")
+
+
+def test_identical_causes_of_concurrent_runs_are_grouped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """6 runs (Joint and both baselines, seeds 0 and 1) fail with one cause: said once, with the
+    first traceback's file and a log of all, each naming the file that holds its traceback."""
+    monkeypatch.setattr(study, "_launch", _failing_notebook)
+    monkeypatch.setattr(baseline, "untrained_run", _failing_baseline)
+    plan = study.plan_study("demo", runs_root=tmp_path / "runs", reports_root=tmp_path / "reports",
+                            methods=["Joint"], seeds=[0, 1], jobs=2)
+    with pytest.raises(study.StudyStepFailed) as info:
+        study.run_study(plan, log=lambda _: None)
+    message, log = str(info.value), plan.runs_dir / "failures.log"
+    first = info.value.failures[0].trace
+    assert message.startswith(f"6 runs failed: ConfigError: boom (first: {first}; all: {log}). Everything")
+    assert message.count("boom") == 1
+    lines = log.read_text().splitlines()
+    assert len(lines) == 6 and all(line.endswith((".ipynb", ".log")) for line in lines)
+    traces = [failure.trace for failure in info.value.failures]
+    assert sorted(t.name for t in traces) == ["task_sequence.ipynb"] * 2 + ["untrained.log"] * 4
+    for trace in traces:
+        assert "boom" in trace.read_text() and "Traceback" in trace.read_text()
+
+
+def test_a_failed_baseline_names_the_log_with_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It used to name the baseline's config.json as "the executed notebook"."""
+    monkeypatch.setattr(study, "execute_step", lambda step, notebooks_dir=None: None)
+    monkeypatch.setattr(records, "write_record", lambda *args: None)
+    monkeypatch.setattr(baseline, "untrained_run", _failing_baseline)
+    plan = study.plan_study("demo", runs_root=tmp_path / "runs", reports_root=tmp_path / "reports",
+                            methods=["Joint"], seeds=[0], jobs=1)
+    with pytest.raises(study.StudyStepFailed) as info:
+        study.run_study(plan, log=lambda _: None)
+    trace = plan.runs_dir / "untrained" / "seed0" / "untrained.log"
+    assert str(info.value).startswith("[4/10] untrained seed 0: evaluate at initialisation failed in cclnb "
+                                      f"(in process): ConfigError: boom. The traceback is in {trace}; ")
+    assert "config.json" not in str(info.value)
+    assert "Traceback" in trace.read_text() and "boom" in trace.read_text()
+    assert not (plan.runs_dir / "failures.log").exists()   # one failure: its own file says it all
+
+
+def test_exited_process_without_an_executed_copy_points_at_its_log(tmp_path: Path) -> None:
+    step = study.Step("CCL seed 0: task sequence", "task_sequence", tmp_path / "task_sequence.ipynb", {})
+    failure = study._subprocess_failure(step, 1, 3)
+    assert failure.trace == tmp_path / "task_sequence.log"
+    assert str(failure).startswith("[1/3] CCL seed 0: task sequence failed in notebooks/task_sequence.ipynb: "
+                                   "stopped before the notebook started")
