@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from cclnb.config import ABLATIONS, METHODS, TrainConfig, canonical_method
-from cclnb.errors import CclnbError, ConfigError
+from cclnb.errors import CclnbError, ConfigError, DataError
 from cclnb.records import RECORDS_FOLDER, record_name
 from cclnb.report import BASELINES, UNTRAINED_BN
 
@@ -435,7 +435,7 @@ def _budget_folders(folders: Sequence[str]) -> list[str]:
     resolved = [Path(f).resolve() for f in folders]
     for folder in resolved:
         if not any(folder.glob("*-seed*.json")):
-            raise ConfigError(f"-p report.budget names {folder}, which holds no study records "
+            raise DataError(f"-p report.budget names {folder}, which holds no study records "
                               f"(<method>-seed<k>.json); pass the runs/ folder of another study of this preset")
     return [str(f) for f in resolved]
 

@@ -15,7 +15,7 @@ import papermill
 import pytest
 
 from cclnb import cli, study
-from cclnb.errors import ConfigError
+from cclnb.errors import ConfigError, DataError
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -139,7 +139,7 @@ def test_preset_seeds_report_only_and_extra_records(tmp_path: Path) -> None:
     # the budget axis: other studies' records folders reach the report absolute, and must hold records
     other = tmp_path / "e16" / "runs"
     other.mkdir(parents=True)
-    with pytest.raises(ConfigError, match="report.budget names .* which holds no study records"):
+    with pytest.raises(DataError, match="report.budget names .* which holds no study records"):
         study.plan_study("demo", [f'report.budget=["{other}"]'], runs_root=tmp_path, report_only=True)
     (other / "Finetuning-seed0.json").write_text("{}")
     budget = study.plan_study("demo", [f'report.budget=["{other}"]'], runs_root=tmp_path, report_only=True)
