@@ -53,6 +53,20 @@ def _images_seen(cfg: dict, payload: dict) -> float:
     return float(steps * cfg["batch_size"]) if steps else float("nan")
 
 
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub markdown table of `frame` (floats to 2 decimals, NaN as -)."""
+    def cell(value) -> str:
+        if isinstance(value, float):
+            if np.isnan(value):
+                return "-"
+            return f"{value:,.0f}" if value.is_integer() else f"{value:.2f}" if abs(value) >= 0.1 else f"{value:g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
 def summarize(name: str, rows: pd.DataFrame) -> dict:
     """One table row: mean over seeds of each trained method against the candidate's baselines."""
     def mean(method: str, column: str) -> float:
@@ -182,9 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     if table.empty:
         print(f"no candidate records under {args.reports}/{PREFIX}*/runs; run benchmarks/cpu_candidates.sh")
         return 1
-    numbers = table.select_dtypes(include=[np.number]).columns
-    shown = table.copy()
-    shown[numbers] = shown[numbers].round(2)
     lines = ["# CPU candidates: learning per CPU-minute (issue 19)", "",
              f"- made by: `python benchmarks/cpu_candidates.py` from the records of "
              f"`bash benchmarks/cpu_candidates.sh` (`{args.reports}/{PREFIX}*/runs`)",
@@ -194,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
              "batch 64, each study with its own untrained and untrained-bn baselines; kNN over the 30 "
              "classes trained on (bank 50 per class, k 20), probe = the fast L-BFGS probe over all 100 "
              "classes; 2 jobs on the 2 cores, 1 thread each (times are per run, with the other core busy)",
-             "", shown.to_markdown(index=False), ""]
+             "", markdown_table(table), ""]
     if args.speed:
         speed = measure_speed(args.data)
         lines += ["## Training speed, interleaved", "",
@@ -203,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                   "machine falls on all alike; `x ref` is the median within-round ratio to the "
                   "reference network. These ratios, not the per-run img/s above (taken while other "
                   "work shared the cores), are what the choice reads.", "",
-                  speed.round(2).to_markdown(index=False), ""]
+                  markdown_table(speed), ""]
     md = args.out.with_suffix(".md")
     md.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
