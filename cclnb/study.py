@@ -365,8 +365,8 @@ def _training_done(run_dir: Path) -> bool:
 
 def train_config(parameters: Mapping[str, Any]) -> TrainConfig:
     """The TrainConfig the task-sequence notebook builds from these parameters (its names are
-    TrainConfig fields; `extra` holds any other field)."""
-    values = {k: v for k, v in parameters.items() if k != "extra"}
+    TrainConfig fields; `extra` holds any other field; `torchrun_args` says how to launch it)."""
+    values = {k: v for k, v in parameters.items() if k not in ("extra", "torchrun_args")}
     return TrainConfig.from_dict({**values, **(parameters.get("extra") or {})})
 
 
@@ -598,10 +598,11 @@ class _StepError(Exception):
     """Internal: a step failed in (cell, cause); `run_study` adds the step's number and label."""
 
 
-def _launch(step: Step, notebooks_dir: str | Path | None, threads: int) -> subprocess.Popen:
+def _launch(step: Step, notebooks_dir: str | Path | None, threads: int, **popen: Any) -> subprocess.Popen:
     """Start papermill for `step` as its own process, its output in `<output>.log`; the kernel
     gets `threads` CPU threads (OMP_NUM_THREADS, unless the caller set it) so that concurrent
-    notebooks share the cores instead of oversubscribing them."""
+    notebooks share the cores instead of oversubscribing them. `popen`: further `subprocess.Popen`
+    arguments (a cluster job starts its notebooks deaf to the scheduler's signals, `cclnb.launch.job`)."""
     step.output.parent.mkdir(parents=True, exist_ok=True)
     params_file = step.output.with_suffix(".parameters.json")
     params_file.write_text(json.dumps(step.parameters, indent=1))
@@ -610,7 +611,7 @@ def _launch(step: Step, notebooks_dir: str | Path | None, threads: int) -> subpr
                "--log-output", "--cwd", str(step.output.parent)]
     env = {"OMP_NUM_THREADS": str(threads), **os.environ}
     with open(step.output.with_suffix(".log"), "w", encoding="utf-8") as log:  # the child keeps its copy
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, **popen)
 
 
 def _run_action(step: Step, index: int, total: int, log: Callable[[str], None]) -> StepFailure | None:
