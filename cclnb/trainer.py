@@ -378,6 +378,9 @@ class Trainer:
         self.replay: list[np.ndarray] = []
         self.task = self.epoch = self.step = self.global_step = 0
         self.generator_state: torch.Tensor | None = None
+        # ([total, moco, extra, distill] loss sums, steps) of the epoch so far when a signal stopped it
+        # mid-epoch: the resumed epoch's mean row in train_log.csv then covers the whole epoch
+        self.epoch_losses: tuple[list[float], int] | None = None
         self.started = time.time()
         self.trained_ids: list[np.ndarray] | None = None    # set by tests to audit the data seen
 
@@ -510,7 +513,7 @@ class Trainer:
                 "task": self.task, "epoch": self.epoch, "step": self.step,
                 "global_step": self.global_step, "seed": self.seed,
                 "generator": self.generator_state, "rng": rng_state(),
-                "config": self.config.to_dict()}
+                "epoch_losses": self.epoch_losses, "config": self.config.to_dict()}
 
     def load(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -520,6 +523,7 @@ class Trainer:
         self.task, self.epoch, self.step = int(ckpt["task"]), int(ckpt["epoch"]), int(ckpt["step"])
         self.global_step = int(ckpt["global_step"])
         self.generator_state = ckpt["generator"]
+        self.epoch_losses = ckpt.get("epoch_losses")      # absent before 2026-12: the mean restarts
         set_rng_state(ckpt["rng"])
         self.log.discard_after(self.global_step)
         self._say(f"resumed at task {self.task} epoch {self.epoch} step {self.step}")
@@ -624,8 +628,9 @@ class Trainer:
         n_steps = steps_per_epoch(len(self._entries()[0]), cfg.batch_size)
         bar = tqdm(total=n_steps, initial=self.step, desc=f"task {t} epoch {e}", unit="step",
                    disable=not (cfg.progress and ctx.is_main), leave=False, dynamic_ncols=True)
-        sums = np.zeros(4)
-        count, window_start, window_steps = 0, time.time(), 0
+        sums, count = (np.array(self.epoch_losses[0]), self.epoch_losses[1]) if self.epoch_losses else (np.zeros(4), 0)
+        self.epoch_losses = None
+        window_start, window_steps = time.time(), 0
         # Loss values stay on the device and reach the host every `print_freq` steps, in one copy:
         # a copy per step would make the CPU wait for the GPU and stop it from queuing the next
         # batch's augmentation, which at 32 px costs a large part of the throughput.
@@ -639,7 +644,8 @@ class Trainer:
             window_steps += 1
             if dist.any_rank(stop.signal is not None, ctx):
                 self.generator_state = generator.get_state()
-                self._check_losses(pending)
+                values = self._check_losses(pending)
+                self.epoch_losses = ([float(v) for v in sums + values.sum(axis=0)], count + len(values))
                 self._interrupt(bar)
             bar.update(1)
             if self.step % cfg.print_freq == 0:

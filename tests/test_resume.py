@@ -7,11 +7,13 @@ import os
 import signal
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
 from cclnb.errors import Interrupted
 from cclnb.methods.ccl import CCL
+from cclnb.runs import LOG_COLUMNS
 from cclnb.trainer import train
 from test_trainer import load_ckpt, one_thread, tiny_config  # noqa: F401  (fixture re-used)
 
@@ -56,6 +58,10 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, 
     assert_same_state(load_ckpt(reference / "checkpoints" / "last.pt"), load_ckpt(run / "checkpoints" / "last.pt"))
     for t in (0, 1):
         assert (reference / "replay" / f"task_{t}.json").read_text() == (run / "replay" / f"task_{t}.json").read_text()
+    # the loss log too, the stopped epoch's mean row included (the run saved its partial sums)
+    timeless = [c for c in LOG_COLUMNS if c not in ("time_s", "img_per_s")]
+    assert (pd.read_csv(run / "train_log.csv")[timeless].to_dict("records")
+            == pd.read_csv(reference / "train_log.csv")[timeless].to_dict("records"))
 
 
 def test_truncated_last_checkpoint_is_a_clear_error(tmp_path):
