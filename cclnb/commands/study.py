@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from cclnb.config import STUDY_METHODS
+from cclnb.launch import options as launch_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,11 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, metavar="N",
                         help="how many (method, seed) runs proceed at once, each notebook in its own "
                              "process (default: the preset's; 1 = one notebook at a time, output here)")
+    launch_options.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from cclnb.study import plan_study, run_study
 
+    if args.launcher != "local":
+        return launch_options.run(args)
+    launch_options.refuse_cluster_options(args)
     study = plan_study(args.preset, args.param, runs_root=args.runs_root,
                        reports_root=args.reports_root, methods=args.methods, study=args.study,
                        force=args.force, jobs=args.jobs, seeds=args.seeds,

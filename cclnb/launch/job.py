@@ -1,0 +1,161 @@
+"""One (method, seed) of a study as a submitit job that SLURM may stop and requeue.
+
+The job runs on its node what a local `cclnb study` runs for that (method, seed): the steps of
+its group in `cclnb.study.plan_study`'s plan (task-sequence notebook, linear evaluations, the
+record), each notebook in its own papermill process as `--jobs N` runs them. It keeps no state of
+its own: every start plans again from the run directory, so a requeued job skips what is finished
+and resumes the training from `checkpoints/last.pt`, exactly as rerunning a local study does.
+
+Signals. SLURM warns a job `signal_delay_s` before its time limit, and on preemption, with
+submitit's signal (USR2 by default), and later sends SIGTERM, then SIGKILL, to *every* process of
+the job. So the job starts its notebooks with SIGTERM and the warning signal ignored (ignored
+signals stay ignored across exec, so the papermill process and its kernel keep running); the
+trainer installs its own SIGTERM handler while it trains (`cclnb.trainer._StopFlag`), and torchrun
+its own, which forwards to the workers. On the warning, submitit calls `checkpoint` here: it sends
+SIGTERM to the running notebook's processes, the trainer finishes its step, saves `last.pt` and
+stops, and submitit requeues the job, which resumes on its next start. A linear evaluation or an
+untrained baseline has nothing to save and is killed; it runs again from its start.
+
+Several nodes: task 0 (node 0) runs the notebooks; the task-sequence notebook starts torchrun with
+node rank 0. Every other node's task only joins that training: it builds the same TrainConfig
+from the same plan (`cclnb.study.train_config`) and starts torchrun with its own node rank.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any, Callable
+
+import psutil
+import submitit
+
+from cclnb import study
+from cclnb.errors import ConfigError
+from cclnb.launch import torchrun
+from cclnb.launch.resources import Resources
+
+POLL_S = 1.0
+
+
+def preemption_signal() -> signal.Signals:
+    """The signal submitit asks SLURM to send before the time limit (USR2 unless
+    SUBMITIT_PREEMPT_SIGNAL says otherwise)."""
+    return signal.Signals[f"SIG{submitit.JobEnvironment.USR_SIG}"]
+
+
+def ignore_scheduler_signals() -> None:
+    """`preexec_fn` of a notebook process: ignore SIGTERM and the preemption signal (inherited by
+    the kernel and what it starts, until one installs its own handler)."""
+    for sig in (signal.SIGTERM, preemption_signal()):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def master_port(job_id: str) -> int:
+    """A port for torchrun's rendezvous that differs between jobs sharing a node."""
+    digits = "".join(c for c in str(job_id) if c.isdigit()) or "0"
+    return 20000 + int(digits) % 20000
+
+
+class StudyJob(submitit.helpers.Checkpointable):
+    """The group `group` ("CCL seed 0") of the plan that `plan` (plan_study's keyword
+    arguments) describes, run with `resources`; `grace_s`: how long a stopped training may take
+    to save before it is killed (less than the warning's lead on the time limit)."""
+
+    def __init__(self, plan: dict[str, Any], group: str, resources: Resources, grace_s: float) -> None:
+        self.plan = plan
+        self.group = group
+        self.resources = resources
+        self.grace_s = grace_s
+        self._running: tuple[study.Step, Any] | None = None   # the notebook running now
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What is pickled for the requeued start: the description, never the processes."""
+        return {**self.__dict__, "_running": None}
+
+    def steps(self) -> list[study.Step]:
+        """This group's steps, planned afresh from the run directory."""
+        plan = study.plan_study(**self.plan)
+        steps = [s for s in plan.steps if s.group == self.group]
+        if not steps:
+            raise ConfigError(f"the study's plan has no {self.group!r}; it was submitted with other "
+                              f"methods or seeds than it now plans. Submit it again")
+        return steps
+
+    def __call__(self, log: Callable[[str], None] = print) -> str:
+        env = submitit.JobEnvironment()
+        steps = self.steps()
+        if env.global_rank > 0:
+            return self._join_training(steps[0], env)
+        if self.resources.uses_torchrun and steps[0].notebook == "task_sequence":
+            steps[0].parameters["torchrun_args"] = self.resources.torchrun_args(
+                0, env.hostnames[0], master_port(env.job_id))
+        total = len(steps)
+        for index, step in enumerate(steps, start=1):
+            if step.done:
+                log(f"[{index}/{total}] {step.label}: already complete, skipped ({step.output.parent})")
+            elif step.action is not None:
+                study._run_action(step, index, total, log)
+            else:
+                self._run_notebook(step, index, total, log)
+        return f"{self.group}: complete"
+
+    def _run_notebook(self, step: study.Step, index: int, total: int, log: Callable[[str], None]) -> None:
+        """Run one notebook in its own process (deaf to the scheduler's signals), polling: the
+        signal handler that may stop it runs in this thread and must be able to reap it."""
+        threads = max(1, self.resources.cpus_per_task // self.resources.processes_per_node)
+        log(f"[{index}/{total}] {step.label} ... (log {step.output.with_suffix('.log')})")
+        tic = time.monotonic()
+        process = study._launch(step, self.plan.get("notebooks_dir"), threads,
+                                preexec_fn=ignore_scheduler_signals)
+        self._running = (step, process)
+        try:
+            while process.poll() is None:
+                time.sleep(POLL_S)
+        finally:
+            self._running = None
+        if process.returncode != 0:
+            raise study._failure(step, index, total, study.failed_cell(step.output))
+        log(f"[{index}/{total}] {step.label}: done in {time.monotonic() - tic:.0f} s")
+
+    def _join_training(self, first: study.Step, env: submitit.JobEnvironment) -> str:
+        """Node > 0 of a multi-node job: train this node's share of the task sequence."""
+        if first.notebook != "task_sequence" or first.done:
+            return f"{self.group}: nothing to train on node {env.node}"
+        signal.signal(preemption_signal(), signal.SIG_IGN)   # task 0 decides; torchrun inherits this
+        args = self.resources.torchrun_args(env.node, env.hostnames[0], master_port(env.job_id))
+        torchrun.train(study.train_config(first.parameters), args)
+        return f"{self.group}: node {env.node} trained"
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """submitit's hook on the warning signal: stop the running notebook so that its training
+        saves, then requeue this job unchanged (its next start plans from the run directory)."""
+        if self._running is not None:
+            step, process = self._running
+            stop_process_tree(process, signal.SIGTERM if step.notebook == "task_sequence" else signal.SIGKILL,
+                              self.grace_s)
+        return super().checkpoint(*args, **kwargs)
+
+
+def stop_process_tree(process: Any, sig: int, grace_s: float) -> None:
+    """Send `sig` to `process` and every process below it, wait up to `grace_s` for `process`
+    to end, then kill what is left."""
+    try:
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for member in tree:
+        try:
+            member.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    deadline = time.monotonic() + grace_s
+    while process.poll() is None and time.monotonic() < deadline:
+        time.sleep(POLL_S / 4)
+    for member in tree:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    process.wait()
+
