@@ -25,6 +25,7 @@ import torch
 from cclnb import cli
 from cclnb.errors import CheckpointError, ConfigError, DataError
 from conftest import study_cli, write_image_folder
+from test_slurm import fake_slurm
 
 # every train row passes --run-dir under tmp_path: a refused run must not leave runs/ in the checkout
 TINY = ["-a", "resnet18", "--stem", "imagenet", "--epochs", "1", "-b", "16", "--moco-k", "64",
@@ -141,10 +142,16 @@ class Row:
     code: int
     problem: str                                # regex: what is wrong (and where)
     fix: str                                    # regex: what to do
+    env: Callable[[Path], dict[str, str]] | None = None   # tmp_path -> environment (a fake SLURM)
 
 
-def _row(id: str, argv, code: int, problem: str, fix: str) -> pytest.param:
-    return pytest.param(Row(id, argv, code, problem, fix), id=id)
+def _row(id: str, argv, code: int, problem: str, fix: str, env=None) -> pytest.param:
+    return pytest.param(Row(id, argv, code, problem, fix, env), id=id)
+
+
+def with_sinfo(t: Path) -> dict[str, str]:
+    """A SLURM whose sinfo lists `cpu` (the default, no GPU) and `gpu` (nodes of 4 and of 8 GPUs)."""
+    return {"PATH": fake_slurm(t / "bin")}
 
 
 CATALOGUE = [
@@ -225,13 +232,49 @@ CATALOGUE = [
     _row("lincls: output folder not writable",
          lambda t, r: [*LINCLS, "--pretrained", str(r), "--out", under_a_file(t, r), "--subset-per-class", "2"],
          ConfigError.exit_code, r"output folder .*a_file/out is not writable", r"choose another one with --out"),
+    # cclnb study --launcher slurm: refused before anything is submitted (docs/study.md)
+    _row("unknown SLURM partition",
+         lambda t, r: study_cli(t, "--preset", "demo", "--launcher", "slurm", "--partition", "gpux", "--dry-run"),
+         ConfigError.exit_code, r"partition 'gpux' is not on this cluster \(sinfo lists: cpu, gpu\)",
+         r"choose one of them with --partition", env=with_sinfo),
+    _row("GPU preset on a CPU-only allocation",
+         lambda t, r: study_cli(t, "--preset", "tin100-32", "--launcher", "slurm", "--gpus-per-node", "0",
+                                "--dry-run", "-p", "data=demo", "-p", "dataset=demo"),
+         ConfigError.exit_code, r"preset 'tin100-32' runs linear_eval and task_sequence on device cuda, but the "
+         r"job asks for no GPU \(--gpus-per-node 0\)", r"Ask for GPUs with --gpus-per-node N", env=with_sinfo),
+    _row("more GPUs than the partition's nodes hold",
+         lambda t, r: study_cli(t, "--preset", "demo", "--launcher", "slurm", "--partition", "gpu", "--gpus-per-node",
+                                "16", "-p", "batch_size=64", "-p", "bn_groups=16", "-p", "key_bn_groups=16", "--dry-run"),
+         ConfigError.exit_code, r"partition 'gpu' has nodes with at most 8 GPU\(s\), but the job asks for 16",
+         r"choose a partition with them .* or lower --gpus-per-node", env=with_sinfo),
+    _row("run and record folders not shared with the nodes",
+         lambda t, r: study_cli(t, "--preset", "demo", "--launcher", "slurm", "--dry-run"),
+         ConfigError.exit_code, r"the runs root .* is (under /|on a local).*the compute nodes do not share it",
+         r"Put --runs-root and --reports-root on the cluster's shared file system .* or pass --assume-shared-fs",
+         env=with_sinfo),
+    _row("no SLURM on this machine", lambda t, r: study_cli(t, "--preset", "demo", "--launcher", "slurm"),
+         ConfigError.exit_code, r"SLURM is not reachable from here \(no sinfo on PATH\)",
+         r"run on the cluster's login node, use --dry-run .*or --launcher submitit-local",
+         env=lambda t: {"PATH": str(t / "no-slurm")}),
+    _row("a batch that does not split over the job's processes",
+         lambda t, r: study_cli(t, "--preset", "demo", "--launcher", "slurm", "--partition", "gpu", "--gpus-per-node",
+                                "3", "-p", "device=cuda", "--dry-run"),
+         ConfigError.exit_code, r"1 node\(s\) x 3 GPU\(s\) train in 3 processes: --batch-size 32 is the global "
+         r"batch and must be divisible by the 3 processes", r"choose a multiple of 3 .*change --gpus-per-node",
+         env=with_sinfo),
+    _row("a cluster option without a cluster launcher",
+         lambda t, r: study_cli(t, "--preset", "demo", "--partition", "gpu"),
+         ConfigError.exit_code, r"--partition apply to a cluster launcher", r"add --launcher slurm"),
 ]
 
 
 @pytest.mark.parametrize("row", CATALOGUE)
-def test_catalogue_row(row: Row, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    if "GPU" in row.id and torch.cuda.is_available():
+def test_catalogue_row(row: Row, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                       monkeypatch: pytest.MonkeyPatch) -> None:
+    if "GPU requested" in row.id and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
+    for name, value in (row.env(tmp_path) if row.env else {}).items():
+        monkeypatch.setenv(name, value)
     before = snapshot(finished)
     argv = row.argv(tmp_path, finished)
     capsys.readouterr()
