@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import psutil
 import submitit
-from submitit.core.utils import FailedJobError, FailedSubmissionError, JobPaths, pickle_load
+from submitit.core.utils import JobPaths, pickle_load
 
 from cclnb import records, runs, study
 from cclnb.errors import ConfigError, DataError
@@ -130,7 +130,7 @@ class Backend:
     def submit(self, job: StudyJob, job_name: str) -> submitit.Job:
         try:
             return self.executor(job_name, job.resources).submit(job)
-        except (FailedJobError, FailedSubmissionError, subprocess.SubprocessError, OSError) as error:
+        except (RuntimeError, subprocess.SubprocessError, OSError) as error:   # FailedJobError, no srun, ...
             raise ConfigError(f"the {self.name} submission of {job_name} failed: {error}; the jobs "
                               f"submitted before it are in {self.folder / MANIFEST}. Fix the cause and "
                               f"run the same command again (it submits only what is missing)") from error
@@ -293,9 +293,11 @@ def submit(args: argparse.Namespace, plan_args: dict[str, Any], name: str, pairs
             log(f"{pair.group}: already queued or running as job {manifest[pair.key].job_id} (not submitted again)")
         elif pair.record.is_file() and not args.force:
             log(f"{pair.group}: finished, record {pair.record} (not submitted)")
-        elif pair.trained and not args.dry_run:
-            pair.steps[-1].action()
-            log(f"{pair.group}: finished in {pair.steps[0].output.parent}; record written: {pair.record}")
+        elif pair.trained:
+            if not args.dry_run:
+                pair.steps[-1].action()
+            log(f"{pair.group}: finished in {pair.steps[0].output.parent}; record "
+                f"{'would be ' if args.dry_run else ''}written here: {pair.record}")
         else:
             todo.append(pair)
     log(f"{len(todo)} of {len(pairs)} (method, seed) to submit with --launcher {backend.name}; each job: "
@@ -304,6 +306,9 @@ def submit(args: argparse.Namespace, plan_args: dict[str, Any], name: str, pairs
         log(f"the untrained baselines only evaluate: {resources.evaluation_only().describe()}")
     if note:
         log(note)
+    if args.force and todo:
+        log(f"--force: their run directories {'would be' if args.dry_run else 'were'} deleted; they train "
+            f"from the start")
     if args.dry_run:
         for pair in todo:
             log(f"\n=== {pair.group}: job script ===\n{backend.script(job_name(name, pair), pair.resources(resources))}\n"

@@ -12,8 +12,9 @@ the job. So the job starts its notebooks with SIGTERM and the warning signal ign
 signals stay ignored across exec, so the papermill process and its kernel keep running); the
 trainer installs its own SIGTERM handler while it trains (`cclnb.trainer._StopFlag`), and torchrun
 its own, which forwards to the workers. On the warning, submitit calls `checkpoint` here: it sends
-SIGTERM to the running notebook's processes, the trainer finishes its step, saves `last.pt` and
-stops, and submitit requeues the job, which resumes on its next start. A linear evaluation or an
+SIGTERM to the running notebook's processes (torchrun's workers directly, `stop_process_tree`),
+the trainer finishes its step, saves `last.pt` and stops, and submitit requeues the job, which
+resumes on its next start. A linear evaluation or an
 untrained baseline has nothing to save and is killed; it runs again from its start.
 
 Several nodes: task 0 (node 0) runs the notebooks; the task-sequence notebook starts torchrun with
@@ -137,14 +138,25 @@ class StudyJob(submitit.helpers.Checkpointable):
         return super().checkpoint(*args, **kwargs)
 
 
+def _torchrun_agent(member: psutil.Process) -> bool:
+    try:
+        return "torch.distributed.run" in " ".join(member.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
 def stop_process_tree(process: Any, sig: int, grace_s: float) -> None:
     """Send `sig` to `process` and every process below it, wait up to `grace_s` for `process`
-    to end, then kill what is left."""
+    to end, then kill what is left. A torchrun agent is spared a SIGTERM: it would forward it and
+    give its workers only 30 s to save before killing them; signalled directly, the workers take
+    what their checkpoint needs and the agent exits after them."""
     try:
         tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         tree = []
     for member in tree:
+        if sig == signal.SIGTERM and _torchrun_agent(member):
+            continue
         try:
             member.send_signal(sig)
         except psutil.NoSuchProcess:

@@ -38,9 +38,7 @@ WORKER = "cclnb.launch.torchrun"     # `-m` target of every torchrun worker (thi
 
 
 class TorchrunFailed(CclnbError):
-    """A torchrun worker failed; its own output (above the cell's error) names the cause."""
-
-    exit_code = 1
+    """A torchrun worker failed; its own output (above the notebook cell's error) names the cause."""
 
 
 def options(nnodes: int, nproc_per_node: int, node_rank: int = 0, master_addr: str | None = None,
