@@ -26,8 +26,7 @@ import psutil
 import pytest
 
 from cclnb import cli, study
-from cclnb.config import TrainConfig
-from cclnb.errors import ConfigError, Interrupted
+from cclnb.errors import ConfigError
 from cclnb.launch import cluster, job, torchrun
 from cclnb.launch import resources as res
 
@@ -204,28 +203,36 @@ def _state(run_dir: Path) -> str | None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_training_under_torchrun_stops_on_sigterm_and_resumes(tmp_path: Path) -> None:
-    """What a task-sequence notebook does in a multi-GPU job, on the CPU: 2 processes (gloo)."""
-    run_dir = tmp_path / "run"
-    config = TrainConfig(data="demo", method="SimpleReplay", n_tasks=2, epochs=2, subset_per_class=24,
-                         batch_size=16, bn_groups=2, key_bn_groups=2, moco_k=64, n_save=2, arch="resnet18",
-                         stem="imagenet", device="cpu", precision="fp32", seed=0, eval_each_task="none",
-                         progress=False, run_dir=str(run_dir))
-    args = torchrun.options(1, 2)
+def test_the_notebook_trains_under_torchrun_stops_on_sigterm_and_resumes(tmp_path: Path) -> None:
+    """What the task-sequence notebook does in a multi-GPU job, on the CPU: 2 processes (gloo)."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
 
-    def stop_torchrun() -> None:   # as SLURM's SIGTERM would, once the workers train
+    run_dir = tmp_path / "run"
+    parameters = dict(data="demo", dataset="demo", method="SimpleReplay", n_tasks=2, epochs=2, subset_per_class=24,
+                      batch_size=16, bn_groups=2, key_bn_groups=2, moco_k=64, ccl_k=16, n_save=2, stem="imagenet",
+                      device="cpu", precision="fp32", seed=0, eval_each_task="none", progress=False,
+                      run_dir=str(run_dir), torchrun_args=torchrun.options(1, 2))
+
+    def notebook(name: str, **extra: Any) -> None:
+        papermill.execute_notebook(str(study.notebook_path("task_sequence")), str(tmp_path / name),
+                                   parameters={**parameters, **extra}, kernel_name="python3", progress_bar=False,
+                                   cwd=str(tmp_path))
+
+    def stop_torchrun() -> None:   # as SLURM's SIGTERM at a time limit would, once the workers train
         _when(lambda: _state(run_dir) == "running", 300, "the workers to train")
-        agents = [p for p in psutil.Process().children() if "torch.distributed.run" in " ".join(p.cmdline())]
-        agents[0].send_signal(signal.SIGTERM)
+        [agent] = [p for p in psutil.Process().children(recursive=True)
+                   if "torch.distributed.run" in " ".join(p.cmdline())]
+        agent.send_signal(signal.SIGTERM)
 
     stopper = threading.Thread(target=stop_torchrun, daemon=True)
     stopper.start()
-    with pytest.raises(Interrupted, match=r"stopped by a signal at task 0.*resume="):
-        torchrun.train(config, args)
+    with pytest.raises(PapermillExecutionError, match=r"Interrupted.*stopped by a signal at task 0.*resume="):
+        notebook("first.ipynb")
     stopper.join()
     assert _state(run_dir) == "interrupted" and (run_dir / "checkpoints" / "last.pt").is_file()
 
-    assert torchrun.train(TrainConfig(**{**config.to_dict(), "resume": str(run_dir)}), args) == run_dir
+    notebook("resumed.ipynb", resume=str(run_dir))
     assert _state(run_dir) == "complete"
     assert json.loads((run_dir / "config.json").read_text())["world_size"] == 2
     assert "resumed at task 0" in (run_dir / "train.log").read_text()
