@@ -262,6 +262,10 @@ CATALOGUE = [
          ConfigError.exit_code, r"1 node\(s\) x 3 GPU\(s\) train in 3 processes: --batch-size 32 is the global "
          r"batch and must be divisible by the 3 processes", r"choose a multiple of 3 .*change --gpus-per-node",
          env=with_sinfo),
+    _row("--jobs with a cluster launcher",
+         lambda t, r: study_cli(t, "--preset", "demo", "--launcher", "submitit-local", "--jobs", "2"),
+         ConfigError.exit_code, r"--jobs sets how many runs proceed at once on this machine; with --launcher "
+         r"submitit-local the scheduler runs the jobs", r"drop --jobs"),
     _row("a cluster option without a cluster launcher",
          lambda t, r: study_cli(t, "--preset", "demo", "--partition", "gpu"),
          ConfigError.exit_code, r"--partition apply to a cluster launcher", r"add --launcher slurm"),
