@@ -33,15 +33,19 @@ _FLAG = re.compile(r"--([a-z][a-z0-9-]*)")
 _NOTHING_WRITTEN = "checked before any step started; nothing was written"
 
 
-def check_study(study: Study) -> None:
-    """Raise the first problem that would stop a pending step of `study`; write nothing."""
+def check_study(study: Study, here: bool = True) -> None:
+    """Raise the first problem that would stop a pending step of `study`; write nothing.
+    `here=False`: the steps run on other machines (cluster jobs, `cclnb.launch`), so this machine's
+    device and view of the data say nothing about them; each job checks them on its node."""
     pending = [step for step in study.steps if not step.done]
     configs = _training_configs(pending)
-    _check_device(configs, pending)
+    if here:
+        _check_device(configs, pending)
     _check_linear_evals(pending)
     _check_records(study, pending)
     _check_folders(study, pending)
-    _check_data(configs, pending)
+    if here:
+        _check_data(configs, pending)
 
 
 def _raise_first(refused: Sequence[tuple[Step, CclnbError]], kind: str, notebook: str = "") -> None:

@@ -21,6 +21,7 @@ import argparse
 import datetime
 import getpass
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -228,7 +229,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
         "seeds": args.seeds, "baseline": args.baseline,
         "runs_root": str(Path(args.runs_root).resolve()), "reports_root": str(Path(args.reports_root).resolve()),
         "records": [str(Path(folder).resolve()) for folder in args.records]}
-    plan = study.plan_study(**plan_args)          # every -p and the data are checked here first
+    plan = study.plan_study(**plan_args, force=args.force)   # every -p is checked here first
     pairs = pairs_of(plan)
     devices = {step.notebook: step.parameters.get("device") for step in plan.steps
                if step.notebook in ("task_sequence", "linear_eval")}
@@ -246,12 +247,15 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
         report(plan_args, pairs, backend, log)
         return 0
     note = check(args, plan, resources, devices)
-    return submit(args, plan_args, plan.name, pairs, backend, resources, log, note)
+    return submit(args, plan_args, plan, backend, resources, log, note)
 
 
 def check(args: argparse.Namespace, plan: study.Study, resources: res.Resources,
           devices: dict[str, Any]) -> str | None:
     """Everything knowable before a job is submitted; returns a note for the terminal, if any."""
+    from cclnb.preflight import check_study
+
+    check_study(plan, here=False)    # the runs' configs, linear evals, records and output folders
     note = res.check_devices(devices, resources, plan.preset.name)
     first = next((s for s in plan.steps if s.notebook == "task_sequence"), None)
     if first is not None:
@@ -275,9 +279,11 @@ def check(args: argparse.Namespace, plan: study.Study, resources: res.Resources,
     return note
 
 
-def submit(args: argparse.Namespace, plan_args: dict[str, Any], name: str, pairs: list[Pair], backend: Backend,
+def submit(args: argparse.Namespace, plan_args: dict[str, Any], plan: study.Study, backend: Backend,
            resources: res.Resources, log: Callable[[str], None], note: str | None) -> int:
-    """Submit what is unfinished and not already queued; then wait and report, if asked."""
+    """Submit what is unfinished and not already queued (with --force, after deleting its run
+    directories); then wait and report, if asked."""
+    name, pairs = plan.name, pairs_of(plan)
     manifest = read_manifest(backend.folder)
     queued = backend.active([manifest[p.key].job_id for p in pairs if p.key in manifest])
     watched = [p for p in pairs if p.key in manifest and manifest[p.key].job_id in queued]
@@ -285,8 +291,6 @@ def submit(args: argparse.Namespace, plan_args: dict[str, Any], name: str, pairs
         raise ConfigError("--force would delete the run directories of " + ", ".join(
             f"{p.group} (job {manifest[p.key].job_id})" for p in watched) + " while their jobs are queued or "
             "running; cancel them first (scancel ID) or drop --force")
-    if args.force and not args.dry_run:
-        pairs = pairs_of(study.plan_study(**plan_args, force=True))   # deletes the selected run directories
     todo: list[Pair] = []
     for pair in pairs:
         if pair in watched:
@@ -315,6 +319,8 @@ def submit(args: argparse.Namespace, plan_args: dict[str, Any], name: str, pairs
                 f"# it runs, in order: " + "; ".join(step.label.split(": ", 1)[1] for step in pair.steps))
         log(f"\ndry run: nothing submitted ({name}: {len(todo)} job(s) would be)")
         return 0
+    for run_dir in plan.forced:          # planned as if empty: deleted only now, after every check
+        shutil.rmtree(run_dir)
     for pair in todo:
         job = backend.submit(StudyJob({**plan_args, "seeds": [pair.seed]}, pair.group, pair.resources(resources),
                                       GRACE_S), job_name(name, pair))
@@ -330,7 +336,9 @@ def submit(args: argparse.Namespace, plan_args: dict[str, Any], name: str, pairs
     wait([*watched, *todo], manifest, backend, log)
     missing = report(plan_args, pairs, backend, log)
     if missing:
-        raise study.StudyStepFailed(f"{len(missing)} (method, seed) of {len(pairs)} have no record: "
+        failures = [study.StepFailure(f"{m['method']} seed {m['seed']}", f"job {m['job']}", m["error"], Path(m["log"]))
+                    for m in missing]
+        raise study.StudyStepFailed(failures, f"{len(missing)} (method, seed) of {len(pairs)} have no record: "
                                     + "; ".join(f"{m['method']} seed {m['seed']} ({m['error']})" for m in missing)
                                     + ". The report lists them; run the same command again to submit them again")
     return 0

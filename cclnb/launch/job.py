@@ -24,6 +24,7 @@ from the same plan (`cclnb.study.train_config`) and starts torchrun with its own
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from typing import Any, Callable
@@ -74,20 +75,25 @@ class StudyJob(submitit.helpers.Checkpointable):
         """What is pickled for the requeued start: the description, never the processes."""
         return {**self.__dict__, "_running": None}
 
-    def steps(self) -> list[study.Step]:
-        """This group's steps, planned afresh from the run directory."""
+    def planned(self) -> study.Study:
+        """The study planned afresh from the run directory, narrowed to this group and the report
+        step (which `cclnb.preflight` reads for the records folders)."""
         plan = study.plan_study(**self.plan)
         steps = [s for s in plan.steps if s.group == self.group]
         if not steps:
             raise ConfigError(f"the study's plan has no {self.group!r}; it was submitted with other "
                               f"methods or seeds than it now plans. Submit it again")
-        return steps
+        return dataclasses.replace(plan, steps=[*steps, plan.steps[-1]])
 
     def __call__(self, log: Callable[[str], None] = print) -> str:
+        from cclnb.preflight import check_study
+
         env = submitit.JobEnvironment()
-        steps = self.steps()
+        plan = self.planned()
+        steps = plan.steps[:-1]
         if env.global_rank > 0:
             return self._join_training(steps[0], env)
+        check_study(plan)          # on this node: its GPUs and its view of the data
         if self.resources.uses_torchrun and steps[0].notebook == "task_sequence":
             steps[0].parameters["torchrun_args"] = self.resources.torchrun_args(
                 0, env.hostnames[0], master_port(env.job_id))
@@ -95,13 +101,15 @@ class StudyJob(submitit.helpers.Checkpointable):
         for index, step in enumerate(steps, start=1):
             if step.done:
                 log(f"[{index}/{total}] {step.label}: already complete, skipped ({step.output.parent})")
-            elif step.action is not None:
-                study._run_action(step, index, total, log)
-            else:
-                self._run_notebook(step, index, total, log)
+                continue
+            failure = (study._run_action(step, index, total, log) if step.action is not None
+                       else self._run_notebook(step, index, total, log))
+            if failure is not None:
+                raise study._failed([failure], plan.runs_dir / "failures.log")
         return f"{self.group}: complete"
 
-    def _run_notebook(self, step: study.Step, index: int, total: int, log: Callable[[str], None]) -> None:
+    def _run_notebook(self, step: study.Step, index: int, total: int,
+                      log: Callable[[str], None]) -> study.StepFailure | None:
         """Run one notebook in its own process (deaf to the scheduler's signals), polling: the
         signal handler that may stop it runs in this thread and must be able to reap it."""
         threads = max(1, self.resources.cpus_per_task // self.resources.processes_per_node)
@@ -116,8 +124,9 @@ class StudyJob(submitit.helpers.Checkpointable):
         finally:
             self._running = None
         if process.returncode != 0:
-            raise study._failure(step, index, total, study.failed_cell(step.output))
+            return study._subprocess_failure(step, index, total)
         log(f"[{index}/{total}] {step.label}: done in {time.monotonic() - tic:.0f} s")
+        return None
 
     def _join_training(self, first: study.Step, env: submitit.JobEnvironment) -> str:
         """Node > 0 of a multi-node job: train this node's share of the task sequence."""

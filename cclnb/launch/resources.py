@@ -92,6 +92,7 @@ _GPU_PRESET = Resources(gpus_per_node=1, cpus_per_task=8, mem_gb=32, time_min=24
 PRESETS: dict[str, Resources] = {
     "demo": Resources(cpus_per_task=2, mem_gb=8, time_min=30),
     "tin100-32-cpu": Resources(cpus_per_task=2, mem_gb=16, time_min=180),
+    "tin100-32-cpu-w16": Resources(cpus_per_task=2, mem_gb=16, time_min=180),
     "tin100-32": _GPU_PRESET,
     "tin200-32": _GPU_PRESET,
     "cifar100": _GPU_PRESET,
@@ -100,7 +101,8 @@ PRESETS: dict[str, Resources] = {
 
 
 def for_preset(name: str, devices: Sequence[str]) -> Resources:
-    """The preset's allocation; a preset without one gets a GPU when its notebooks ask for CUDA."""
+    """The preset's allocation; a preset without one (added since) gets one GPU when its notebooks
+    ask for CUDA, else a small CPU allocation."""
     if name in PRESETS:
         return PRESETS[name]
     return _GPU_PRESET if "cuda" in devices else Resources()
