@@ -219,11 +219,14 @@ def test_the_notebook_trains_under_torchrun_stops_on_sigterm_and_resumes(tmp_pat
                                    parameters={**parameters, **extra}, kernel_name="python3", progress_bar=False,
                                    cwd=str(tmp_path))
 
-    def stop_torchrun() -> None:   # as SLURM's SIGTERM at a time limit would, once the workers train
+    def stop_torchrun() -> None:   # as a stopped job does (cclnb.launch), once the workers train: the
+        # workers get SIGTERM directly; through torchrun's agent they would be killed 30 s into their
+        # save, which a loaded 2-core machine can exceed (seen once: RankLost instead of Interrupted)
         _when(lambda: _state(run_dir) == "running", 300, "the workers to train")
         [agent] = [p for p in psutil.Process().children(recursive=True)
                    if "torch.distributed.run" in " ".join(p.cmdline())]
-        agent.send_signal(signal.SIGTERM)
+        for worker in agent.children():
+            worker.send_signal(signal.SIGTERM)
 
     stopper = threading.Thread(target=stop_torchrun, daemon=True)
     stopper.start()
