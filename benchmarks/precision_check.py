@@ -22,7 +22,7 @@ from cclnb.config import TrainConfig
 from cclnb.data import load_uint8, open_dataset
 from cclnb.evaluate import evaluate_encoder
 from cclnb.runs import git_commit
-from cclnb.trainer import Trainer
+from cclnb import Trainer
 
 
 def run(precision: str, epochs: int, device: str) -> dict:

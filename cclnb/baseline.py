@@ -72,7 +72,8 @@ def untrained_run(config: TrainConfig, calibrate_bn: bool = False) -> Path:
     """
     from cclnb.data import subset_per_class
     from cclnb.evaluate import calibrate_batchnorm
-    from cclnb.trainer import _make_evaluator, eval_inputs, plan_tasks, resolve_config
+    from cclnb.evaluate import eval_inputs, task_evaluator
+    from cclnb.training import plan_tasks, resolve_config
 
     check_config(config)
     train_ds = open_dataset(config.data, "train", config.dataset, config.imagenetsub, config.download)
@@ -91,7 +92,7 @@ def untrained_run(config: TrainConfig, calibrate_bn: bool = False) -> Path:
     runs.write_config(run_dir, {**config.to_dict(), "method": method}, {"world_size": 1})
     save_checkpoint({"model": model.state_dict(), "seed": config.seed,
                      "config": dataclasses.asdict(config)}, runs.checkpoint_path(run_dir))
-    evaluate = _make_evaluator(config, train_ds, plan, run_dir, ctx)
+    evaluate = task_evaluator(config, train_ds, plan, run_dir, ctx)
     evaluate(model.encoder_q.backbone, 0, "student")
     runs.write_status(run_dir, "complete", task=0, n_tasks=config.n_tasks)
     return run_dir

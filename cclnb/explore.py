@@ -32,7 +32,7 @@ from cclnb.errors import CclnbError, DataError
 from cclnb.evaluate import extract_features
 from cclnb.models import build_backbone
 from cclnb.replay import select_min_variance, select_random
-from cclnb.trainer import SMALL_IMAGE_MAX, plan_tasks
+from cclnb.training import SMALL_IMAGE_MAX, plan_tasks
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 UNTRAINED = "untrained"  # the encoder choice that needs no run

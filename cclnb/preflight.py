@@ -162,7 +162,7 @@ def _check_data(configs: Sequence[tuple[Step, TrainConfig]], steps: Sequence[Ste
     that the linear evaluation's protocol suits the runs' image size."""
     from cclnb.data import open_dataset
     from cclnb.evaluate.lincls import check_probe_size
-    from cclnb.trainer import plan_tasks, resolve_config
+    from cclnb.training import plan_tasks, resolve_config
 
     opened = {}
     image_size: dict[str | None, int] = {}   # run_dir -> the image size the run trains at

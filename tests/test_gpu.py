@@ -17,7 +17,7 @@ import torch
 from cclnb.config import TrainConfig
 from cclnb.models import MoCo
 from cclnb.replay import kmeans, select_min_variance
-from cclnb.trainer import train
+from cclnb import train
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -185,7 +185,7 @@ def test_lincls_protocol_probe_writes_the_same_json(tmp_path: Path) -> None:
 
     from cclnb.cli import main
     from cclnb.config import TrainConfig
-    from cclnb.trainer import train
+    from cclnb import train
 
     run = train(TrainConfig(data="demo", arch="resnet18", stem="imagenet", epochs=1, batch_size=16,
                             moco_k=64, ccl_k=16, n_tasks=2, n_save=2, method="CCL",

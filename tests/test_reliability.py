@@ -48,7 +48,7 @@ HARNESS = textwrap.dedent("""
     # `cclnb train` with a pause at the start of replay selection and of each evaluation; the
     # pause writes a line to $CCLNB_TEST_EVENTS first, so a test can kill inside that phase.
     import os, sys, time
-    import cclnb.evaluate
+    import cclnb.evaluate.per_task
     from cclnb import cli
     from cclnb.methods.ccl import CCL
 
@@ -61,7 +61,7 @@ HARNESS = textwrap.dedent("""
         return wrapper
 
     CCL.select_replay = paused("select", CCL.select_replay)
-    cclnb.evaluate.evaluate_encoder = paused("evaluate", cclnb.evaluate.evaluate_encoder)
+    cclnb.evaluate.per_task.evaluate_encoder = paused("evaluate", cclnb.evaluate.per_task.evaluate_encoder)
     sys.exit(cli.main(sys.argv[1:]))
 """)
 

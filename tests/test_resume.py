@@ -14,7 +14,7 @@ import torch
 from cclnb.errors import Interrupted
 from cclnb.methods.ccl import CCL
 from cclnb.runs import LOG_COLUMNS
-from cclnb.trainer import train
+from cclnb import train
 from test_trainer import load_ckpt, one_thread, tiny_config  # noqa: F401  (fixture re-used)
 
 

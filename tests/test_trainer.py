@@ -16,7 +16,7 @@ from cclnb.cli import build_parser
 from cclnb.commands.train import config_from_args
 from cclnb.config import TrainConfig
 from cclnb.errors import CheckpointError, ConfigError, TrainingDiverged
-from cclnb.trainer import train
+from cclnb import train
 
 SUB100 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tiny-imagenet-32-sub100.zip"
 
@@ -140,7 +140,7 @@ def test_n_save_beyond_the_task_draws_duplicates_and_says_so(tmp_path):
 
 
 def test_nan_loss_stops_with_task_epoch_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import cclnb.trainer as trainer_module
+    import cclnb.training.loop as trainer_module
 
     calls = {"n": 0}
     real = trainer_module.info_nce_from_logits
@@ -175,7 +175,7 @@ def test_train_tasks_trains_and_measures_the_first_tasks_of_the_same_split(tmp_p
     full run's first two), a 2x2 accuracy matrix over those classes only, and a clear error when
     it exceeds the split."""
     from cclnb.data import open_dataset
-    from cclnb.trainer import plan_tasks
+    from cclnb.training import plan_tasks
 
     config = tiny_config(tmp_path, "Finetuning", n_tasks=5, train_tasks=2, eval_each_task="knn", knn_k=5,
                          width=16)

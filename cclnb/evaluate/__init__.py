@@ -9,7 +9,8 @@ from cclnb.evaluate.encoder import evaluate_encoder, overall_accuracy, per_task_
 from cclnb.evaluate.features import calibrate_batchnorm, extract_features
 from cclnb.evaluate.knn import knn_predict
 from cclnb.evaluate.lincls import linear_eval, probe_eval
+from cclnb.evaluate.per_task import eval_inputs, task_evaluator
 from cclnb.evaluate.probe import feature_probe
 
-__all__ = ["calibrate_batchnorm", "evaluate_encoder", "extract_features", "feature_probe", "knn_predict", "probe_eval",
-           "linear_eval", "overall_accuracy", "per_task_accuracy"]
+__all__ = ["calibrate_batchnorm", "eval_inputs", "evaluate_encoder", "extract_features", "feature_probe", "knn_predict", "probe_eval",
+           "linear_eval", "overall_accuracy", "per_task_accuracy", "task_evaluator"]

@@ -10,7 +10,7 @@ Signals. SLURM warns a job `signal_delay_s` before its time limit, and on preemp
 submitit's signal (USR2 by default), and later sends SIGTERM, then SIGKILL, to *every* process of
 the job. So the job starts its notebooks with SIGTERM and the warning signal ignored (ignored
 signals stay ignored across exec, so the papermill process and its kernel keep running); the
-trainer installs its own SIGTERM handler while it trains (`cclnb.trainer._StopFlag`), and torchrun
+trainer installs its own SIGTERM handler while it trains (`cclnb.training.lifecycle.StopFlag`), and torchrun
 its own, which forwards to the workers. On the warning, submitit calls `checkpoint` here: it sends
 SIGTERM to the running notebook's processes (torchrun's workers directly, `stop_process_tree`),
 the trainer finishes its step, saves `last.pt` and stops, and submitit requeues the job, which

@@ -15,7 +15,7 @@ read it unchanged. The config travels as JSON, not as `cclnb train` flags, becau
 
 Stopping: SIGTERM or SIGINT reaching the workers (SLURM at a time limit or preemption, torchrun
 forwarding its own, a notebook interrupt through the kernel's process group) makes them finish
-the step, save and exit 130 (`cclnb.trainer`); `train` then raises `Interrupted`, so the cell
+the step, save and exit 130 (`cclnb.training`); `train` then raises `Interrupted`, so the cell
 fails the way an in-kernel run that was stopped does, and the next start resumes.
 """
 
@@ -111,7 +111,7 @@ def _wait(process: subprocess.Popen) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """A torchrun worker: train the config in the JSON file named by the only argument."""
-    from cclnb.trainer import train as train_run
+    from cclnb import train as train_run
 
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
