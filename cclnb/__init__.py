@@ -20,7 +20,7 @@ _EXPORTS = {
     "ConfigError": "cclnb.errors",
     "open_dataset": "cclnb.data",
     "load_uint8": "cclnb.data",
-    "Batch": "cclnb.batches",
+    "Batch": "cclnb.data.batches",
     "Trainer": "cclnb.training.loop",
     "StepResult": "cclnb.training.loop",
     "TaskPlan": "cclnb.training.plan",

@@ -14,10 +14,9 @@ from test_trainer import one_thread  # noqa: F401  (fixture re-used)
 WORKER = textwrap.dedent("""
     import os, sys, torch
     torch.set_num_threads(1)
-    from cclnb import dist, runs
     from cclnb.config import TrainConfig
     from cclnb.data import open_dataset
-    from cclnb.training import Trainer, plan_tasks, resolve_config
+    from cclnb.training import Trainer, dist, plan_tasks, resolve_config, runs
 
     out = sys.argv[1]
     config = resolve_config(TrainConfig(
@@ -64,11 +63,10 @@ def test_two_ranks_under_torchrun_end_with_identical_weights_and_queues(tmp_path
 STEP_WORKER = textwrap.dedent("""
     import os, sys, numpy as np, torch
     torch.set_num_threads(1)
-    from cclnb import dist
-    from cclnb.batches import Batch
     from cclnb.config import TrainConfig
     from cclnb.data import load_uint8, open_dataset
-    from cclnb.training import Trainer, plan_tasks, resolve_config
+    from cclnb.data.batches import Batch
+    from cclnb.training import Trainer, dist, plan_tasks, resolve_config
 
     out, groups = sys.argv[1], int(sys.argv[2])
     ctx = dist.setup("cpu", timeout_s=60)

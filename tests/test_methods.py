@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from cclnb import dist, runs
 from cclnb.config import TrainConfig
 from cclnb.data import load_uint8, open_dataset
-from cclnb.training import Trainer, plan_tasks, resolve_config
+from cclnb.training import Trainer, dist, plan_tasks, resolve_config, runs
 from test_trainer import one_thread, tiny_config  # noqa: F401  (fixture re-used)
 
 CPU = dist.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from cclnb import precision, train
-from cclnb.precision import first_block_px, resolve_model_precision
+from cclnb import train
+from cclnb.training import precision
 from cclnb.training import plan as plan_module, run as run_module
+from cclnb.training.precision import first_block_px, resolve_model_precision
 from test_trainer import one_thread, tiny_config  # noqa: F401  (fixture re-used)
 
 

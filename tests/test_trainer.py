@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from cclnb.cli import build_parser
+from cclnb import train
+from cclnb.commands.cli import build_parser
 from cclnb.commands.train import config_from_args
 from cclnb.config import TrainConfig
 from cclnb.errors import CheckpointError, ConfigError, TrainingDiverged
-from cclnb import train
 
 SUB100 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tiny-imagenet-32-sub100.zip"
 

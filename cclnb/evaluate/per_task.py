@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cclnb import dist, runs
 from cclnb.config import TrainConfig
 from cclnb.data import ImageDataset, load_uint8, open_dataset, subset_per_class
 from cclnb.evaluate.encoder import evaluate_encoder
+from cclnb.training import dist, runs
 from cclnb.training.loop import Evaluator
 from cclnb.training.plan import TaskPlan
 

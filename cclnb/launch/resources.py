@@ -185,7 +185,7 @@ def check_devices(devices: Mapping[str, str], resources: Resources, preset: str)
 
 def check_world(parameters: Mapping[str, Any], resources: Resources) -> None:
     """The trainer's own rules for splitting a batch over processes, applied before submission."""
-    from cclnb.batches import check_batch
+    from cclnb.data.batches import check_batch
     from cclnb.study import train_config
     from cclnb.training.loop import groups_per_rank
 

@@ -2,7 +2,7 @@
 
 The task-sequence notebook trains in its own kernel: one process, one device. A cluster job holds
 several GPUs (the authors used 8), and cclnb's trainer uses them when torchrun starts it (env://
-rendezvous, `cclnb.dist`). A kernel cannot become N processes, so the notebook's training cell
+rendezvous, `cclnb.training.dist`). A kernel cannot become N processes, so the notebook's training cell
 hands its `TrainConfig` to `train` here, which runs
 
     python -m torch.distributed.run <torchrun options> -m cclnb.launch.torchrun CONFIG.json
@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from cclnb import runs
 from cclnb.config import TrainConfig
 from cclnb.errors import CclnbError, ConfigError, Interrupted
+from cclnb.training import runs
 
 WORKER = "cclnb.launch.torchrun"     # `-m` target of every torchrun worker (this module)
 

@@ -18,11 +18,11 @@ from typing import Any, Iterator
 
 import torch
 
-from cclnb import dist, runs
-from cclnb.checkpoint import load_checkpoint
 from cclnb.config import TrainConfig
 from cclnb.data import ImageDataset, open_dataset
 from cclnb.errors import CheckpointError, ConfigError, Interrupted
+from cclnb.training import dist, runs
+from cclnb.training.checkpoint import load_checkpoint
 from cclnb.training.plan import resolve_config
 
 

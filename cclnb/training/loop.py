@@ -3,7 +3,7 @@
 `Trainer` holds one run's state and trains it: `run` walks every task of the plan, and the same
 public steps it takes (`start_task`, `run_epoch` = `begin_epoch` -> `train_step` per batch ->
 `end_epoch`, `finish_task`) drive it one task, epoch or step at a time from a notebook or a
-numerical cross-check. The loop is method-agnostic: a `cclnb.methods.Method` adds its loss terms,
+numerical cross-check. The loop is method-agnostic: a `cclnb.training.methods.Method` adds its loss terms,
 its replay selection and its task/epoch hooks. It never sees labels (the plan holds sample ids),
 and the per-task evaluation is a callback prepared outside it (`Evaluator`).
 
@@ -28,18 +28,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cclnb import dist, runs
-from cclnb.batches import Batch, TensorFeeder, WorkerFeeder, check_batch, epoch_entries, epoch_order, steps_per_epoch
-from cclnb.checkpoint import publish_copy, rng_state, save_checkpoint, set_rng_state
 from cclnb.config import TrainConfig
 from cclnb.data import load_uint8
+from cclnb.data.batches import (Batch, TensorFeeder, WorkerFeeder, check_batch, epoch_entries, epoch_order,
+                                steps_per_epoch)
 from cclnb.errors import ConfigError, Interrupted, TrainingDiverged
-from cclnb.losses import at_least_fp32, info_nce_from_logits, info_nce_logits
-from cclnb.methods import Method, StepOutputs, TrainerEnv, get_method
-from cclnb.models import MoCo, grouped_forward
-from cclnb.precision import autocast
+from cclnb.training import dist, runs
+from cclnb.training.checkpoint import publish_copy, rng_state, save_checkpoint, set_rng_state
 from cclnb.training.lifecycle import StopFlag
+from cclnb.training.losses import at_least_fp32, info_nce_from_logits, info_nce_logits
+from cclnb.training.methods import Method, StepOutputs, TrainerEnv, get_method
+from cclnb.training.models import MoCo, grouped_forward
 from cclnb.training.plan import TaskPlan, plan_tasks, resolve_config
+from cclnb.training.precision import autocast
 
 MIN_BN_GROUP = 16   # fewer samples per BatchNorm group than this earns a note in the run log
 Evaluator = Callable[[torch.nn.Module, int, str], None]   # (backbone, after_task, who)

@@ -16,8 +16,8 @@ import torch
 
 from cclnb.config import TrainConfig
 from cclnb.data import subset_per_class
-from cclnb.precision import resolve_model_precision
-from cclnb.tasks import class_order, split_classes, task_sample_ids
+from cclnb.data.tasks import class_order, split_classes, task_sample_ids
+from cclnb.training.precision import resolve_model_precision
 
 SMALL_IMAGE_MAX = 64
 

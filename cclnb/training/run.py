@@ -13,10 +13,10 @@ from typing import Callable
 
 import torch
 
-from cclnb import dist
 from cclnb.config import TrainConfig
 from cclnb.data import ImageDataset, open_dataset
 from cclnb.errors import ConfigError
+from cclnb.training import dist
 from cclnb.training.lifecycle import failure_status, fresh_run_dir, start_run
 from cclnb.training.loop import Evaluator, Trainer
 from cclnb.training.plan import TaskPlan, plan_tasks

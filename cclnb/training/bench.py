@@ -37,13 +37,12 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from cclnb import dist, runs
-from cclnb.batches import Batch, TensorFeeder, WorkerFeeder, epoch_order
 from cclnb.config import ARCHS, STEMS, TrainConfig
 from cclnb.data import load_uint8, open_dataset
+from cclnb.data.batches import Batch, TensorFeeder, WorkerFeeder, epoch_order
 from cclnb.errors import ConfigError
-from cclnb.precision import cpu_model, native_bf16_flags, resolve_precision
-from cclnb.training import SMALL_IMAGE_MAX, TaskPlan, Trainer
+from cclnb.training import SMALL_IMAGE_MAX, TaskPlan, Trainer, dist, runs
+from cclnb.training.precision import cpu_model, native_bf16_flags, resolve_precision
 
 REPLAY_FRACTION = 0.2        # share of replayed ("old") samples per batch in the CCL step
 CEILING_BATCHES = 4          # distinct pre-augmented batches cycled through for the ceiling rows
@@ -68,7 +67,7 @@ class BenchOptions:
     batch_size: int = 512
     steps: int = 50
     warmup: int = 3
-    precision: str = "auto"     # auto (cclnb.precision's rule) | fp32 | bf16 | both
+    precision: str = "auto"     # auto (cclnb.training.precision's rule) | fp32 | bf16 | both
     data: str = "demo"
     workers: int = 8
     compile: bool = False
