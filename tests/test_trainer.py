@@ -192,3 +192,15 @@ def test_train_tasks_trains_and_measures_the_first_tasks_of_the_same_split(tmp_p
     assert load_ckpt(run / "checkpoints" / "last.pt")["task"] == 2
     with pytest.raises(ConfigError, match="--train-tasks must be between 1 and --n-tasks 5"):
         tiny_config(tmp_path, n_tasks=5, train_tasks=6).validate()
+
+
+def test_the_training_stage_alone_refuses_to_skip_the_asked_per_task_evaluation(tmp_path):
+    """`cclnb.training.train` gets the per-task evaluator from its caller (the training stage does
+    not import the evaluation): without one, a config that asks for it is refused before any
+    work, rather than silently leaving the accuracy matrix empty."""
+    from cclnb.training import train as train_stage
+
+    config = tiny_config(tmp_path, eval_each_task="knn")
+    with pytest.raises(ConfigError, match="cclnb.train"):
+        train_stage(config)
+    assert not Path(config.run_dir).exists()
