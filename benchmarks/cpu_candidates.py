@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cclnb import records as study_records, report
-from cclnb.runs import git_commit, short_commit
+from cclnb.study import records as study_records, report
+from cclnb.training.runs import git_commit, short_commit
 
 TRAINED = ("Finetuning", "Joint")
 PREFIX = "cand-"
@@ -131,10 +131,10 @@ def measure_speed(data: str, rounds: int = 5, steps: int = 8, threads: int = 1) 
 
     import torch
 
-    from cclnb import dist
-    from cclnb.batches import TensorFeeder, epoch_order
-    from cclnb.bench import BenchOptions, StepFactory, time_steps
     from cclnb.data import load_uint8, open_dataset
+    from cclnb.data.batches import TensorFeeder, epoch_order
+    from cclnb.training import dist
+    from cclnb.training.bench import BenchOptions, StepFactory, time_steps
 
     torch.set_num_threads(threads)
     ctx = dist.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

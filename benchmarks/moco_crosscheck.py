@@ -36,10 +36,10 @@ import torchvision
 from torch import nn
 from torchvision.transforms import v2
 
+from cclnb import Trainer
 from cclnb.config import TrainConfig
 from cclnb.data import load_uint8, open_dataset
-from cclnb.runs import git_commit, short_commit
-from cclnb.trainer import Trainer
+from cclnb.training.runs import git_commit, short_commit
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

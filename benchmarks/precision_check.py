@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from cclnb import Trainer
 from cclnb.config import TrainConfig
 from cclnb.data import load_uint8, open_dataset
 from cclnb.evaluate import evaluate_encoder
-from cclnb.runs import git_commit
-from cclnb.trainer import Trainer
+from cclnb.training.runs import git_commit
 
 
 def run(precision: str, epochs: int, device: str) -> dict:

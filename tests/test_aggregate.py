@@ -1,7 +1,7 @@
-"""Seeds, spread and the verdict (`cclnb.aggregate`) on synthetic study records.
+"""Seeds, spread and the verdict (`cclnb.study.aggregate`) on synthetic study records.
 
 The records below are TEST FIXTURES with invented numbers (never shipped as results), written
-in the record format of `cclnb.records` so that the path the report takes (files -> records ->
+in the record format of `cclnb.study.records` so that the path the report takes (files -> records ->
 runs -> per-seed table -> summary, paired differences, verdict) is tested end to end on numbers
 whose means, spreads and verdicts are known by hand.
 """
@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cclnb import aggregate, records, report
 from cclnb.errors import DataError
+from cclnb.study import aggregate, figures, records, report
 
 CONFIG = {"data": "demo", "dataset": "demo", "n_tasks": 2, "epochs": 3, "arch": "resnet18",
           "image_size": 32, "moco_k": 255, "batch_size": 32, "imagenetsub": False,
@@ -26,7 +26,7 @@ CONFIG = {"data": "demo", "dataset": "demo", "n_tasks": 2, "epochs": 3, "arch": 
 
 def fixture_record(method: str, seed: int, top1: float, *, config: dict | None = None,
                    R: list[list[float]] | None = None, teacher: float | None = None) -> dict:
-    """A record in the `cclnb.records` format: `top1` as the student's final linear top-1."""
+    """A record in the `cclnb.study.records` format: `top1` as the student's final linear top-1."""
     R = R or [[50.0 + top1 / 10, 20.0], [40.0, 60.0 + top1 / 10]]
     rows = [[t, e, 2 * t + e + 1, 5.0 - 0.2 * (2 * t + e), 5.0 - 0.2 * (2 * t + e), 0.0, 0.0, 0.03,
              100.0 + seed, 1.0 + 2 * t + e] for t in range(2) for e in range(2)]
@@ -192,12 +192,12 @@ def test_figures_draw_one_panel_per_method_with_the_seed_band(tmp_path: Path) ->
     folder = write_records(tmp_path / "runs", *(fixture_record("Finetuning", s, v) for s, v in FT.items()),
                            fixture_record(report.UNTRAINED, 0, 40.0, R=[[45.0, 35.0]]))
     runs = [records.as_run(r) for r in records.load_records([folder])]
-    fig = report.plot_forgetting_curves(runs)
+    fig = figures.plot_forgetting_curves(runs)
     panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
     assert [ax.get_title() for ax in panels] == ["Finetuning - knn, 3 seeds"]
     assert panels[0].collections, "the min-max band over seeds"
     assert any(line.get_label() == "untrained encoder" for line in panels[0].get_lines())
-    loss = [ax for ax in report.plot_loss_curves(runs).axes if ax.get_title()]
+    loss = [ax for ax in figures.plot_loss_curves(runs).axes if ax.get_title()]
     assert any(line.get_label().startswith("ln(K+1) = 5.55") for line in loss[0].get_lines())
     # the budget axis: images seen from the records (steps x batch), one line per gap
     results = records.study_results([folder])
@@ -205,7 +205,7 @@ def test_figures_draw_one_panel_per_method_with_the_seed_band(tmp_path: Path) ->
     seen = report.images_seen(results.runs)
     assert seen == results.runs[0].train_log["global_step"].max() * CONFIG["batch_size"]
     gaps = aggregate.budget_gaps([(seen, results.table), (2 * seen, results.table)])
-    assert len(report.plot_budget_gaps(gaps).axes[0].get_lines()) >= 1
+    assert len(figures.plot_budget_gaps(gaps).axes[0].get_lines()) >= 1
 
 
 def test_bad_record_files_are_clear_errors(tmp_path: Path) -> None:

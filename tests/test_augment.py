@@ -14,13 +14,11 @@ from PIL import Image
 from scipy import stats
 from torchvision import transforms as T
 
-from cclnb.augment import (
-    CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, LINCLS_CROP_SCALE, MOCO_CROP_SCALE,
-    BatchLinclsAugment, BatchMoCoV2Augment, MoCoV2Params, adjust_brightness, adjust_contrast,
-    adjust_hue, adjust_saturation, anchor_transform, blur_kernel_size, color_jitter,
-    crop_resize_flip, gaussian_blur, grayscale, moco_v2_transform, normalize_uint8,
-    sample_crop_boxes,
-)
+from cclnb.data.augment import (CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, LINCLS_CROP_SCALE, MOCO_CROP_SCALE,
+                                BatchLinclsAugment, BatchMoCoV2Augment, MoCoV2Params, adjust_brightness,
+                                adjust_contrast, adjust_hue, adjust_saturation, anchor_transform,
+                                blur_kernel_size, color_jitter, crop_resize_flip, gaussian_blur, grayscale,
+                                moco_v2_transform, normalize_uint8, sample_crop_boxes)
 from cclnb.errors import ConfigError, DataError
 
 N_DRAWS = 4000
@@ -238,7 +236,7 @@ def test_anchor_uint8_matches_the_anchor_transform_geometry():
     Normalize on the same tensor (large protocol) and a plain resize (small protocol)."""
     import torchvision.transforms as T
 
-    from cclnb.augment import IMAGENET_MEAN, IMAGENET_STD, anchor_uint8
+    from cclnb.data.augment import IMAGENET_MEAN, IMAGENET_STD, anchor_uint8
 
     gen = torch.Generator().manual_seed(3)
     images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=gen)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from cclnb.bench import count_flops, matmul_peak_gflops, row_precisions, time_steps
-from cclnb.cli import main
-from cclnb.precision import resolve_precision
+from cclnb.commands.cli import main
+from cclnb.training.bench import count_flops, matmul_peak_gflops, row_precisions, time_steps
+from cclnb.training.precision import resolve_precision
 
 ROWS = ("1. authors: PIL + torchvision + DataLoader (1 workers)",
         "2. cclnb fast path: uint8 on device + BatchMoCoV2Augment",

@@ -22,7 +22,7 @@ from typing import Callable
 import pytest
 import torch
 
-from cclnb import cli
+from cclnb.commands import cli
 from cclnb.errors import CheckpointError, ConfigError, DataError
 from conftest import study_cli, write_image_folder
 from test_slurm import fake_slurm

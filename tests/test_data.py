@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cclnb import cli
+from cclnb.commands import cli
 from cclnb.data import cache as cache_module
 from cclnb.data import cache_path, load_uint8, open_dataset, subset_per_class
 from cclnb.errors import ConfigError, DataError

@@ -14,10 +14,9 @@ from test_trainer import one_thread  # noqa: F401  (fixture re-used)
 WORKER = textwrap.dedent("""
     import os, sys, torch
     torch.set_num_threads(1)
-    from cclnb import dist, runs
     from cclnb.config import TrainConfig
     from cclnb.data import open_dataset
-    from cclnb.trainer import plan_tasks, pretrain, resolve_config
+    from cclnb.training import Trainer, dist, plan_tasks, resolve_config, runs
 
     out = sys.argv[1]
     config = resolve_config(TrainConfig(
@@ -27,8 +26,8 @@ WORKER = textwrap.dedent("""
     ctx = dist.setup("cpu", timeout_s=60)
     ds = open_dataset("demo")
     run_dir = runs.prepare_run_dir(os.path.join(out, "run"))
-    trainer = pretrain(config, ds, plan_tasks(config, ds.targets, len(ds.classes)), run_dir, ctx,
-                       runs.TrainLog(run_dir, enabled=ctx.is_main))
+    trainer = Trainer(config, ds, plan_tasks(config, ds.targets, len(ds.classes)), ctx, run_dir)
+    trainer.run()
     torch.save({"model": trainer.model.state_dict(), "method": trainer.method.state_dict(),
                 "replay": [r.tolist() for r in trainer.replay], "world": ctx.world_size},
                os.path.join(out, f"rank{ctx.rank}.pt"))
@@ -64,11 +63,10 @@ def test_two_ranks_under_torchrun_end_with_identical_weights_and_queues(tmp_path
 STEP_WORKER = textwrap.dedent("""
     import os, sys, numpy as np, torch
     torch.set_num_threads(1)
-    from cclnb import dist, runs
-    from cclnb.batches import Batch
     from cclnb.config import TrainConfig
     from cclnb.data import load_uint8, open_dataset
-    from cclnb.trainer import Trainer, plan_tasks, resolve_config
+    from cclnb.data.batches import Batch
+    from cclnb.training import Trainer, dist, plan_tasks, resolve_config
 
     out, groups = sys.argv[1], int(sys.argv[2])
     ctx = dist.setup("cpu", timeout_s=60)
@@ -79,7 +77,7 @@ STEP_WORKER = textwrap.dedent("""
         key_bn_groups=groups, ccl_distill_group=16 // groups, loader="tensor"), 32)
     ds = open_dataset("demo")
     plan = plan_tasks(config, ds.targets, len(ds.classes))
-    trainer = Trainer(config, load_uint8(ds), plan, None, ctx, runs.TrainLog(".", enabled=False), None)
+    trainer = Trainer(config, load_uint8(ds), plan, ctx)
     trainer.start_task(1)                      # teacher and key encoder reset, extra queue filled
     trainer.epoch = 1
     trainer.begin_epoch()                      # the teacher runs in train mode (code mode, epoch 1)

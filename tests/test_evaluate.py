@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from cclnb.errors import ConfigError, DataError
-from cclnb.evaluate import (evaluate_encoder, extract_features, feature_probe, knn_predict,
-                            overall_accuracy, per_task_accuracy)
+from cclnb.evaluate import (evaluate_encoder, extract_features, feature_probe, knn_predict, overall_accuracy,
+                            per_task_accuracy)
 
 
 def _clusters(n_per_class: int, n_classes: int, dim: int, seed: int, spread: float = 0.3):
@@ -157,9 +157,9 @@ def test_calibrate_batchnorm_takes_the_exact_statistics_of_the_images_and_keeps_
     """The `untrained-bn` baseline: running statistics = the average over the images' eval views
     (two equal batches here, so the average of batch means is the mean), weights untouched, the
     module's mode and BatchNorm momentum as before."""
-    from cclnb.augment import anchor_uint8
+    from cclnb.data.augment import anchor_uint8
     from cclnb.evaluate import calibrate_batchnorm
-    from cclnb.models import build_backbone
+    from cclnb.training.models import build_backbone
 
     torch.manual_seed(0)
     backbone = build_backbone("resnet18", stem="imagenet").eval()

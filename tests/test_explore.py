@@ -1,4 +1,4 @@
-"""The exploration helpers (`cclnb.explore`), the notebooks' parameters cells, and the lab's
+"""The exploration helpers (`cclnb.study.explore`), the notebooks' parameters cells, and the lab's
 dependencies.
 
 Runs are fake where only their files matter (config.json, replay/task_<t>.json): which study is
@@ -24,8 +24,9 @@ import pytest
 from matplotlib.figure import Figure
 from nbconvert import HTMLExporter
 
-from cclnb import explore, study
+from cclnb import study
 from cclnb.errors import ConfigError, DataError
+from cclnb.study import explore
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from cclnb import train
 from cclnb.config import TrainConfig
-from cclnb.models import MoCo
-from cclnb.replay import kmeans, select_min_variance
-from cclnb.trainer import train
+from cclnb.training.models import MoCo
+from cclnb.training.replay import kmeans, select_min_variance
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

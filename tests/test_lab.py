@@ -30,7 +30,7 @@ import papermill
 import pytest
 
 from cclnb.config import TrainConfig
-from cclnb.trainer import train
+from cclnb import train
 
 REPO = Path(__file__).resolve().parents[1]
 BROWSER = {"chromium": shutil.which("chromium"), "chromium-driver": shutil.which("chromedriver")}

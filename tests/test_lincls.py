@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cclnb.cli import build_parser, main
+from cclnb.commands.cli import build_parser, main
 from cclnb.errors import ConfigError
 from cclnb.evaluate.lincls import Source, load_backbone, lr_at, topk_correct
 
@@ -37,7 +37,7 @@ def test_use_teacher_weight_is_a_real_boolean(argv: tuple, expected: bool) -> No
 def test_notebook_args_match_the_command_line() -> None:
     """linear_eval.ipynb's parameters give the flags `cclnb lincls` would parse from them; a
     refused value is a ConfigError naming the flag, not an argparse exit."""
-    from cclnb.commands.lincls import notebook_args
+    from cclnb.evaluate.lincls_options import notebook_args
 
     args = notebook_args(dict(run_dir="runs/x", who="teacher", protocol="probe", epochs=5, batch_size=32,
                               lr=0.5, schedule=[2, 3], device="cpu", precision="fp32", seed=1, workers=0,
@@ -67,8 +67,8 @@ def test_step_schedule_and_topk() -> None:
 
 def _checkpoint(path: Path) -> tuple[dict, dict]:
     """A tiny cclnb checkpoint whose student and teacher backbones differ; returns both states."""
-    from cclnb.checkpoint import save_checkpoint
-    from cclnb.models import Encoder, MoCo, build_backbone
+    from cclnb.training.checkpoint import save_checkpoint
+    from cclnb.training.models import Encoder, MoCo, build_backbone
 
     torch.manual_seed(0)
     moco = MoCo("resnet18", dim=16, k=32, mlp=True, small_images=False, stem="imagenet")
@@ -104,7 +104,7 @@ def test_lincls_tiny_real_run(tmp_path: Path, sub100_zip: Path, monkeypatch: pyt
     Also checks the frozen protocol: every backbone tensor, BatchNorm running statistics
     included, is bit-identical after training (the evaluation itself raises if not; here we
     compare against the checkpoint from outside too)."""
-    from cclnb.checkpoint import backbone_state_dict
+    from cclnb.training.checkpoint import backbone_state_dict
 
     ckpt = tmp_path / "ckpt.pt"
     student, _ = _checkpoint(ckpt)
@@ -144,7 +144,7 @@ def test_lincls_tiny_real_run(tmp_path: Path, sub100_zip: Path, monkeypatch: pyt
 
 def test_run_directory_supplies_defaults_and_output_folder(tmp_path: Path) -> None:
     from cclnb.evaluate.lincls import resolve_source, resolved_settings
-    from cclnb.runs import write_json
+    from cclnb.training.runs import write_json
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -183,9 +183,9 @@ def test_lincls_protocol_probe_writes_the_same_json(tmp_path: Path) -> None:
     and writes lincls_<who>.json with its protocol named, as the report expects."""
     import json
 
-    from cclnb.cli import main
+    from cclnb import train
+    from cclnb.commands.cli import main
     from cclnb.config import TrainConfig
-    from cclnb.trainer import train
 
     run = train(TrainConfig(data="demo", arch="resnet18", stem="imagenet", epochs=1, batch_size=16,
                             moco_k=64, ccl_k=16, n_tasks=2, n_save=2, method="CCL",

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cclnb.losses import distillation_kl, extra_queue_loss, info_nce_queue, min_variance_spread
+from cclnb.training.losses import distillation_kl, extra_queue_loss, info_nce_queue, min_variance_spread
 
 
 def _ce_target0(logits: list[float]) -> float:

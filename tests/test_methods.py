@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from cclnb import dist, runs
 from cclnb.config import TrainConfig
 from cclnb.data import load_uint8, open_dataset
-from cclnb.trainer import Trainer, plan_tasks, pretrain, resolve_config
+from cclnb.training import Trainer, dist, plan_tasks, resolve_config, runs
 from test_trainer import one_thread, tiny_config  # noqa: F401  (fixture re-used)
 
 CPU = dist.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -21,7 +20,7 @@ def make_trainer(tmp_path, method: str, **overrides):
     ds = open_dataset("demo")
     plan = plan_tasks(config, ds.targets, len(ds.classes))
     run_dir = runs.prepare_run_dir(tmp_path / "run")
-    trainer = Trainer(config, ds, plan, run_dir, CPU, runs.TrainLog(run_dir), None)
+    trainer = Trainer(config, ds, plan, CPU, run_dir)
     return trainer, plan
 
 
@@ -192,7 +191,8 @@ def test_pretraining_and_min_variance_selection_never_read_labels(tmp_path, load
     ds = open_dataset("demo")
     plan = plan_tasks(config, ds.targets, len(ds.classes))     # the class split, made up front
     run_dir = runs.prepare_run_dir(tmp_path / "run")
-    trainer = pretrain(config, LabelFree(ds), plan, run_dir, CPU, runs.TrainLog(run_dir))
+    trainer = Trainer(config, LabelFree(ds), plan, CPU, run_dir)
+    trainer.run()
     assert trainer.task == 2 and 0 < len(trainer.replay[1]) <= config.n_save * plan.classes_per_task
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from cclnb.errors import ConfigError
-from cclnb.metrics import average_accuracy, average_forgetting, backward_transfer, forgetting_per_task
+from cclnb.evaluate.metrics import (average_accuracy, average_forgetting, backward_transfer,
+                                    forgetting_per_task)
 
 # R[i][j] = accuracy on task j after task i. Upper entries are real (all-class probe) but unused.
 R3 = [[80.0, 10.0, 12.0],

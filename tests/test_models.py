@@ -10,8 +10,8 @@ import torchvision
 from torch import nn
 
 from cclnb.errors import ConfigError
-from cclnb.models import (Encoder, GroupedBatchNorm2d, MoCo, bn_groups, build_backbone, copy_parameters,
-                          grouped_forward, reset_bn_statistics)
+from cclnb.training.models import (Encoder, GroupedBatchNorm2d, MoCo, bn_groups, build_backbone,
+                                   copy_parameters, grouped_forward, reset_bn_statistics)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from cclnb import study
-from cclnb.checkpoint import load_checkpoint
+from cclnb.training.checkpoint import load_checkpoint
 
 # 2 tasks of 5 digit classes, 8 train images per class, 1 epoch, a 64-key queue: seconds per step.
 # BatchNorm over 8 samples per group (the default 8 groups would leave 2 of a batch of 16, whose

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from cclnb import precision, trainer
-from cclnb.precision import first_block_px, resolve_model_precision
-from cclnb.trainer import train
+from cclnb import train
+from cclnb.training import precision
+from cclnb.training import plan as plan_module, run as run_module
+from cclnb.training.precision import first_block_px, resolve_model_precision
 from test_trainer import one_thread, tiny_config  # noqa: F401  (fixture re-used)
 
 
@@ -45,16 +46,16 @@ def test_resume_keeps_the_precision_auto_chose(tmp_path: Path, monkeypatch: pyte
                                                one_thread) -> None:
     """The rule may change between versions; a resumed run must not change its arithmetic."""
     choices = iter(["fp32", "bf16"])
-    monkeypatch.setattr(trainer, "resolve_model_precision",
+    monkeypatch.setattr(plan_module, "resolve_model_precision",
                         lambda requested, *a, **k: next(choices) if requested == "auto" else requested)
     used: list[str] = []
-    original = trainer.pretrain
 
-    def pretrain(config, *args, **kwargs):
-        used.append(config.precision)
-        return original(config, *args, **kwargs)
+    class Recording(run_module.Trainer):
+        def __init__(self, config, *args, **kwargs):
+            used.append(config.precision)
+            super().__init__(config, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "pretrain", pretrain)
+    monkeypatch.setattr(run_module, "Trainer", Recording)
     run = train(tiny_config(tmp_path, "Finetuning", precision="auto", n_tasks=2, epochs=1))
     status = json.loads((run / "status.json").read_text())
     status["state"] = "interrupted"                  # pretend it stopped, so the resume really resumes

@@ -15,8 +15,11 @@ import nbformat
 import pytest
 import torch
 
-from cclnb import baseline, cli, preflight, records, study
+from cclnb import study
+from cclnb.commands import cli
 from cclnb.errors import CclnbError, ConfigError, DataError
+from cclnb.study import run as study_run
+from cclnb.study import baseline, preflight, records
 from conftest import study_cli
 
 COMMITTED_RECORDS = Path(__file__).resolve().parent.parent / "reports" / "demo" / "runs"
@@ -29,7 +32,7 @@ def no_steps(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("a step started although the pre-flight should have refused the study")
 
     for name in ("_launch", "execute_step", "_run_action"):
-        monkeypatch.setattr(study, name, explode)
+        monkeypatch.setattr(study_run, name, explode)
 
 
 def _refused(tmp_path: Path, capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
@@ -142,8 +145,8 @@ def test_a_valid_study_passes_and_force_deletes_only_after_the_preflight(tmp_pat
     def started(*args: object) -> None:
         raise Started
 
-    monkeypatch.setattr(study, "_launch", started)
-    monkeypatch.setattr(study, "execute_step", started)
+    monkeypatch.setattr(study_run, "_launch", started)
+    monkeypatch.setattr(study_run, "execute_step", started)
     plan = study.plan_study("demo", runs_root=runs, reports_root=tmp_path / "reports", methods=["Joint"],
                             seeds=[0], force=True)
     with pytest.raises(Started):
@@ -180,7 +183,7 @@ def _failing_baseline(config: object, calibrate_bn: bool = False) -> None:
 def test_identical_causes_of_concurrent_runs_are_grouped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """6 runs (Joint and both baselines, seeds 0 and 1) fail with one cause: said once, with the
     first traceback's file and a log of all, each naming the file that holds its traceback."""
-    monkeypatch.setattr(study, "_launch", _failing_notebook)
+    monkeypatch.setattr(study_run, "_launch", _failing_notebook)
     monkeypatch.setattr(baseline, "untrained_run", _failing_baseline)
     plan = study.plan_study("demo", runs_root=tmp_path / "runs", reports_root=tmp_path / "reports",
                             methods=["Joint"], seeds=[0, 1], jobs=2)
@@ -200,7 +203,7 @@ def test_identical_causes_of_concurrent_runs_are_grouped(tmp_path: Path, monkeyp
 
 def test_a_failed_baseline_names_the_log_with_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """It used to name the baseline's config.json as "the executed notebook"."""
-    monkeypatch.setattr(study, "execute_step", lambda step, notebooks_dir=None: None)
+    monkeypatch.setattr(study_run, "execute_step", lambda step, notebooks_dir=None: None)
     monkeypatch.setattr(records, "write_record", lambda *args: None)
     monkeypatch.setattr(baseline, "untrained_run", _failing_baseline)
     plan = study.plan_study("demo", runs_root=tmp_path / "runs", reports_root=tmp_path / "reports",
@@ -217,7 +220,7 @@ def test_a_failed_baseline_names_the_log_with_its_traceback(tmp_path: Path, monk
 
 def test_exited_process_without_an_executed_copy_points_at_its_log(tmp_path: Path) -> None:
     step = study.Step("CCL seed 0: task sequence", "task_sequence", tmp_path / "task_sequence.ipynb", {})
-    failure = study._subprocess_failure(step, 1, 3)
+    failure = study_run._subprocess_failure(step, 1, 3)
     assert failure.trace == tmp_path / "task_sequence.log"
     assert str(failure).startswith("[1/3] CCL seed 0: task sequence failed in notebooks/task_sequence.ipynb: "
                                    "stopped before the notebook started")

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import torch
 
-from cclnb.checkpoint import load_checkpoint
+from cclnb.training.checkpoint import load_checkpoint
 
 SEED = 8   # draws the mid-epoch kill steps and the delays inside the paused phases
 PAUSE_S = 0.6
@@ -48,9 +48,9 @@ HARNESS = textwrap.dedent("""
     # `cclnb train` with a pause at the start of replay selection and of each evaluation; the
     # pause writes a line to $CCLNB_TEST_EVENTS first, so a test can kill inside that phase.
     import os, sys, time
-    import cclnb.evaluate
-    from cclnb import cli
-    from cclnb.methods.ccl import CCL
+    from cclnb.commands import cli
+    from cclnb.training.methods.ccl import CCL
+    import cclnb.evaluate.per_task
 
     def paused(name, real):
         def wrapper(*args, **kwargs):
@@ -61,7 +61,7 @@ HARNESS = textwrap.dedent("""
         return wrapper
 
     CCL.select_replay = paused("select", CCL.select_replay)
-    cclnb.evaluate.evaluate_encoder = paused("evaluate", cclnb.evaluate.evaluate_encoder)
+    cclnb.evaluate.per_task.evaluate_encoder = paused("evaluate", cclnb.evaluate.per_task.evaluate_encoder)
     sys.exit(cli.main(sys.argv[1:]))
 """)
 
@@ -297,7 +297,7 @@ def test_a_rank_killed_under_torchrun_stops_the_other_with_a_message_and_no_part
 def test_only_a_failed_collective_is_reported_as_a_lost_rank(message, lost):
     """The backends' messages as seen on this machine (gloo 2 ranks: SIGKILL, and a rank asleep
     past the process group's timeout); any other error keeps its own message."""
-    from cclnb.dist import DistContext, lost_peer
+    from cclnb.training.dist import DistContext, lost_peer
 
     two = DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
     one = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -309,7 +309,7 @@ def test_only_a_failed_collective_is_reported_as_a_lost_rank(message, lost):
 def test_git_commit_says_when_the_code_differs_from_the_commit(tmp_path: Path) -> None:
     """Records and runs carry `git_commit`; a result made with uncommitted code changes must say
     so, while edited docs or untracked result files do not make the code dirty."""
-    from cclnb.runs import git_commit
+    from cclnb.training.runs import git_commit
 
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
@@ -328,7 +328,7 @@ def test_git_commit_says_when_the_code_differs_from_the_commit(tmp_path: Path) -
 
 def test_short_commit_keeps_the_dirty_mark() -> None:
     """Tables shorten the commit; cutting the string would drop "+dirty" (it comes after 40 hex)."""
-    from cclnb.runs import short_commit
+    from cclnb.training.runs import short_commit
 
     assert short_commit("0123456789abcdef" * 2 + "01234567+dirty") == "0123456789+dirty"
     assert short_commit("0123456789abcdef" * 2 + "01234567", 12) == "0123456789ab"

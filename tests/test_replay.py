@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cclnb.errors import ConfigError
-from cclnb.replay import kmeans, select_min_variance, select_random
+from cclnb.training.replay import kmeans, select_min_variance, select_random
 
 
 def test_select_random_with_replacement_is_seeded_and_may_repeat() -> None:

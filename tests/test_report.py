@@ -1,4 +1,4 @@
-"""cclnb.report against run directories written by hand to the documented contract.
+"""cclnb.study.report against run directories written by hand to the documented contract.
 
 The fixture below is a TEST FIXTURE (invented numbers, never shipped as results): it writes the
 files of docs/architecture.md ("Run directory") so the reader is tested against the contract
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cclnb import report
 from cclnb.errors import DataError
+from cclnb.study import figures, report
 
 # R[i][j]: accuracy on task j after task i (fixture values chosen so the metrics are easy by hand)
 R_FINETUNE = np.array([[60.0, 20.0, 10.0], [40.0, 70.0, 15.0], [30.0, 50.0, 80.0]])
@@ -104,7 +104,7 @@ def test_joint_learns_every_task_at_once(tmp_path: Path) -> None:
     runs = report.load_runs(tmp_path)
     row = report.results_table(runs).iloc[0]
     assert row["avg_acc"] == pytest.approx(70.0) and math.isnan(row["avg_forgetting"])
-    lines = report.plot_forgetting_curves(runs).axes[0].get_lines()
+    lines = figures.plot_forgetting_curves(runs).axes[0].get_lines()
     assert [len(line.get_xdata()) for line in lines] == [1, 1, 1]  # every task solid at step 1
 
 
@@ -118,7 +118,7 @@ def test_paper_setting_is_recognised_only_when_it_matches(tmp_path: Path) -> Non
 
 
 def test_write_results_writes_the_per_seed_and_summary_csv(study_root: Path, tmp_path: Path) -> None:
-    from cclnb.aggregate import summary_table
+    from cclnb.study.aggregate import summary_table
 
     table = report.results_table(report.load_runs(study_root))
     written = report.write_results(table, summary_table(table), tmp_path / "out")
@@ -129,15 +129,15 @@ def test_write_results_writes_the_per_seed_and_summary_csv(study_root: Path, tmp
 
 def test_figures_have_one_panel_per_run(study_root: Path) -> None:
     runs = report.load_runs(study_root)
-    for make in (report.plot_forgetting_curves, report.plot_accuracy_heatmaps, report.plot_loss_curves):
+    for make in (figures.plot_forgetting_curves, figures.plot_accuracy_heatmaps, figures.plot_loss_curves):
         fig = make(runs)
         visible = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
         assert [ax.get_title().split(" - ")[0] for ax in visible] == [r.method for r in runs], make
-    assert report.plot_throughput(runs).axes[0].containers  # bars drawn
+    assert figures.plot_throughput(runs).axes[0].containers  # bars drawn
     curve = report.lincls_curve(runs[2].lincls["student"])
     assert list(curve["top1"]) == [39.0, 40.0, 41.0]
-    assert report.plot_lincls_curve(runs[2].lincls["student"]).axes
-    panels = [ax for ax in report.plot_lincls_curves(runs).axes if ax.get_title()]
+    assert figures.plot_lincls_curve(runs[2].lincls["student"]).axes
+    panels = [ax for ax in figures.plot_lincls_curves(runs).axes if ax.get_title()]
     assert [ax.get_title() for ax in panels] == ["Finetuning", "CCL"]  # SimpleReplay has no result
 
 
@@ -163,12 +163,12 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not valid JSON"):
         report.load_run(run_dir)
     with pytest.raises(DataError, match=r"\(N, H, W, 3\)"):
-        report.image_grid(np.zeros((4, 4)))
+        figures.image_grid(np.zeros((4, 4)))
 
 
 def test_image_grid_accepts_both_layouts() -> None:
     images = np.random.default_rng(0).integers(0, 255, (5, 8, 8, 3), dtype=np.uint8)
-    fig = report.image_grid(images, titles=list("abcde"), n_cols=3, title="grid")
+    fig = figures.image_grid(images, titles=list("abcde"), n_cols=3, title="grid")
     assert sum(len(ax.images) for ax in fig.axes) == 5
-    fig_chw = report.image_grid(images.transpose(0, 3, 1, 2), n_cols=5)
+    fig_chw = figures.image_grid(images.transpose(0, 3, 1, 2), n_cols=5)
     assert fig_chw.axes[0].images[0].get_array().shape == (8, 8, 3)

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
+from cclnb import train
 from cclnb.errors import Interrupted
-from cclnb.methods.ccl import CCL
-from cclnb.runs import LOG_COLUMNS
-from cclnb.trainer import train
+from cclnb.training.methods.ccl import CCL
+from cclnb.training.runs import LOG_COLUMNS
 from test_trainer import load_ckpt, one_thread, tiny_config  # noqa: F401  (fixture re-used)
 
 

@@ -25,7 +25,8 @@ from typing import Any, Callable
 import psutil
 import pytest
 
-from cclnb import cli, study
+from cclnb import study
+from cclnb.commands import cli
 from cclnb.errors import ConfigError
 from cclnb.launch import cluster, job, torchrun
 from cclnb.launch import resources as res

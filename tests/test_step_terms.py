@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 
 from cclnb.config import TrainConfig
 from cclnb.data import load_uint8, open_dataset
-from cclnb.step_terms import ccl_step, ccl_step_figure
+from cclnb.training.step_terms import ccl_step, ccl_step_figure
 
 
 def test_one_ccl_step_has_every_term_and_row_stochastic_similarities():

@@ -14,7 +14,8 @@ import nbformat
 import papermill
 import pytest
 
-from cclnb import cli, study
+from cclnb import study
+from cclnb.commands import cli
 from cclnb.errors import ConfigError, DataError
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cclnb.data.tasks import class_order, split_classes, task_sample_ids
 from cclnb.errors import ConfigError
-from cclnb.tasks import class_order, split_classes, task_sample_ids
 
 
 def _authors_order(n_classes: int, seed: int) -> np.ndarray:

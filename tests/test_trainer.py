@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from cclnb.cli import build_parser
+from cclnb import train
+from cclnb.commands.cli import build_parser
 from cclnb.commands.train import config_from_args
 from cclnb.config import TrainConfig
 from cclnb.errors import CheckpointError, ConfigError, TrainingDiverged
-from cclnb.trainer import train
 
 SUB100 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tiny-imagenet-32-sub100.zip"
 
@@ -140,7 +140,7 @@ def test_n_save_beyond_the_task_draws_duplicates_and_says_so(tmp_path):
 
 
 def test_nan_loss_stops_with_task_epoch_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import cclnb.trainer as trainer_module
+    import cclnb.training.loop as trainer_module
 
     calls = {"n": 0}
     real = trainer_module.info_nce_from_logits
@@ -175,7 +175,7 @@ def test_train_tasks_trains_and_measures_the_first_tasks_of_the_same_split(tmp_p
     full run's first two), a 2x2 accuracy matrix over those classes only, and a clear error when
     it exceeds the split."""
     from cclnb.data import open_dataset
-    from cclnb.trainer import plan_tasks
+    from cclnb.training import plan_tasks
 
     config = tiny_config(tmp_path, "Finetuning", n_tasks=5, train_tasks=2, eval_each_task="knn", knn_k=5,
                          width=16)
@@ -192,3 +192,15 @@ def test_train_tasks_trains_and_measures_the_first_tasks_of_the_same_split(tmp_p
     assert load_ckpt(run / "checkpoints" / "last.pt")["task"] == 2
     with pytest.raises(ConfigError, match="--train-tasks must be between 1 and --n-tasks 5"):
         tiny_config(tmp_path, n_tasks=5, train_tasks=6).validate()
+
+
+def test_the_training_stage_alone_refuses_to_skip_the_asked_per_task_evaluation(tmp_path):
+    """`cclnb.training.train` gets the per-task evaluator from its caller (the training stage does
+    not import the evaluation): without one, a config that asks for it is refused before any
+    work, rather than silently leaving the accuracy matrix empty."""
+    from cclnb.training import train as train_stage
+
+    config = tiny_config(tmp_path, eval_each_task="knn")
+    with pytest.raises(ConfigError, match="cclnb.train"):
+        train_stage(config)
+    assert not Path(config.run_dir).exists()

@@ -13,8 +13,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from cclnb.bench import BENCH_PRECISIONS, BenchOptions, default_out, run_bench, write_table
 from cclnb.config import ARCHS, STEMS
+from cclnb.training.bench import BENCH_PRECISIONS, BenchOptions, default_out, run_bench, write_table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,8 +12,8 @@ import time
 
 from cclnb.data import KINDS, cache_path, load_uint8, open_dataset
 from cclnb.data.base import ImageDataset
+from cclnb.data.tasks import class_order, split_classes
 from cclnb.errors import DataError
-from cclnb.tasks import class_order, split_classes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

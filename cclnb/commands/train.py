@@ -125,7 +125,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cclnb.trainer import train
+    from cclnb import train
 
     run_dir = train(config_from_args(args))
     print(f"run directory: {run_dir}")

@@ -1,7 +1,10 @@
-"""Labelled image datasets (folder, zip, CIFAR, embedded demo) and their decode-once uint8 cache.
+"""The first stage: images, their labels, the tasks they form and the views training sees.
 
-No models and no methods live here: this package only answers "which images, with which labels,
-in which order". See docs/data.md for the formats, the cache and the demo dataset.
+Labelled image datasets (folder, zip, CIFAR, embedded demo) and their decode-once uint8 cache;
+`tasks` (class order and split), `augment` (MoCo v2 views, per image or batched on the device)
+and `batches` (the feeders that turn sample ids into training batches). No models and no methods
+live here: this stage only answers "which images, with which labels, in which order, seen how".
+May import only the shared basics (`cclnb.errors`, `cclnb.config`). See docs/data.md.
 """
 
 from cclnb.data.base import IMG_EXTENSIONS, ArrayDataset, ImageDataset, subset_per_class

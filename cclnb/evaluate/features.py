@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cclnb.errors import ConfigError, DataError
-from cclnb.precision import autocast
+from cclnb.training.precision import autocast
 
 @contextlib.contextmanager
 def frozen(module: nn.Module) -> Iterator[nn.Module]:
@@ -46,7 +46,7 @@ def as_uint8_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 def _batches_uint8(images: torch.Tensor, device: torch.device, batch_size: int,
                    image_size: int | None) -> Iterator[torch.Tensor]:
     """Normalized eval views of consecutive slices, moved to the device one batch at a time."""
-    from cclnb.augment import anchor_uint8
+    from cclnb.data.augment import anchor_uint8
 
     size = image_size or images.shape[1]
     for start in range(0, images.shape[0], batch_size):
@@ -57,7 +57,7 @@ def _batches_uint8(images: torch.Tensor, device: torch.device, batch_size: int,
 def _batches_dataset(dataset, device: torch.device, batch_size: int, image_size: int | None,
                      workers: int) -> Iterator[torch.Tensor]:
     """Eval-transformed batches of an ImageDataset (decoded from files through a DataLoader)."""
-    from cclnb.augment import eval_transform
+    from cclnb.data.augment import eval_transform
 
     size = image_size or dataset.image_size or 224
     transform = eval_transform(size, small_images=size <= 64)

@@ -12,7 +12,7 @@ views resize 256 + centre crop 224. Different on purpose:
 * One process on one device (CPU or one GPU): no hard-coded 8 GPUs.
 * Small images (all the same size, <= 64 px; e.g. Tiny-ImageNet at 32 px) use the same operation
   at native resolution: RandomResizedCrop(size, scale 0.08-1) + flip for training (batched on the
-  device, `cclnb.augment.BatchLinclsAugment`), the plain image for val (resize 256/crop 224 of a
+  device, `cclnb.data.augment.BatchLinclsAugment`), the plain image for val (resize 256/crop 224 of a
   native-size image scaled down to 32 px keeps ~88% of it; we keep all of it, as the anchor view).
   The uint8 images live on the device; only the augmentation and the frozen forward run per step.
 * Val features do not depend on the epoch (no augmentation, frozen eval-mode backbone), so they
@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from cclnb.checkpoint import write_atomically
 from cclnb.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from cclnb.evaluate.features import extract_features, frozen
-from cclnb.precision import autocast, resolve_model_precision
+from cclnb.training.checkpoint import write_atomically
+from cclnb.training.precision import autocast, resolve_model_precision
 
 BEST_NOTE = "best epoch (selected on val), as the authors report"
 SMALL_MAX = 64
@@ -62,7 +62,7 @@ def resolve_source(pretrained: str | None, out: str | None) -> Source:
     that run's config.json, whose arch/stem/data serve as defaults. Results go to `--out`, else the
     run directory, else the checkpoint's folder, else the current folder.
     """
-    from cclnb.runs import checkpoint_path, read_config
+    from cclnb.training.runs import checkpoint_path, read_config
 
     if not pretrained:
         return Source(None, {}, Path(out or "."))
@@ -116,7 +116,7 @@ def topk_correct(logits: torch.Tensor, y: torch.Tensor, ks: tuple[int, ...] = (1
 
 
 def _device(args: argparse.Namespace) -> torch.device:
-    from cclnb.dist import resolve_device
+    from cclnb.training.dist import resolve_device
 
     if args.world_size is not None and args.world_size > 1:
         raise ConfigError(f"--world-size {args.world_size}: cclnb's linear evaluation runs in one process "
@@ -132,8 +132,8 @@ def load_backbone(source: Source, settings: dict[str, Any], small_images: bool, 
                   device: torch.device) -> nn.Module:
     """The frozen backbone (eval mode, no gradients) with the student's or teacher's weights;
     `settings` (`resolved_settings`) name its arch, stem and width."""
-    from cclnb.checkpoint import backbone_state_dict
-    from cclnb.models import build_backbone
+    from cclnb.training.checkpoint import backbone_state_dict
+    from cclnb.training.models import build_backbone
 
     arch, stem = settings["arch"], settings["stem"]
     backbone = build_backbone(arch, small_images, stem, settings["width"])
@@ -164,7 +164,7 @@ class TrainViews:
         self.labels = torch.as_tensor(train.targets[ids], device=device)
         self.fast = resident(train, image_size)
         if self.fast:
-            from cclnb.augment import BatchLinclsAugment
+            from cclnb.data.augment import BatchLinclsAugment
 
             self.images = torch.from_numpy(load_uint8(train, progress=progress, ids=ids)).to(device)
             self.augment = BatchLinclsAugment(image_size)
@@ -181,7 +181,7 @@ class TrainViews:
                 idx = order[start:start + self.batch_size].to(self.device)
                 yield self.augment(self.images[idx], aug_gen), self.labels[idx]
             return
-        from cclnb.augment import lincls_train_transform
+        from cclnb.data.augment import lincls_train_transform
 
         dataset = _Subset(self.train, self.ids, lincls_train_transform(self.image_size))
         loader = torch.utils.data.DataLoader(
@@ -264,7 +264,7 @@ def _eval_inputs(args: argparse.Namespace) -> _EvalInputs:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """The checks of `linear_eval`'s flags that need neither data nor weights: `cclnb study` runs
-    them before any notebook starts (`cclnb.preflight`)."""
+    them before any notebook starts (`cclnb.study.preflight`)."""
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
         raise ConfigError(f"need --epochs >= 1, -b/--batch-size >= 1 and --lr > 0; got {args.epochs}, "
                           f"{args.batch_size}, {args.lr}")
@@ -285,7 +285,7 @@ def linear_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Run the linear protocol described in the module docstring; returns the result dict and
     writes `lincls_<student|teacher>.json` (plus `lincls_<who>.pt` for --resume) to the output
     folder. With -e/--evaluate, only scores the classifier restored by --resume."""
-    from cclnb.runs import write_json
+    from cclnb.training.runs import write_json
 
     started = time.time()
     check_arguments(args)
@@ -398,7 +398,7 @@ def probe_eval(args: argparse.Namespace) -> dict[str, Any]:
     from cclnb.data import load_uint8
     from cclnb.evaluate.encoder import overall_accuracy
     from cclnb.evaluate.probe import feature_probe
-    from cclnb.runs import write_json
+    from cclnb.training.runs import write_json
 
     started = time.time()
     inputs = _eval_inputs(args)

@@ -7,5 +7,6 @@
 - `cluster`: submitting the unfinished (method, seed) pairs, watching them, joining the records.
 
 Only `torchrun` is imported by the notebooks; the other modules need the `cluster` extra
-(submitit, psutil).
+(submitit, psutil). May import every earlier stage (data, training, evaluate, study); never
+`cclnb.commands`.
 """

@@ -33,11 +33,13 @@ import psutil
 import submitit
 from submitit.core.utils import JobPaths, pickle_load
 
-from cclnb import records, runs, study
+from cclnb import study
 from cclnb.errors import ConfigError, DataError
 from cclnb.launch import resources as res
 from cclnb.launch import torchrun
 from cclnb.launch.job import StudyJob
+from cclnb.study import records
+from cclnb.training import runs
 
 SIGNAL_DELAY_S = 120   # SLURM's warning before the time limit; a stopped training saves within it
 GRACE_S = SIGNAL_DELAY_S - 30
@@ -253,7 +255,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
 def check(args: argparse.Namespace, plan: study.Study, resources: res.Resources,
           devices: dict[str, Any]) -> str | None:
     """Everything knowable before a job is submitted; returns a note for the terminal, if any."""
-    from cclnb.preflight import check_study
+    from cclnb.study.preflight import check_study
 
     check_study(plan, here=False)    # the runs' configs, linear evals, records and output folders
     note = res.check_devices(devices, resources, plan.preset.name)

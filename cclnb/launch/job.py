@@ -10,7 +10,7 @@ Signals. SLURM warns a job `signal_delay_s` before its time limit, and on preemp
 submitit's signal (USR2 by default), and later sends SIGTERM, then SIGKILL, to *every* process of
 the job. So the job starts its notebooks with SIGTERM and the warning signal ignored (ignored
 signals stay ignored across exec, so the papermill process and its kernel keep running); the
-trainer installs its own SIGTERM handler while it trains (`cclnb.trainer._StopFlag`), and torchrun
+trainer installs its own SIGTERM handler while it trains (`cclnb.training.lifecycle.StopFlag`), and torchrun
 its own, which forwards to the workers. On the warning, submitit calls `checkpoint` here: it sends
 SIGTERM to the running notebook's processes (torchrun's workers directly, `stop_process_tree`),
 the trainer finishes its step, saves `last.pt` and stops, and submitit requeues the job, which
@@ -36,6 +36,7 @@ from cclnb import study
 from cclnb.errors import ConfigError
 from cclnb.launch import torchrun
 from cclnb.launch.resources import Resources
+from cclnb.study import run as study_run
 
 POLL_S = 1.0
 
@@ -77,7 +78,7 @@ class StudyJob(submitit.helpers.Checkpointable):
 
     def planned(self) -> study.Study:
         """The study planned afresh from the run directory, narrowed to this group and the report
-        step (which `cclnb.preflight` reads for the records folders)."""
+        step (which `cclnb.study.preflight` reads for the records folders)."""
         plan = study.plan_study(**self.plan)
         steps = [s for s in plan.steps if s.group == self.group]
         if not steps:
@@ -86,7 +87,7 @@ class StudyJob(submitit.helpers.Checkpointable):
         return dataclasses.replace(plan, steps=[*steps, plan.steps[-1]])
 
     def __call__(self, log: Callable[[str], None] = print) -> str:
-        from cclnb.preflight import check_study
+        from cclnb.study.preflight import check_study
 
         env = submitit.JobEnvironment()
         plan = self.planned()
@@ -102,10 +103,10 @@ class StudyJob(submitit.helpers.Checkpointable):
             if step.done:
                 log(f"[{index}/{total}] {step.label}: already complete, skipped ({step.output.parent})")
                 continue
-            failure = (study._run_action(step, index, total, log) if step.action is not None
+            failure = (study_run._run_action(step, index, total, log) if step.action is not None
                        else self._run_notebook(step, index, total, log))
             if failure is not None:
-                raise study._failed([failure], plan.runs_dir / "failures.log")
+                raise study_run._failed([failure], plan.runs_dir / "failures.log")
         return f"{self.group}: complete"
 
     def _run_notebook(self, step: study.Step, index: int, total: int,
@@ -115,7 +116,7 @@ class StudyJob(submitit.helpers.Checkpointable):
         threads = max(1, self.resources.cpus_per_task // self.resources.processes_per_node)
         log(f"[{index}/{total}] {step.label} ... (log {step.output.with_suffix('.log')})")
         tic = time.monotonic()
-        process = study._launch(step, self.plan.get("notebooks_dir"), threads,
+        process = study_run._launch(step, self.plan.get("notebooks_dir"), threads,
                                 preexec_fn=ignore_scheduler_signals)
         self._running = (step, process)
         try:
@@ -124,7 +125,7 @@ class StudyJob(submitit.helpers.Checkpointable):
         finally:
             self._running = None
         if process.returncode != 0:
-            return study._subprocess_failure(step, index, total)
+            return study_run._subprocess_failure(step, index, total)
         log(f"[{index}/{total}] {step.label}: done in {time.monotonic() - tic:.0f} s")
         return None
 

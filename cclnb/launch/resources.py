@@ -185,9 +185,9 @@ def check_devices(devices: Mapping[str, str], resources: Resources, preset: str)
 
 def check_world(parameters: Mapping[str, Any], resources: Resources) -> None:
     """The trainer's own rules for splitting a batch over processes, applied before submission."""
-    from cclnb.batches import check_batch
+    from cclnb.data.batches import check_batch
     from cclnb.study import train_config
-    from cclnb.trainer import _groups_per_rank
+    from cclnb.training.loop import groups_per_rank
 
     if not resources.uses_torchrun:
         return
@@ -195,8 +195,8 @@ def check_world(parameters: Mapping[str, Any], resources: Resources) -> None:
     world = resources.world_size
     try:
         check_batch(config.batch_size, config.batch_size, world, 0)
-        _groups_per_rank(config.bn_groups, world, "-p bn_groups")
-        _groups_per_rank(config.key_bn_groups, world, "-p key_bn_groups")
+        groups_per_rank(config.bn_groups, world, "-p bn_groups")
+        groups_per_rank(config.key_bn_groups, world, "-p key_bn_groups")
     except ConfigError as error:
         raise ConfigError(f"{resources.nodes} node(s) x {resources.processes_per_node} GPU(s) train in "
                           f"{world} processes: {error} (or change --gpus-per-node / --nodes)") from error

@@ -2,7 +2,7 @@
 
 The task-sequence notebook trains in its own kernel: one process, one device. A cluster job holds
 several GPUs (the authors used 8), and cclnb's trainer uses them when torchrun starts it (env://
-rendezvous, `cclnb.dist`). A kernel cannot become N processes, so the notebook's training cell
+rendezvous, `cclnb.training.dist`). A kernel cannot become N processes, so the notebook's training cell
 hands its `TrainConfig` to `train` here, which runs
 
     python -m torch.distributed.run <torchrun options> -m cclnb.launch.torchrun CONFIG.json
@@ -15,7 +15,7 @@ read it unchanged. The config travels as JSON, not as `cclnb train` flags, becau
 
 Stopping: SIGTERM or SIGINT reaching the workers (SLURM at a time limit or preemption, torchrun
 forwarding its own, a notebook interrupt through the kernel's process group) makes them finish
-the step, save and exit 130 (`cclnb.trainer`); `train` then raises `Interrupted`, so the cell
+the step, save and exit 130 (`cclnb.training`); `train` then raises `Interrupted`, so the cell
 fails the way an in-kernel run that was stopped does, and the next start resumes.
 """
 
@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from cclnb import runs
 from cclnb.config import TrainConfig
 from cclnb.errors import CclnbError, ConfigError, Interrupted
+from cclnb.training import runs
 
 WORKER = "cclnb.launch.torchrun"     # `-m` target of every torchrun worker (this module)
 
@@ -111,7 +111,7 @@ def _wait(process: subprocess.Popen) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """A torchrun worker: train the config in the JSON file named by the only argument."""
-    from cclnb.trainer import train as train_run
+    from cclnb import train as train_run
 
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:

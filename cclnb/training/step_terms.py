@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from cclnb.config import TrainConfig
-from cclnb.trainer import Trainer
+from cclnb.training import Trainer
 
 # A step small enough for a notebook on a CPU: a few images per class, a small queue.
 QUICK = {"subset_per_class": 30, "batch_size": 32, "epochs": 2, "moco_k": 256, "ccl_k": 64, "n_save": 5,

@@ -23,18 +23,18 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 
-from cclnb import report, runs
-from cclnb.augment import BatchMoCoV2Augment, normalize_uint8
-from cclnb.checkpoint import backbone_state_dict
 from cclnb.config import STUDY_METHODS, TrainConfig, base_method
 from cclnb.data import ImageDataset, load_uint8, open_dataset
+from cclnb.data.augment import BatchMoCoV2Augment, normalize_uint8
 from cclnb.errors import CclnbError, DataError
 from cclnb.evaluate import extract_features
-from cclnb.models import build_backbone
-from cclnb.replay import select_min_variance, select_random
-from cclnb.trainer import SMALL_IMAGE_MAX, plan_tasks
+from cclnb.study import figures
+from cclnb.study.notebooks import REPO_ROOT
+from cclnb.training import SMALL_IMAGE_MAX, plan_tasks, runs
+from cclnb.training.checkpoint import backbone_state_dict
+from cclnb.training.models import build_backbone
+from cclnb.training.replay import select_min_variance, select_random
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 UNTRAINED = "untrained"  # the encoder choice that needs no run
 
 
@@ -248,7 +248,7 @@ class Explorer:
         ids = np.concatenate([self._examples(t, per_task) for t in range(self.n_tasks)])
         rows = [t for t in range(self.n_tasks) for _ in self._examples(t, per_task)]
         titles = [f"T{t + 1}: {name}" for t, name in zip(rows, self._titles(ids))]
-        return report.image_grid(self.images(ids), titles, n_cols=per_task, size=1.1,
+        return figures.image_grid(self.images(ids), titles, n_cols=per_task, size=1.1,
                                  title=f"{self.train.name}: {self.n_tasks} tasks (one row each)")
 
     def views_figure(self, task: int, n_images: int = 8, n_views: int = 3) -> Figure:
@@ -258,11 +258,11 @@ class Explorer:
         images = self.images(ids)
         augment = BatchMoCoV2Augment(self.image_size, blur=not self.small_images)
         generator = torch.Generator().manual_seed(self.seed + task)
-        views = [report.denormalize(augment(torch.from_numpy(images), generator=generator))
+        views = [figures.denormalize(augment(torch.from_numpy(images), generator=generator))
                  for _ in range(n_views)]
-        originals = report.denormalize(normalize_uint8(torch.from_numpy(images), self.image_size))
+        originals = figures.denormalize(normalize_uint8(torch.from_numpy(images), self.image_size))
         titles = self._titles(ids) + [f"view {v + 1}" for v in range(n_views) for _ in ids]
-        return report.image_grid(np.concatenate([originals, *views]), titles, n_cols=len(ids), size=1.1,
+        return figures.image_grid(np.concatenate([originals, *views]), titles, n_cols=len(ids), size=1.1,
                                  title=f"Task {task + 1}: images, then {n_views} MoCo v2 views")
 
     def encoder(self, run_dir: str, who: str = "student") -> torch.nn.Module:
@@ -346,7 +346,7 @@ class Explorer:
             titles += [f"{pick.method}: {name}" for name in self._titles(shown)] + [""] * pad
         summary = "\n".join(f"{p.method} ({p.source}): {len(p.ids)} ids, {len(np.unique(p.ids))} distinct"
                             + (f", first {max_show} shown" if len(p.ids) > max_show else "") for p in picks)
-        return report.image_grid(np.concatenate(blocks), titles, n_cols=n_cols, size=1.1,
+        return figures.image_grid(np.concatenate(blocks), titles, n_cols=n_cols, size=1.1,
                                  title=f"Task {task + 1} replay picks\n{summary}")
 
     def val_features(self, run_dir: str, who: str = "student", max_points: int = 2000
@@ -373,7 +373,7 @@ class Explorer:
         unit = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
         points = PCA(n_components=2, random_state=self.seed).fit_transform(unit)
         name = run_label(run_dir) + ("" if run_dir == UNTRAINED else f" ({who})")
-        return report.plot_embedding(points, tasks, title=f"PCA of {name} features (L2-normalized): "
+        return figures.plot_embedding(points, tasks, title=f"PCA of {name} features (L2-normalized): "
                                                           f"{len(feats)} val images")
 
 

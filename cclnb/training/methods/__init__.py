@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from cclnb.config import METHODS, TrainConfig, base_method
-from cclnb.methods.base import Method, StepOutputs, TrainerEnv
-from cclnb.methods.ccl import CCL
-from cclnb.methods.finetuning import Finetuning
-from cclnb.methods.joint import Joint
-from cclnb.methods.simple_replay import SimpleReplay
+from cclnb.training.methods.base import Method, StepOutputs, TrainerEnv
+from cclnb.training.methods.ccl import CCL
+from cclnb.training.methods.finetuning import Finetuning
+from cclnb.training.methods.joint import Joint
+from cclnb.training.methods.simple_replay import SimpleReplay
 
 REGISTRY: dict[str, type[Method]] = {m.name: m for m in (Finetuning, SimpleReplay, CCL, Joint)}
 assert set(REGISTRY) == set(METHODS), "every configured method needs a class"

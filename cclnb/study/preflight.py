@@ -27,7 +27,7 @@ import torch
 
 from cclnb.config import TrainConfig
 from cclnb.errors import CclnbError, ConfigError, DataError
-from cclnb.study import Step, Study, train_config, untrained_config
+from cclnb.study.plan import Step, Study, train_config, untrained_config
 
 _FLAG = re.compile(r"--([a-z][a-z0-9-]*)")
 _NOTHING_WRITTEN = "checked before any step started; nothing was written"
@@ -66,7 +66,7 @@ def _raise_first(refused: Sequence[tuple[Step, CclnbError]], kind: str, notebook
 def _training_configs(steps: Sequence[Step]) -> list[tuple[Step, TrainConfig]]:
     """The TrainConfig of every pending pretraining and untrained-baseline step, checked as the
     task-sequence notebook (`validate`) and `untrained_run` check it."""
-    from cclnb.baseline import check_config
+    from cclnb.study.baseline import check_config
 
     built: list[tuple[Step, TrainConfig]] = []
     refused: list[tuple[Step, CclnbError]] = []
@@ -109,8 +109,8 @@ def _check_linear_evals(steps: Sequence[Step]) -> None:
     """The linear-evaluation notebook's parameters, turned into `cclnb lincls` arguments and
     checked as the notebook's first cells would (the protocol's limit on the image size waits for
     the data, `_check_data`)."""
-    from cclnb.commands.lincls import notebook_args
     from cclnb.evaluate.lincls import check_arguments
+    from cclnb.evaluate.lincls_options import notebook_args
 
     refused: list[tuple[Step, CclnbError]] = []
     for step in steps:
@@ -127,7 +127,7 @@ def _check_linear_evals(steps: Sequence[Step]) -> None:
 def _check_records(study: Study, steps: Sequence[Step]) -> None:
     """Every `--records` folder must exist and hold records (a mistyped path would silently drop
     results from the report), and the report must have something to read."""
-    from cclnb.records import load_records
+    from cclnb.study.records import load_records
 
     report = study.steps[-1]   # always planned, never skipped
     extra = [Path(folder) for folder in report.parameters["records"] if Path(folder) != study.records_dir]
@@ -148,7 +148,7 @@ def _check_records(study: Study, steps: Sequence[Step]) -> None:
 
 def _check_folders(study: Study, steps: Sequence[Step]) -> None:
     """Every folder a pending step writes to must be writable, or creatable (it is not created)."""
-    from cclnb.runs import check_writable
+    from cclnb.training.runs import check_writable
 
     folders = {step.output.parent for step in steps} | {step.log.parent for step in steps if step.log}
     folders |= {Path(step.parameters["out_dir"]) for step in steps if step.notebook == "report"}
@@ -162,7 +162,7 @@ def _check_data(configs: Sequence[tuple[Step, TrainConfig]], steps: Sequence[Ste
     that the linear evaluation's protocol suits the runs' image size."""
     from cclnb.data import open_dataset
     from cclnb.evaluate.lincls import check_probe_size
-    from cclnb.trainer import plan_tasks, resolve_config
+    from cclnb.training import plan_tasks, resolve_config
 
     opened = {}
     image_size: dict[str | None, int] = {}   # run_dir -> the image size the run trains at

@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from cclnb.augment import BatchMoCoV2Augment, anchor_transform, anchor_uint8, moco_v2_transform
+from cclnb.data.augment import BatchMoCoV2Augment, anchor_transform, anchor_uint8, moco_v2_transform
 from cclnb.errors import ConfigError
 
 

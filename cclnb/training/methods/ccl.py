@@ -32,14 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from cclnb.errors import ConfigError
-from cclnb.losses import at_least_fp32, distillation_kl, info_nce_queue
-from cclnb.methods.base import Method, StepOutputs, TrainerEnv
-from cclnb.methods.simple_replay import random_replay
-from cclnb.models import MoCo, copy_parameters, grouped_forward, reset_bn_statistics
-from cclnb.replay import select_min_variance
+from cclnb.training.losses import at_least_fp32, distillation_kl, info_nce_queue
+from cclnb.training.methods.base import Method, StepOutputs, TrainerEnv
+from cclnb.training.methods.simple_replay import random_replay
+from cclnb.training.models import MoCo, copy_parameters, grouped_forward, reset_bn_statistics
+from cclnb.training.replay import select_min_variance
 
 if TYPE_CHECKING:
-    from cclnb.batches import Batch
+    from cclnb.data.batches import Batch
 
 N_SELECTION_VIEWS = 6   # MoCo v2 views per image for the min-variance score (+ the anchor view)
 

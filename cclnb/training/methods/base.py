@@ -17,9 +17,9 @@ import torch
 from cclnb.config import TrainConfig
 
 if TYPE_CHECKING:
-    from cclnb.batches import Batch
-    from cclnb.dist import DistContext
-    from cclnb.models import MoCo
+    from cclnb.data.batches import Batch
+    from cclnb.training.dist import DistContext
+    from cclnb.training.models import MoCo
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cclnb.methods.base import Method
+from cclnb.training.methods.base import Method
 
 
 class Joint(Method):

@@ -26,7 +26,6 @@ import datetime
 import itertools
 import math
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,13 +37,12 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from cclnb import dist, runs
-from cclnb.batches import Batch, TensorFeeder, WorkerFeeder, epoch_order
 from cclnb.config import ARCHS, STEMS, TrainConfig
 from cclnb.data import load_uint8, open_dataset
+from cclnb.data.batches import Batch, TensorFeeder, WorkerFeeder, epoch_order
 from cclnb.errors import ConfigError
-from cclnb.precision import cpu_model, native_bf16_flags, resolve_precision
-from cclnb.trainer import SMALL_IMAGE_MAX, TaskPlan, Trainer
+from cclnb.training import SMALL_IMAGE_MAX, TaskPlan, Trainer, dist, runs
+from cclnb.training.precision import cpu_model, native_bf16_flags, resolve_precision
 
 REPLAY_FRACTION = 0.2        # share of replayed ("old") samples per batch in the CCL step
 CEILING_BATCHES = 4          # distinct pre-augmented batches cycled through for the ceiling rows
@@ -69,7 +67,7 @@ class BenchOptions:
     batch_size: int = 512
     steps: int = 50
     warmup: int = 3
-    precision: str = "auto"     # auto (cclnb.precision's rule) | fp32 | bf16 | both
+    precision: str = "auto"     # auto (cclnb.training.precision's rule) | fp32 | bf16 | both
     data: str = "demo"
     workers: int = 8
     compile: bool = False
@@ -261,8 +259,8 @@ class StepFactory:
     """One trainer per (step kind, precision, compile), built on first use and kept: the trainer
     owns the model, optimizer, queues and method, and its `train_step` is what is timed."""
 
-    def __init__(self, options: BenchOptions, images: np.ndarray, ctx: dist.DistContext, run_dir: Path) -> None:
-        self.options, self.images, self.ctx, self.run_dir = options, images, ctx, run_dir
+    def __init__(self, options: BenchOptions, images: np.ndarray, ctx: dist.DistContext) -> None:
+        self.options, self.images, self.ctx = options, images, ctx
         self.generator = torch.Generator(device=ctx.device).manual_seed(0)
         self._trainers: dict[tuple[str, str, bool], Trainer] = {}
 
@@ -280,8 +278,7 @@ class StepFactory:
         config = _config(self.options, STEP_KINDS[kind], precision, compile_, "tensor")
         ids = np.arange(len(self.images))
         plan = TaskPlan(task_classes=[np.arange(1)], task_ids=[ids], n_classes=1)
-        trainer = Trainer(config, self.images, plan, self.run_dir, self.ctx,
-                          runs.TrainLog(self.run_dir, enabled=False), evaluator=None)
+        trainer = Trainer(config, self.images, plan, self.ctx)   # no run directory: writes nothing
         # MoCo: the first task. CCL: the second, where the teacher and the extra queue take part,
         # at its second epoch: the teacher then runs in train mode as in every epoch but a task's
         # first (in the first it runs in eval mode and fp32, see docs/performance.md).
@@ -378,18 +375,17 @@ def run_bench(options: BenchOptions, command: str = "cclnb bench") -> BenchResul
 
     peak_size = PEAK_MATMUL_SIZE[device.type]
     peaks = {precision: matmul_peak_gflops(device, precision, peak_size) for precision in precisions}
-    with tempfile.TemporaryDirectory(prefix="cclnb-bench-") as tmp:
-        steps = StepFactory(options, images[:options.batch_size], ctx, Path(tmp))
-        flops, forward_flops = step_flops(steps, prepared, main)
-        jobs = [(row, make, precision, compile_, kind) for row, make, precision, compile_ in plan
-                for kind in STEP_KINDS]
-        for row, make, precision, compile_, kind in tqdm(jobs, desc="bench", unit="row"):
-            first_s, speed = time_steps(steps.get(kind, precision, compile_), make, options.warmup,
-                                        options.steps, options.batch_size, device)
-            row.img_per_s[kind] = speed
-            if kind == "MoCo" and make is not ceiling_batches:
-                row.first_batch_s = first_s
-        aug_speed = _augmentation_speed(tensor_batches, options, device)
+    steps = StepFactory(options, images[:options.batch_size], ctx)
+    flops, forward_flops = step_flops(steps, prepared, main)
+    jobs = [(row, make, precision, compile_, kind) for row, make, precision, compile_ in plan
+            for kind in STEP_KINDS]
+    for row, make, precision, compile_, kind in tqdm(jobs, desc="bench", unit="row"):
+        first_s, speed = time_steps(steps.get(kind, precision, compile_), make, options.warmup,
+                                    options.steps, options.batch_size, device)
+        row.img_per_s[kind] = speed
+        if kind == "MoCo" and make is not ceiling_batches:
+            row.first_batch_s = first_s
+    aug_speed = _augmentation_speed(tensor_batches, options, device)
 
     rows = [row for row, *_ in plan]
     tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32

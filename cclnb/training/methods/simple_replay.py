@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cclnb.methods.base import Method
-from cclnb.replay import select_random
+from cclnb.training.methods.base import Method
+from cclnb.training.replay import select_random
 
 
 class SimpleReplay(Method):

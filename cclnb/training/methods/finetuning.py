@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cclnb.methods.base import Method
+from cclnb.training.methods.base import Method
 
 
 class Finetuning(Method):

@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cclnb import dist, runs
-from cclnb.checkpoint import save_checkpoint
 from cclnb.config import TrainConfig
 from cclnb.data import open_dataset
 from cclnb.errors import ConfigError
-from cclnb.models import MoCo
-from cclnb.report import UNTRAINED, UNTRAINED_BN
+from cclnb.study.report import UNTRAINED, UNTRAINED_BN
+from cclnb.training import dist, runs
+from cclnb.training.checkpoint import save_checkpoint
+from cclnb.training.models import MoCo
 
 CALIBRATION_PER_CLASS = 100  # training images per class whose statistics `untrained-bn` takes
 
@@ -71,8 +71,8 @@ def untrained_run(config: TrainConfig, calibrate_bn: bool = False) -> Path:
     class of the sequence (method `untrained-bn`).
     """
     from cclnb.data import subset_per_class
-    from cclnb.evaluate import calibrate_batchnorm
-    from cclnb.trainer import _make_evaluator, eval_inputs, plan_tasks, resolve_config
+    from cclnb.evaluate import calibrate_batchnorm, eval_inputs, task_evaluator
+    from cclnb.training import plan_tasks, resolve_config
 
     check_config(config)
     train_ds = open_dataset(config.data, "train", config.dataset, config.imagenetsub, config.download)
@@ -91,7 +91,7 @@ def untrained_run(config: TrainConfig, calibrate_bn: bool = False) -> Path:
     runs.write_config(run_dir, {**config.to_dict(), "method": method}, {"world_size": 1})
     save_checkpoint({"model": model.state_dict(), "seed": config.seed,
                      "config": dataclasses.asdict(config)}, runs.checkpoint_path(run_dir))
-    evaluate = _make_evaluator(config, train_ds, plan, run_dir, ctx)
+    evaluate = task_evaluator(config, train_ds, plan, run_dir, ctx)
     evaluate(model.encoder_q.backbone, 0, "student")
     runs.write_status(run_dir, "complete", task=0, n_tasks=config.n_tasks)
     return run_dir

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cclnb.errors import ConfigError
-from cclnb.losses import min_variance_spread
+from cclnb.training.losses import min_variance_spread
 
 
 def select_random(ids: np.ndarray, n: int, rng: np.random.Generator, with_replacement: bool) -> np.ndarray:

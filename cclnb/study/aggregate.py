@@ -19,7 +19,7 @@ anything but the seed (and runtime-only fields) are not the same experiment, so 
 refuses them from the average and says which field differs.
 
 Everything here is a pure function of plain data (dicts of configs, pandas frames of rows),
-so it is tested on synthetic numbers; `cclnb.records` reads the files and `cclnb.report` draws.
+so it is tested on synthetic numbers; `cclnb.study.records` reads the files and `cclnb.study.report` draws.
 """
 
 from __future__ import annotations

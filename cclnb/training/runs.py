@@ -139,8 +139,8 @@ def environment_info() -> dict[str, Any]:
     import torch
     import torchvision
 
+    from cclnb.training.precision import cpu_model
     import cclnb
-    from cclnb.precision import cpu_model
 
     hardware: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                                 "cpu_model": cpu_model(), "cuda_available": torch.cuda.is_available()}

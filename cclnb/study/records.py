@@ -12,7 +12,7 @@ machines: a record written on one machine and committed (or copied) into
 - `train_loss`: one row per (task, epoch): mean losses and lr, median img/s, elapsed time;
 - `throughput` and `provenance` (commit, device, versions, start date).
 
-`as_run` turns a record back into a `cclnb.report.Run`, so every table and figure of the report
+`as_run` turns a record back into a `cclnb.study.report.Run`, so every table and figure of the report
 works the same on records as on run directories.
 """
 
@@ -27,9 +27,9 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from cclnb import aggregate, report
 from cclnb.errors import DataError
-from cclnb.runs import write_json
+from cclnb.study import aggregate, report
+from cclnb.training.runs import write_json
 
 FORMAT = "cclnb-record-v1"
 RECORDS_FOLDER = "runs"            # reports/<study>/runs/

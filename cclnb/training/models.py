@@ -1,7 +1,7 @@
 """Networks of the study: the ResNet backbone, the projection head, and MoCo v2.
 
 Parameter names follow torchvision (`conv1`, `bn1`, `layer1..4`) so that the authors' checkpoints
-(`module.encoder_q.conv1.weight`, ...) map onto ours by stripping a prefix; see `cclnb.checkpoint`.
+(`module.encoder_q.conv1.weight`, ...) map onto ours by stripping a prefix; see `cclnb.training.checkpoint`.
 
 Per-GPU BatchNorm. The authors train on 8 GPUs without SyncBatchNorm, so every train-mode forward
 (query, key, CCL's anchor and teacher passes) normalizes over one GPU's 32 samples, and DDP then

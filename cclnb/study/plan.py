@@ -1,0 +1,199 @@
+"""A study's plan: the ordered steps of every (method, seed), resolved before anything runs.
+
+A study is, for every seed: the task-sequence notebook once per method (pretraining over the
+task sequence), the untrained encoder those runs start from, as built and with BatchNorm statistics
+of the data (`cclnb.study.baseline`), the linear-evaluation notebook for each encoder (student, and
+the teacher where the method has one), and a record of each finished (method, seed) in
+`reports/<study>/runs/` (`cclnb.study.records`); then the report notebook, which reads only records.
+A finished step is skipped on the next call.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from cclnb.config import ABLATIONS, METHODS, TrainConfig, canonical_method
+from cclnb.errors import ConfigError, DataError
+from cclnb.study.notebooks import NOTEBOOKS, notebook_parameters, notebook_path, split_overrides
+from cclnb.study.presets import Preset, check_preset, get_preset
+from cclnb.study.records import RECORDS_FOLDER, record_name
+from cclnb.study.report import BASELINES, UNTRAINED_BN
+
+TEACHER_METHODS = ("CCL", *ABLATIONS)  # methods whose run keeps a momentum teacher worth probing
+
+
+@dataclass
+class Step:
+    """One step of the study: a notebook execution, or an in-process `action` (the untrained
+    encoder, writing a record) whose `notebook` names its kind."""
+
+    label: str                       # "CCL seed 0: task sequence"
+    notebook: str                    # task_sequence | linear_eval | report | untrained | record
+    output: Path                     # the executed copy, or the file the action writes
+    parameters: dict[str, Any]
+    done: bool = False               # finished by an earlier call: skipped
+    action: Callable[[], object] | None = None
+    group: str = ""                  # steps of one group run in order ("CCL seed 0")
+    log: Path | None = None          # an action's log: where a failure leaves its traceback
+
+
+@dataclass
+class Study:
+    name: str
+    preset: Preset
+    runs_dir: Path
+    report_dir: Path
+    steps: list[Step]
+    jobs: int
+    seeds: tuple[int, ...] = (0,)
+    forced: tuple[Path, ...] = ()    # run directories --force deletes once the pre-flight has passed
+
+    @property
+    def html(self) -> Path:
+        return self.report_dir / "index.html"
+
+    @property
+    def records_dir(self) -> Path:
+        return self.report_dir / RECORDS_FOLDER
+
+
+def _training_done(run_dir: Path) -> bool:
+    status = run_dir / "status.json"
+    if not status.is_file():
+        return False
+    try:
+        return json.loads(status.read_text(encoding="utf-8")).get("state") == "complete"
+    except json.JSONDecodeError:
+        return False
+
+
+def train_config(parameters: Mapping[str, Any]) -> TrainConfig:
+    """The TrainConfig the task-sequence notebook builds from these parameters (its names are
+    TrainConfig fields; `extra` holds any other field; `torchrun_args` says how to launch it)."""
+    values = {k: v for k, v in parameters.items() if k not in ("extra", "torchrun_args")}
+    return TrainConfig.from_dict({**values, **(parameters.get("extra") or {})})
+
+
+def untrained_config(parameters: Mapping[str, Any]) -> TrainConfig:
+    """The TrainConfig of an untrained-baseline step: the task-sequence one under any valid method
+    (the baseline never trains and records itself as untrained)."""
+    return train_config({**parameters, "method": METHODS[0]})
+
+
+def _untrained(parameters: Mapping[str, Any], calibrate_bn: bool) -> Path:
+    from cclnb.study.baseline import untrained_run
+
+    return untrained_run(untrained_config(parameters), calibrate_bn)
+
+
+def _record(run_dir: Path, folder: Path, study: str) -> Path:
+    from cclnb.study.records import write_record
+
+    return write_record(run_dir, folder, study)
+
+
+def _seeds(seeds: Sequence[int] | None, preset: Preset) -> tuple[int, ...]:
+    chosen = tuple(dict.fromkeys(int(s) for s in (preset.seeds if seeds is None else seeds)))
+    if not chosen or any(s < 0 for s in chosen):
+        raise ConfigError(f"--seeds needs one or more non-negative integers, got {list(seeds or [])}")
+    return chosen
+
+
+def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root: str | Path = "runs",
+               reports_root: str | Path = "reports", methods: Sequence[str] | None = None,
+               study: str | None = None, force: bool = False, jobs: int | None = None,
+               seeds: Sequence[int] | None = None, baseline: bool = True,
+               records: Sequence[str | Path] = (), report_only: bool = False,
+               notebooks_dir: str | Path | None = None) -> Study:
+    """Resolve the preset and `-p` overrides into the ordered steps (nothing runs yet).
+
+    Seed by seed (so an interrupted study leaves whole seeds): every method's task sequence in
+    `runs/<study>/<method>/seed<k>`, the two untrained baselines (`baseline`), the linear evals, and a
+    record per (method, seed) in `reports/<study>/runs/`; then the report, which reads the
+    records there and in the extra `records` folders. A (method, seed) whose run directory is
+    complete is skipped (its record is rewritten from it); a half-finished run resumes from its
+    last checkpoint; with `force` the selected run directories are planned afresh and `run_study`
+    deletes them once its pre-flight has passed (planning changes nothing on disk).
+    `report_only` plans only the report (records from other machines, nothing to train).
+    `jobs` (default: the preset's) is how many (method, seed) runs proceed at once.
+    """
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    specs = {nb: notebook_parameters(notebook_path(nb, notebooks_dir)) for nb in NOTEBOOKS}
+    routed = split_overrides(overrides, specs)
+    params = {nb: {**preset.parameters(nb), **routed[nb]} for nb in NOTEBOOKS}
+    check_preset(preset, specs)
+    data = params["task_sequence"].get("data")
+    if data is None:
+        raise ConfigError(f"preset {preset.name!r} needs its data: pass -p data=PATH "
+                          f"({preset.data_hint or 'the dataset location'})")
+    if data != "demo" and Path(data).exists():
+        # The notebooks run in other working directories: a path relative to the caller's
+        # must reach them absolute.
+        params["task_sequence"]["data"] = str(Path(data).resolve())
+    chosen = [canonical_method(m) for m in (methods or preset.methods)]
+    chosen_seeds = _seeds(seeds, preset)
+    name = study or preset.name
+    runs_dir = Path(runs_root).resolve() / name
+    report_dir = Path(reports_root).resolve() / name
+    records_dir = report_dir / RECORDS_FOLDER
+    steps: list[Step] = []
+    forced: list[Path] = []
+    for seed in ([] if report_only else chosen_seeds):
+        for method in [*chosen, *(BASELINES if baseline else ())]:
+            run_dir = runs_dir / method / f"seed{seed}"
+            if force and run_dir.exists():
+                forced.append(run_dir)
+            steps += _method_steps(method, seed, run_dir, params, records_dir, name, fresh=force)
+    folders = [str(records_dir), *(str(Path(f).resolve()) for f in records)]
+    steps.append(Step("report", "report", runs_dir / "report.ipynb",
+                      {**params["report"], "study": name, "records": folders,
+                       "budget": _budget_folders(params["report"].get("budget") or []),
+                       "out_dir": str(report_dir)}))
+    jobs = preset.jobs if jobs is None else jobs
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1 (1 runs one notebook at a time), got {jobs}")
+    return Study(name, preset, runs_dir, report_dir, steps, jobs, chosen_seeds, tuple(forced))
+
+
+def _budget_folders(folders: Sequence[str]) -> list[str]:
+    """The budget axis' records folders as absolute paths (the report's kernel runs elsewhere), each
+    checked to hold records: a typo must not silently drop a point of the axis."""
+    resolved = [Path(f).resolve() for f in folders]
+    for folder in resolved:
+        if not any(folder.glob("*-seed*.json")):
+            raise DataError(f"-p report.budget names {folder}, which holds no study records "
+                              f"(<method>-seed<k>.json); pass the runs/ folder of another study of this preset")
+    return [str(f) for f in resolved]
+
+
+def _method_steps(method: str, seed: int, run_dir: Path, params: Mapping[str, dict[str, Any]],
+                  records_dir: Path, study: str, fresh: bool) -> list[Step]:
+    """Pretraining (or the untrained encoder), linear evals and the record of one (method, seed);
+    `fresh`: as if `run_dir` were empty (--force deletes it before the first step)."""
+    trained = not fresh and _training_done(run_dir)
+    who_list = ("student", "teacher") if method in TEACHER_METHODS else ("student",)
+    label = f"{method} seed {seed}"
+    train_params = {**params["task_sequence"], "method": method, "run_dir": str(run_dir), "seed": seed}
+    if method in BASELINES:
+        first = Step(f"{label}: evaluate at initialisation", "untrained", run_dir / "config.json",
+                     train_params, done=trained,
+                     action=functools.partial(_untrained, train_params, method == UNTRAINED_BN),
+                     log=run_dir / "untrained.log")
+    else:
+        resume = str(run_dir) if not fresh and (run_dir / "checkpoints" / "last.pt").is_file() else None
+        first = Step(f"{label}: task sequence", "task_sequence", run_dir / "task_sequence.ipynb",
+                     {**train_params, "resume": None if trained else resume}, done=trained)
+    evals = [Step(f"{label}: linear eval ({who})", "linear_eval", run_dir / f"linear_eval_{who}.ipynb",
+                  {**params["linear_eval"], "run_dir": str(run_dir), "who": who, "seed": seed},
+                  done=trained and (run_dir / f"lincls_{who}.json").is_file())
+             for who in who_list]
+    record = Step(f"{label}: record", "record", records_dir / record_name(method, seed), {},
+                  action=functools.partial(_record, run_dir, records_dir, study), log=run_dir / "record.log")
+    steps = [first, *evals, record]
+    for step in steps:
+        step.group = label
+    return steps

@@ -1,0 +1,265 @@
+"""Running a study's plan: papermill steps (several at once), failures named, the report rendered.
+
+Every step's executed notebook is kept next to its run, so a result can always be traced to the
+cells that produced it; a failed step names the notebook and the cell, leaving everything already
+done in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from cclnb.errors import CclnbError
+from cclnb.study.notebooks import notebook_path
+from cclnb.study.plan import Step, Study
+
+
+class StudyStepFailed(CclnbError):
+    """Steps of the study raised; each `StepFailure` names the file that holds its traceback."""
+
+    exit_code = 6
+
+    def __init__(self, failures: Sequence[StepFailure], message: str) -> None:
+        super().__init__(message)
+        self.failures = list(failures)
+
+
+_RERUN = ("everything finished before is kept, so fix the cause and run the same command again "
+          "to continue")
+
+
+@dataclass(frozen=True)
+class StepFailure:
+    """One failed step: which, where it raised, why, and the file that holds the traceback.
+
+    `cause` (the exception's name and message) is what several failures are grouped by: one fault
+    that stops every run of a study is said once, with the first file to read and a log of all.
+    """
+
+    step: str      # "[3/13] CCL seed 0: task sequence"
+    where: str     # "notebooks/task_sequence.ipynb, cell 3 (In [2]: `...`)" or "cclnb (in process)"
+    cause: str     # "ConfigError: --epochs must be >= 1, got 0"
+    trace: Path    # the executed notebook, or the log holding the traceback
+
+    def __str__(self) -> str:
+        return f"{self.step} failed in {self.where}: {self.cause}. The traceback is in {self.trace}"
+
+
+def _notebook_failure(step: Step, index: int, total: int, cell: str, cause: str,
+                      trace: Path | None = None) -> StepFailure:
+    where = f"notebooks/{step.notebook}.ipynb" + (f", {cell}" if cell else "")
+    return StepFailure(f"[{index}/{total}] {step.label}", where, cause, trace or step.output)
+
+
+def _failed(failures: Sequence[StepFailure], log: Path) -> StudyStepFailed:
+    """The study's failed steps as one error. One failure is said in full; several are grouped
+    by cause, each cause once with its count and first traceback, and every failure is listed in
+    `log` (written here)."""
+    if len(failures) == 1:
+        return StudyStepFailed(failures, f"{failures[0]}; {_RERUN}")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("".join(f"{failure}\n" for failure in failures), encoding="utf-8")
+    groups: dict[str, list[StepFailure]] = {}
+    for failure in failures:
+        groups.setdefault(failure.cause, []).append(failure)
+    causes = "; ".join(f"{len(group)} run{'s' if len(group) > 1 else ''} failed: {cause} "
+                       f"(first: {group[0].trace}; all: {log})" for cause, group in groups.items())
+    return StudyStepFailed(failures, f"{causes}. {_RERUN[0].upper()}{_RERUN[1:]}")
+
+
+def _cell_detail(cell_index: int, exec_count: int | None, source: str, ename: str,
+                 evalue: str) -> tuple[str, str]:
+    """(the cell, the cause) of a notebook's error."""
+    first_line = next((line for line in source.splitlines() if line.strip()), "")
+    return f"cell {cell_index} (In [{exec_count}]: `{first_line.strip()}`)", f"{ename}: {evalue}"
+
+
+def _subprocess_failure(step: Step, index: int, total: int) -> StepFailure:
+    """A notebook run in its own process failed: the first cell with an error output in its
+    executed copy; without one, its log (papermill's own error, or the kernel's death)."""
+    import nbformat
+
+    log = step.output.with_suffix(".log")
+    if not step.output.is_file():
+        return _notebook_failure(step, index, total, "", "stopped before the notebook started (no "
+                                 "executed copy was written)", log)
+    nb = nbformat.read(str(step.output), as_version=4)
+    for cell_index, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                return _notebook_failure(step, index, total, *_cell_detail(
+                    cell_index, cell.get("execution_count"), cell.source, out.get("ename", "?"),
+                    out.get("evalue", "")))
+    return _notebook_failure(step, index, total, "", "the kernel died or was killed without a cell "
+                             "error (out of memory?)", log)
+
+
+def execute_step(step: Step, notebooks_dir: str | Path | None = None) -> None:
+    """Run one notebook in-process through papermill (the kernel is the venv's python3).
+
+    The notebook's own output (the trainer's and evaluation's tqdm bars) is streamed to this
+    terminal as it runs, so a long step shows its progress rather than one silent cell.
+    """
+    import papermill
+    from nbclient.exceptions import DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    step.output.parent.mkdir(parents=True, exist_ok=True)  # papermill does not create it
+    try:
+        papermill.execute_notebook(str(notebook_path(step.notebook, notebooks_dir)), str(step.output),
+                                   parameters=step.parameters, kernel_name="python3",
+                                   progress_bar=False, log_output=True, stdout_file=sys.stdout,
+                                   stderr_file=sys.stderr, cwd=str(step.output.parent))
+    except PapermillExecutionError as error:
+        raise _StepError(*_cell_detail(error.cell_index, error.exec_count, error.source,
+                                       error.ename, error.evalue)) from error
+    except DeadKernelError as error:
+        raise _StepError("", f"the kernel died ({error}); out of memory?") from error
+
+
+class _StepError(Exception):
+    """Internal: a step failed in (cell, cause); `run_study` adds the step's number and label."""
+
+
+def _launch(step: Step, notebooks_dir: str | Path | None, threads: int, **popen: Any) -> subprocess.Popen:
+    """Start papermill for `step` as its own process, its output in `<output>.log`; the kernel
+    gets `threads` CPU threads (OMP_NUM_THREADS, unless the caller set it) so that concurrent
+    notebooks share the cores instead of oversubscribing them. `popen`: further `subprocess.Popen`
+    arguments (a cluster job starts its notebooks deaf to the scheduler's signals, `cclnb.launch.job`)."""
+    step.output.parent.mkdir(parents=True, exist_ok=True)
+    params_file = step.output.with_suffix(".parameters.json")
+    params_file.write_text(json.dumps(step.parameters, indent=1))
+    command = [sys.executable, "-m", "papermill", str(notebook_path(step.notebook, notebooks_dir)),
+               str(step.output), "-f", str(params_file), "-k", "python3", "--no-progress-bar",
+               "--log-output", "--cwd", str(step.output.parent)]
+    env = {"OMP_NUM_THREADS": str(threads), **os.environ}
+    with open(step.output.with_suffix(".log"), "w", encoding="utf-8") as log:  # the child keeps its copy
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, **popen)
+
+
+def _run_action(step: Step, index: int, total: int, log: Callable[[str], None]) -> StepFailure | None:
+    """An in-process step (untrained encoder, record): short, so one line when done. A failure's
+    traceback goes to the step's log, and is returned to be reported with the others."""
+    tic = time.monotonic()
+    try:
+        step.action()
+    except CclnbError as error:
+        step.log.parent.mkdir(parents=True, exist_ok=True)
+        step.log.write_text(traceback.format_exc(), encoding="utf-8")
+        return StepFailure(f"[{index}/{total}] {step.label}", "cclnb (in process)",
+                           f"{type(error).__name__}: {error}", step.log)
+    log(f"[{index}/{total}] {step.label}: done in {time.monotonic() - tic:.0f} s ({step.output})")
+    return None
+
+
+def _run_concurrently(pending: list[tuple[int, Step]], jobs: int, notebooks_dir: str | Path | None,
+                      log: Callable[[str], None], total: int) -> list[StepFailure]:
+    """Run the groups of `pending` (each group's steps in order) with up to `jobs` notebooks at
+    once. A failed step drops the rest of its group; the other groups finish; returns the
+    failures."""
+    queues: dict[str, list[tuple[int, Step]]] = {}
+    for index, step in pending:
+        queues.setdefault(step.group, []).append((index, step))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    running: dict[str, tuple[int, Step, subprocess.Popen, float]] = {}
+    failures: list[StepFailure] = []
+    while queues or running:
+        for group in [g for g in queues if g not in running]:
+            if len(running) >= jobs:   # in-process steps take a slot too: the CPU is shared
+                break
+            queue = queues[group]
+            while queue and queue[0][1].action is not None:
+                index, step = queue.pop(0)
+                failure = _run_action(step, index, total, log)
+                if failure is not None:
+                    failures.append(failure)
+                    queue.clear()
+            if queue and len(running) < jobs:
+                index, step = queue.pop(0)
+                log(f"[{index}/{total}] {step.label} ... (log {step.output.with_suffix('.log')})")
+                running[group] = (index, step, _launch(step, notebooks_dir, threads), time.monotonic())
+            if not queue:
+                del queues[group]
+        time.sleep(0.2)
+        for group, (index, step, proc, tic) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[group]
+            if proc.returncode == 0:
+                log(f"[{index}/{total}] {step.label}: done in {time.monotonic() - tic:.0f} s")
+            else:
+                failures.append(_subprocess_failure(step, index, total))
+                queues.pop(group, None)
+    return failures
+
+
+def render_html(executed: Path, html: Path) -> Path:
+    """The executed report notebook as one offline HTML page: code hidden, images embedded."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True,
+                            exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(str(executed), as_version=4))
+    html.parent.mkdir(parents=True, exist_ok=True)
+    html.write_text(body, encoding="utf-8")
+    return html
+
+
+def run_study(study: Study, notebooks_dir: str | Path | None = None,
+              log: Callable[[str], None] = print) -> Path:
+    """Execute the plan's pending steps and render the report; returns index.html.
+
+    With `study.jobs` > 1, up to that many (method, seed) runs proceed at once, each notebook
+    in its own papermill process (output in `<notebook>.log` beside its executed copy); else
+    every step runs in this process, in order, its output streamed here. The report comes last.
+    First the pre-flight (`cclnb.study.preflight`) checks everything knowable before a step starts, and
+    only then does --force delete the runs it names. A failure raises StudyStepFailed naming the
+    step and the file with its traceback (after the concurrent runs have finished; several failures
+    are grouped by cause and listed in `runs/<study>/failures.log`).
+    """
+    from cclnb.study.preflight import check_study
+
+    check_study(study)
+    for run_dir in study.forced:
+        shutil.rmtree(run_dir)
+    failures_log = study.runs_dir / "failures.log"
+    total = len(study.steps)
+    numbered = list(enumerate(study.steps, start=1))
+    started = time.monotonic()
+    for index, step in numbered:
+        if step.done:
+            log(f"[{index}/{total}] {step.label}: already complete, skipped ({step.output.parent})")
+    pending = [(i, s) for i, s in numbered if not s.done]
+    if study.jobs > 1:
+        failures = _run_concurrently(pending[:-1], study.jobs, notebooks_dir, log, total)
+        if failures:
+            raise _failed(failures, failures_log)
+        pending = pending[-1:]
+    for index, step in pending:
+        if step.action is not None:
+            failure = _run_action(step, index, total, log)
+            if failure is not None:
+                raise _failed([failure], failures_log)
+            continue
+        log(f"[{index}/{total}] {step.label} ...")
+        tic = time.monotonic()
+        try:
+            execute_step(step, notebooks_dir)
+        except _StepError as error:
+            raise _failed([_notebook_failure(step, index, total, *error.args)],
+                          failures_log) from error.__cause__
+        log(f"[{index}/{total}] {step.label}: done in {time.monotonic() - tic:.0f} s")
+    html = render_html(study.steps[-1].output, study.html)
+    log(f"study {study.name!r} finished in {time.monotonic() - started:.0f} s; report: {html}")
+    return html
