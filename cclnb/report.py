@@ -160,8 +160,10 @@ def _seeds_note(members: Sequence[Run]) -> str:
 def dataset_label(config: dict[str, Any]) -> str:
     """A short dataset name for tables: the data file's stem (`-sub` for ImageNet-Sub)."""
     data = config.get("data")
-    if config.get("dataset") == "demo" or data == "demo":
+    if data == "demo-digits":
         return "demo-digits"
+    if config.get("dataset") == "demo" or data == "demo":
+        return "demo-shapes"
     if not data:
         return str(config.get("dataset", "?"))
     name = Path(str(data).rstrip("/")).name

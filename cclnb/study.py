@@ -20,6 +20,7 @@ everything already done in place.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import json
 import os
@@ -31,7 +32,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from cclnb.config import ABLATIONS, METHODS, TrainConfig, canonical_method
 from cclnb.errors import CclnbError, ConfigError, DataError
@@ -46,6 +47,9 @@ RUNNER_PARAMETERS = {"task_sequence": {"method", "run_dir", "resume", "seed"},
                      "linear_eval": {"run_dir", "who", "seed"},
                      "report": {"records", "out_dir", "study"}}
 RUNNER_OPTIONS = {"seed": "--seeds", "records": "--records"}  # the option to use instead of -p
+# Arguments of every notebook's kernel. ipykernel warns at every start that its local TCP sockets
+# are unencrypted, which tells a study's user nothing; its errors still show.
+KERNEL_ARGUMENTS = ("--IPKernelApp.log_level=ERROR",)
 
 
 class StudyStepFailed(CclnbError):
@@ -73,7 +77,11 @@ class Preset:
     error says when the preset's data is not on this machine. `jobs`: how many (method, seed)
     runs proceed at once, each notebook in its own process (one GPU holds several small runs; on
     a small CPU two processes hide each other's kernel start-up). `seeds`: every method runs once
-    per seed (`--seeds` overrides).
+    per seed (`--seeds` overrides). `threads`: CPU threads of every step, pinned (OMP_NUM_THREADS of
+    each notebook's process, and torch's for the in-process steps) whatever the machine's core
+    count or the caller's environment; None divides the cores among the jobs. A CPU study whose
+    numbers must repeat pins it: a bf16 convolution's gradient differs in its last bits between 1
+    and 2 threads, and a few hundred steps turn that into different accuracies.
     """
 
     name: str
@@ -85,6 +93,7 @@ class Preset:
     data_hint: str = ""
     jobs: int = 1
     seeds: tuple[int, ...] = (0,)
+    threads: int | None = None
 
     def parameters(self, notebook: str) -> dict[str, Any]:
         return dict(getattr(self, notebook))
@@ -102,24 +111,25 @@ _GPU_LINCLS = {"protocol": "lincls", "epochs": 100, "device": "cuda", "precision
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset(
         name="demo",
-        description="embedded digits (10 classes, 32 px), 5 tasks of 2 classes, CPU, ResNet-18 "
-                    "with the ImageNet stem in bf16, fast feature probe, 3 seeds: minutes on 2 cores",
+        description="embedded shapes (10 classes, 32 px), 5 tasks of 2 classes, CPU, ResNet-18 at "
+                    "an eighth of its width with the 3x3 stem, bf16, fast feature probe, 3 seeds: "
+                    "minutes on 2 cores",
         # Chosen by measurement on this project's 2-core CPU (docs/study.md, "The demo preset"):
-        # batch 32 = one of the authors' GPUs (query BatchNorm over the 32, keys shuffled over 2
-        # groups of 16), key momentum 0.99 so the key encoder follows within a ~40-step task,
-        # lr 0.03 (0.3 drives the MoCo loss to ln(K+1) and keeps it there), a queue of 256, bf16.
-        # 2 epochs per task, a kNN bank of 50 images per class and 50 L-BFGS iterations for the
-        # probe keep three seeds and both untrained baselines within 5 minutes (4 epochs, the full
-        # bank, 100 iterations: 366 s; 3 epochs: 310 s, one baseline). More epochs do not learn
-        # more here (docs/study.md, "The demo preset").
-        task_sequence={**_MOCO_V2, "dataset": "demo", "data": "demo", "n_tasks": 5, "epochs": 2,
-                       "arch": "resnet18", "stem": "imagenet", "image_size": 32, "batch_size": 32,
-                       "bn_groups": 1, "key_bn_groups": 2, "moco_m": 0.99, "moco_k": 256,
-                       "ccl_k": 128, "device": "cpu", "precision": "bf16", "eval_each_task": "knn",
-                       "eval_teacher": True, "eval_bank_per_class": 50, "knn_k": 20},
-        linear_eval={"protocol": "probe", "epochs": 50, "device": "cpu", "workers": 0},
-        report={"title": "cclnb demo study: continual MoCo v2 on embedded digits"},
-        seeds=(0, 1, 2), jobs=2),
+        # the shapes, on which random features score about 34% kNN and MoCo learns form within a
+        # few hundred steps; the 3x3 stem keeps all 32 px and an eighth of the channels keeps a
+        # step cheap; batch 32 = one of the authors' GPUs (query BatchNorm over the 32, keys
+        # shuffled over 2 groups of 16), key momentum 0.99 so the key encoder follows within a
+        # task of ~40 steps, lr 0.1, a queue of 256, 3 epochs per task. Both precisions and one
+        # thread per job are pinned: the numbers then repeat to the last digit on one machine.
+        task_sequence={**_MOCO_V2, "dataset": "demo", "data": "demo", "n_tasks": 5, "epochs": 3,
+                       "arch": "resnet18", "stem": "cifar", "width": 8, "image_size": 32,
+                       "batch_size": 32, "lr": 0.1, "bn_groups": 1, "key_bn_groups": 2, "moco_m": 0.99,
+                       "moco_k": 256, "ccl_k": 128, "device": "cpu", "precision": "bf16",
+                       "eval_each_task": "knn", "eval_teacher": True, "eval_bank_per_class": 50,
+                       "knn_k": 20},
+        linear_eval={"protocol": "probe", "epochs": 50, "device": "cpu", "precision": "bf16", "workers": 0},
+        report={"title": "cclnb demo study: continual MoCo v2 on embedded shapes"},
+        seeds=(0, 1, 2), jobs=2, threads=1),
     Preset(
         name="tin100-32",
         description="Tiny-ImageNet-32 sub100 (100 classes), 10 tasks, ResNet-18 at 32 px, "
@@ -345,6 +355,11 @@ class Study:
     forced: tuple[Path, ...] = ()    # run directories --force deletes once the pre-flight has passed
 
     @property
+    def threads(self) -> int:
+        """CPU threads per step: the preset's pinned count, else the cores shared among the jobs."""
+        return self.preset.threads or max(1, (os.cpu_count() or 1) // self.jobs)
+
+    @property
     def html(self) -> Path:
         return self.report_dir / "index.html"
 
@@ -379,7 +394,8 @@ def untrained_config(parameters: Mapping[str, Any]) -> TrainConfig:
 def _untrained(parameters: Mapping[str, Any], calibrate_bn: bool) -> Path:
     from cclnb.baseline import untrained_run
 
-    return untrained_run(untrained_config(parameters), calibrate_bn)
+    # it runs in the study's own process: its progress bars would interleave with the step lines
+    return untrained_run(untrained_config({**parameters, "progress": False}), calibrate_bn)
 
 
 def _record(run_dir: Path, folder: Path, study: str) -> Path:
@@ -586,7 +602,8 @@ def execute_step(step: Step, notebooks_dir: str | Path | None = None) -> None:
         papermill.execute_notebook(str(notebook_path(step.notebook, notebooks_dir)), str(step.output),
                                    parameters=step.parameters, kernel_name="python3",
                                    progress_bar=False, log_output=True, stdout_file=sys.stdout,
-                                   stderr_file=sys.stderr, cwd=str(step.output.parent))
+                                   stderr_file=sys.stderr, cwd=str(step.output.parent),
+                                   extra_arguments=list(KERNEL_ARGUMENTS))
     except PapermillExecutionError as error:
         raise _StepError(*_cell_detail(error.cell_index, error.exec_count, error.source,
                                        error.ename, error.evalue)) from error
@@ -598,11 +615,13 @@ class _StepError(Exception):
     """Internal: a step failed in (cell, cause); `run_study` adds the step's number and label."""
 
 
-def _launch(step: Step, notebooks_dir: str | Path | None, threads: int, **popen: Any) -> subprocess.Popen:
+def _launch(step: Step, notebooks_dir: str | Path | None, threads: int, pinned: bool = False,
+            **popen: Any) -> subprocess.Popen:
     """Start papermill for `step` as its own process, its output in `<output>.log`; the kernel
-    gets `threads` CPU threads (OMP_NUM_THREADS, unless the caller set it) so that concurrent
-    notebooks share the cores instead of oversubscribing them. `popen`: further `subprocess.Popen`
-    arguments (a cluster job starts its notebooks deaf to the scheduler's signals, `cclnb.launch.job`)."""
+    gets `threads` CPU threads (OMP_NUM_THREADS; unless `pinned`, a value the caller set wins) so
+    that concurrent notebooks share the cores instead of oversubscribing them. `popen`: further
+    `subprocess.Popen` arguments (a cluster job starts its notebooks deaf to the scheduler's
+    signals, `cclnb.launch.job`)."""
     step.output.parent.mkdir(parents=True, exist_ok=True)
     params_file = step.output.with_suffix(".parameters.json")
     params_file.write_text(json.dumps(step.parameters, indent=1))
@@ -610,8 +629,33 @@ def _launch(step: Step, notebooks_dir: str | Path | None, threads: int, **popen:
                str(step.output), "-f", str(params_file), "-k", "python3", "--no-progress-bar",
                "--log-output", "--cwd", str(step.output.parent)]
     env = {"OMP_NUM_THREADS": str(threads), **os.environ}
+    if pinned:
+        env["OMP_NUM_THREADS"] = str(threads)
     with open(step.output.with_suffix(".log"), "w", encoding="utf-8") as log:  # the child keeps its copy
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, **popen)
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int | None) -> Iterator[None]:
+    """Within: torch in this process, and any kernel started here, use `threads` CPU threads
+    (None: nothing changes). The steps that run in the study's process or in a kernel it starts
+    (the untrained baselines, `--jobs 1`) then compute as the concurrent notebooks do."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before, before_env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        if before_env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before_env
 
 
 def _run_action(step: Step, index: int, total: int, log: Callable[[str], None]) -> StepFailure | None:
@@ -629,15 +673,15 @@ def _run_action(step: Step, index: int, total: int, log: Callable[[str], None]) 
     return None
 
 
-def _run_concurrently(pending: list[tuple[int, Step]], jobs: int, notebooks_dir: str | Path | None,
+def _run_concurrently(pending: list[tuple[int, Step]], study: Study, notebooks_dir: str | Path | None,
                       log: Callable[[str], None], total: int) -> list[StepFailure]:
-    """Run the groups of `pending` (each group's steps in order) with up to `jobs` notebooks at
-    once. A failed step drops the rest of its group; the other groups finish; returns the
-    failures."""
+    """Run the groups of `pending` (each group's steps in order) with up to `study.jobs` notebooks
+    at once, each on `study.threads` threads. A failed step drops the rest of its group; the other
+    groups finish; returns the failures."""
     queues: dict[str, list[tuple[int, Step]]] = {}
     for index, step in pending:
         queues.setdefault(step.group, []).append((index, step))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    jobs, threads, pinned = study.jobs, study.threads, study.preset.threads is not None
     running: dict[str, tuple[int, Step, subprocess.Popen, float]] = {}
     failures: list[StepFailure] = []
     while queues or running:
@@ -647,14 +691,15 @@ def _run_concurrently(pending: list[tuple[int, Step]], jobs: int, notebooks_dir:
             queue = queues[group]
             while queue and queue[0][1].action is not None:
                 index, step = queue.pop(0)
-                failure = _run_action(step, index, total, log)
+                with pinned_threads(study.preset.threads):
+                    failure = _run_action(step, index, total, log)
                 if failure is not None:
                     failures.append(failure)
                     queue.clear()
             if queue and len(running) < jobs:
                 index, step = queue.pop(0)
                 log(f"[{index}/{total}] {step.label} ... (log {step.output.with_suffix('.log')})")
-                running[group] = (index, step, _launch(step, notebooks_dir, threads), time.monotonic())
+                running[group] = (index, step, _launch(step, notebooks_dir, threads, pinned), time.monotonic())
             if not queue:
                 del queues[group]
         time.sleep(0.2)
@@ -709,20 +754,22 @@ def run_study(study: Study, notebooks_dir: str | Path | None = None,
             log(f"[{index}/{total}] {step.label}: already complete, skipped ({step.output.parent})")
     pending = [(i, s) for i, s in numbered if not s.done]
     if study.jobs > 1:
-        failures = _run_concurrently(pending[:-1], study.jobs, notebooks_dir, log, total)
+        failures = _run_concurrently(pending[:-1], study, notebooks_dir, log, total)
         if failures:
             raise _failed(failures, failures_log)
         pending = pending[-1:]
     for index, step in pending:
         if step.action is not None:
-            failure = _run_action(step, index, total, log)
+            with pinned_threads(study.preset.threads):
+                failure = _run_action(step, index, total, log)
             if failure is not None:
                 raise _failed([failure], failures_log)
             continue
         log(f"[{index}/{total}] {step.label} ...")
         tic = time.monotonic()
         try:
-            execute_step(step, notebooks_dir)
+            with pinned_threads(study.preset.threads):
+                execute_step(step, notebooks_dir)
         except _StepError as error:
             raise _failed([_notebook_failure(step, index, total, *error.args)],
                           failures_log) from error.__cause__
