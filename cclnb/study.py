@@ -121,10 +121,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         # shuffled over 2 groups of 16), key momentum 0.99 so the key encoder follows within a
         # task of ~40 steps, lr 0.1, a queue of 256, 3 epochs per task. Both precisions and one
         # thread per job are pinned: the numbers then repeat to the last digit on one machine.
-        task_sequence={**_MOCO_V2, "dataset": "demo", "data": "demo", "n_tasks": 5, "epochs": 3,
-                       "arch": "resnet18", "stem": "cifar", "width": 8, "image_size": 32,
+        task_sequence={**_MOCO_V2, "dataset": "demo", "data": "demo", "n_tasks": 5, "epochs": 4,
+                       "arch": "resnet18", "stem": "cifar", "width": 8, "image_size": 16,
                        "batch_size": 32, "lr": 0.1, "bn_groups": 1, "key_bn_groups": 2, "moco_m": 0.99,
-                       "moco_k": 256, "ccl_k": 128, "device": "cpu", "precision": "bf16",
+                       "moco_k": 64, "ccl_k": 32, "device": "cpu", "precision": "bf16",
                        "eval_each_task": "knn", "eval_teacher": True, "eval_bank_per_class": 50,
                        "knn_k": 20},
         linear_eval={"protocol": "probe", "epochs": 50, "device": "cpu", "precision": "bf16", "workers": 0},

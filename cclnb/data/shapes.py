@@ -27,7 +27,7 @@ import numpy as np
 from cclnb.data.base import ArrayDataset
 
 SHAPES_NAME = "demo-shapes"
-SHAPES_SIZE = 32
+SHAPES_SIZE = 16
 SHAPES_CLASSES = ("hstripes", "vstripes", "checker", "dots", "disk", "square", "triangle", "ring",
                   "plus", "diamond")
 TRAIN_PER_CLASS = 200
@@ -49,7 +49,7 @@ def _col(values: np.ndarray) -> np.ndarray:
 
 
 def _stripes(rng: np.random.RandomState, n: int, axis: str) -> np.ndarray:
-    period = _col(rng.uniform(4.0, 9.0, n))
+    period = _col(rng.uniform(3.0, 6.0, n))
     phase = _col(rng.uniform(0.0, 1.0, n))
     coordinate = _Y if axis == "y" else _X
     return np.floor(coordinate / period + phase) % 2 == 0
@@ -64,13 +64,13 @@ def _vstripes(rng: np.random.RandomState, n: int) -> np.ndarray:
 
 
 def _checker(rng: np.random.RandomState, n: int) -> np.ndarray:
-    cell = _col(rng.uniform(3.0, 7.0, n))
+    cell = _col(rng.uniform(2.0, 4.0, n))
     phase_y, phase_x = (_col(rng.uniform(0.0, 1.0, n)) for _ in range(2))
     return (np.floor(_Y / cell + phase_y) + np.floor(_X / cell + phase_x)) % 2 == 0
 
 
 def _dots(rng: np.random.RandomState, n: int) -> np.ndarray:
-    spacing = _col(rng.uniform(5.0, 8.0, n))
+    spacing = _col(rng.uniform(4.0, 6.0, n))
     radius = spacing * _col(rng.uniform(0.22, 0.32, n))
     phase_y, phase_x = (_col(rng.uniform(0.0, 1.0, n)) for _ in range(2))
     dy = (_Y / spacing + phase_y) % 1 - 0.5
@@ -82,43 +82,43 @@ def _placed(rng: np.random.RandomState, n: int, low: float, high: float
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A size in [low, high] px and the offsets (dy, dx) from a centre that keeps the shape inside."""
     size = rng.uniform(low, high, n)
-    room = SHAPES_SIZE / 2 - 1 - size
+    room = SHAPES_SIZE / 2 - 0.5 - size
     cy, cx = (rng.uniform(-1.0, 1.0, n) * room for _ in range(2))
     return _col(size), _Y - _col(cy), _X - _col(cx)
 
 
 def _disk(rng: np.random.RandomState, n: int) -> np.ndarray:
-    r, dy, dx = _placed(rng, n, 6.0, 12.0)
+    r, dy, dx = _placed(rng, n, 3.0, 6.0)
     return dy * dy + dx * dx <= r * r
 
 
 def _square(rng: np.random.RandomState, n: int) -> np.ndarray:
-    r, dy, dx = _placed(rng, n, 5.0, 11.0)
+    r, dy, dx = _placed(rng, n, 2.5, 5.5)
     return (np.abs(dy) <= r) & (np.abs(dx) <= r)
 
 
 def _triangle(rng: np.random.RandomState, n: int) -> np.ndarray:
     # apex up: inside when below the top edge's two sides and above the base
-    r, dy, dx = _placed(rng, n, 6.0, 12.0)
+    r, dy, dx = _placed(rng, n, 3.0, 6.0)
     return (dy <= r) & (2 * np.abs(dx) <= dy + r)
 
 
 def _ring(rng: np.random.RandomState, n: int) -> np.ndarray:
-    r, dy, dx = _placed(rng, n, 7.0, 13.0)
-    inner = r - _col(rng.uniform(2.0, 3.5, n))
+    r, dy, dx = _placed(rng, n, 3.5, 6.5)
+    inner = r - _col(rng.uniform(1.0, 1.75, n))
     distance = np.sqrt(dy * dy + dx * dx)
     return (distance <= r) & (distance >= inner)
 
 
 def _plus(rng: np.random.RandomState, n: int) -> np.ndarray:
-    r, dy, dx = _placed(rng, n, 6.0, 12.0)
-    half = _col(rng.uniform(1.0, 2.0, n))
+    r, dy, dx = _placed(rng, n, 3.0, 6.0)
+    half = _col(rng.uniform(0.5, 1.0, n))
     inside = (np.abs(dy) <= r) & (np.abs(dx) <= r)
     return inside & ((np.abs(dy) <= half) | (np.abs(dx) <= half))
 
 
 def _diamond(rng: np.random.RandomState, n: int) -> np.ndarray:
-    r, dy, dx = _placed(rng, n, 7.0, 13.0)
+    r, dy, dx = _placed(rng, n, 3.5, 6.5)
     return np.abs(dy) + np.abs(dx) <= r
 
 
@@ -149,7 +149,7 @@ def _colours(rng: np.random.RandomState, n: int) -> tuple[np.ndarray, np.ndarray
 
 
 def draw_class(name: str, n: int, rng: np.random.RandomState) -> np.ndarray:
-    """`n` images of one class, (n, 32, 32, 3) uint8."""
+    """`n` images of one class, (n, 16, 16, 3) uint8."""
     k = _SUPERSAMPLE
     side = SHAPES_SIZE * k
     coverage = np.broadcast_to(_DRAW[name](rng, n), (n, side, side)).astype(np.float64)
@@ -162,7 +162,7 @@ def draw_class(name: str, n: int, rng: np.random.RandomState) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def _shapes_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(images (N, 32, 32, 3) uint8, targets, train ids, val ids), built once per process: each
+    """(images (N, 16, 16, 3) uint8, targets, train ids, val ids), built once per process: each
     class from its own seed, train images first, so a class's images never depend on another's."""
     per_class = TRAIN_PER_CLASS + VAL_PER_CLASS
     images = np.concatenate([draw_class(name, per_class, np.random.RandomState([_SEED, c]))
