@@ -8,13 +8,15 @@ dots, a disk, a square, a triangle, a ring, a plus, a diamond) while everything 
 augmentations vary is a nuisance drawn per image: the brightness of the foreground and of the
 background, which is the brighter, a slight tint (colour jitter, grayscale), the position, size,
 stripe period and phase (random resized crop), plus pixel noise. Random features follow brightness,
-contrast and position, so the untrained encoder scores low (about 34% kNN); a short contrastive
-training learns to ignore them. Every class is symmetric under a horizontal
-flip, so MoCo's flip never maps one class onto another.
+contrast and position, so the demo's untrained encoder scores 30-33% kNN, and its probe top-1
+rises from about 36% to 41-61% in a few hundred MoCo steps. Every class is symmetric under a
+horizontal flip, so MoCo's flip never maps one class onto another. 16 px keeps a CPU step cheap
+(half the time of 32 px at the demo's width) and the forms still readable.
 
 Built from a fixed seed with IEEE-exact arithmetic only (+, -, *, /, sqrt, floor, comparisons;
-no sin, exp or Gaussian draws, whose last bit can differ between CPUs' maths libraries), so every machine gets the
-same bytes. Each image is drawn at 4x4 sub-pixels and averaged, which smooths the edges.
+no sin, exp or Gaussian draws, whose last bit can differ between CPUs' maths libraries), so every
+machine gets the same bytes. Each pixel averages 4x4 sub-pixels (an exact k/16 coverage), which
+smooths the edges.
 """
 
 from __future__ import annotations
