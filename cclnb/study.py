@@ -699,7 +699,7 @@ def _run_concurrently(pending: list[tuple[int, Step]], study: Study, notebooks_d
             if queue and len(running) < jobs:
                 index, step = queue.pop(0)
                 log(f"[{index}/{total}] {step.label} ... (log {step.output.with_suffix('.log')})")
-                running[group] = (index, step, _launch(step, notebooks_dir, threads, pinned), time.monotonic())
+                running[group] = (index, step, _launch(step, notebooks_dir, threads, pinned=pinned), time.monotonic())
             if not queue:
                 del queues[group]
         time.sleep(0.2)
