@@ -148,7 +148,8 @@ def cclnb_moco(images: np.ndarray, targets: np.ndarray, s: Setting, lr: float) -
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="demo", help="demo, or an ImageNet-layout zip/folder")
+    parser.add_argument("--data", default="demo-digits",
+                        help="demo-digits (what the recorded table used), demo, or an ImageNet-layout zip/folder")
     parser.add_argument("--subset-per-class", type=int, default=None, help="first N train images per class")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=32)

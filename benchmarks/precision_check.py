@@ -27,8 +27,8 @@ from cclnb.training.runs import git_commit
 
 def run(precision: str, epochs: int, device: str) -> dict:
     """Finetuning (plain MoCo v2) on the embedded digits as one task: per-step losses, kNN after."""
-    train, val = open_dataset("demo", "train"), open_dataset("demo", "val")
-    config = TrainConfig(data="demo", method="Finetuning", arch="resnet18", stem="imagenet", n_tasks=1,
+    train, val = open_dataset("demo-digits", "train"), open_dataset("demo-digits", "val")
+    config = TrainConfig(data="demo-digits", method="Finetuning", arch="resnet18", stem="imagenet", n_tasks=1,
                          epochs=epochs, batch_size=64, lr=0.01, moco_m=0.99, moco_k=256, mlp=True,
                          aug_plus=True, cos=True, moco_t=0.2, bn_groups=2, key_bn_groups=2, seed=0,
                          precision=precision, device=device, progress=False)

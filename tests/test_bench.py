@@ -46,7 +46,7 @@ def test_cpu_tiny_bench_prints_the_table_and_writes_it(tmp_path, capsys):
         assert (first == "-") == name.startswith("3.")
         if name.startswith("3."):      # each precision's ceiling is its own reference
             assert moco_ratio == ccl_ratio == "100%"
-    assert "- device: CPU" in table and "- commit: " in table and "demo-digits" in table
+    assert "- device: CPU" in table and "- commit: " in table and "demo-shapes" in table
     assert re.search(rf"- matmul peak: {native} [\d,]+ GFLOP/s, {other} [\d,]+ GFLOP/s", table)
     flops = re.search(r"- FLOPs per image: MoCo step ([\d.]+) GFLOP \(= ([\d.]+) forwards\), "
                       r"CCL step ([\d.]+) GFLOP \(= ([\d.]+) forwards\)", table)

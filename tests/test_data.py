@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import pickle
 import sys
+import hashlib
 import time
 import types
 import zipfile
@@ -18,8 +19,11 @@ from PIL import Image
 from cclnb.commands import cli
 from cclnb.data import cache as cache_module
 from cclnb.data import cache_path, load_uint8, open_dataset, subset_per_class
+from cclnb.data.shapes import SHAPES_CLASSES, draw_class
 from cclnb.errors import ConfigError, DataError
 from tests.conftest import write_image_folder
+
+DEMO_SHAPES_SHA256 = "0d73c3a74d7fc6b0f3cb3b6bb1c1b5147316c95d5def6bea756226273955a2c9"
 
 
 def _decoded(ds, ids=None) -> np.ndarray:
@@ -225,17 +229,37 @@ def test_default_cache_dir_follows_environment(tiny_folder, tmp_path, monkeypatc
 
 # ----------------------------------------------------------------------------- demo and CIFAR
 def test_demo_dataset(demo_train, demo_val) -> None:
-    assert (demo_train.name, demo_train.kind, demo_train.image_size) == ("demo-digits", "demo", 32)
-    assert len(demo_train) + len(demo_val) == 1797 and len(demo_val) == 360
-    assert demo_train.classes == [str(d) for d in range(10)]
-    val_share = np.bincount(demo_val.targets) / (np.bincount(demo_train.targets) + np.bincount(demo_val.targets))
-    assert np.all(np.abs(val_share - 0.2) < 0.02)                       # stratified
+    """`--data demo`: the shapes, drawn by code, identical bytes on every machine."""
+    assert (demo_train.name, demo_train.kind, demo_train.image_size) == ("demo-shapes", "demo", 16)
+    assert (len(demo_train), len(demo_val)) == (2000, 600)
+    assert demo_train.classes == list(SHAPES_CLASSES)
+    assert np.bincount(demo_train.targets).tolist() == [200] * 10 and np.bincount(demo_val.targets).tolist() == [60] * 10
     images = load_uint8(demo_train, progress=False)
-    assert images.shape == (1437, 32, 32, 3) and images.dtype == np.uint8
-    assert np.array_equal(images, open_dataset("demo", "train").images)    # deterministic
-    tints = images.reshape(len(images), -1, 3).mean(axis=1)
-    assert tints.std(axis=0).min() > 10                                 # colour varies per sample
+    assert images.shape == (2000, 16, 16, 3) and images.dtype == np.uint8
+    # the pinned bytes: a change of the drawing code changes every demo number, so it must be deliberate
+    digest = hashlib.sha256(images.tobytes() + load_uint8(demo_val, progress=False).tobytes()).hexdigest()
+    assert digest == DEMO_SHAPES_SHA256
+    grey = images.reshape(len(images), -1, 3).astype(np.float64)
+    assert (grey.max(axis=1) - grey.min(axis=1)).min(axis=1).min() > 40   # every image shows its form
     assert np.array_equal(np.asarray(demo_train.load_pil(3)), images[3])
+
+
+def test_the_shapes_build_in_well_under_a_second_per_class() -> None:
+    """The set is drawn at first use in every process (each notebook's kernel): it must stay cheap."""
+    tic = time.perf_counter()
+    drawn = draw_class("ring", 260, np.random.RandomState(0))
+    assert drawn.shape == (260, 16, 16, 3) and time.perf_counter() - tic < 1.0
+
+
+def test_the_digits_stay_available() -> None:
+    """`--data demo-digits`: the earlier demo data, kept for comparison (random features score ~80% kNN)."""
+    train, val = open_dataset("demo-digits", "train"), open_dataset("demo-digits", "val")
+    assert (train.name, train.kind, train.image_size) == ("demo-digits", "demo", 32)
+    assert len(train) + len(val) == 1797 and len(val) == 360
+    assert train.classes == [str(d) for d in range(10)]
+    val_share = np.bincount(val.targets) / (np.bincount(train.targets) + np.bincount(val.targets))
+    assert np.all(np.abs(val_share - 0.2) < 0.02)                       # stratified
+    assert np.array_equal(train.images, open_dataset("demo-digits", "train").images)    # deterministic
 
 
 def _write_cifar(root: Path, kind: str, n_per_file: int = 6) -> np.ndarray:

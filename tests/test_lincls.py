@@ -198,4 +198,4 @@ def test_lincls_protocol_probe_writes_the_same_json(tmp_path: Path) -> None:
     for who in ("student", "teacher"):
         result = json.loads((run / f"lincls_{who}.json").read_text())
         assert result["protocol"].startswith("probe") and result["who"] == who
-        assert 0.0 <= result["top1"] <= 100.0 and result["n_val"] == 360
+        assert 0.0 <= result["top1"] <= 100.0 and result["n_val"] == 600

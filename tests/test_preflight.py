@@ -142,7 +142,7 @@ def test_a_valid_study_passes_and_force_deletes_only_after_the_preflight(tmp_pat
     class Started(Exception):
         pass
 
-    def started(*args: object) -> None:
+    def started(*args: object, **kwargs: object) -> None:
         raise Started
 
     monkeypatch.setattr(study_run, "_launch", started)
@@ -165,7 +165,7 @@ class _Exited:
         return self.returncode
 
 
-def _failing_notebook(step: study.Step, notebooks_dir: object, threads: int) -> _Exited:
+def _failing_notebook(step: study.Step, notebooks_dir: object, threads: int, pinned: bool = False) -> _Exited:
     """Leave what papermill leaves when cell 3 raises: the executed copy with the error output."""
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f"cell {i}") for i in range(4)])
     nb.cells[3].execution_count = 2

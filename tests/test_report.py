@@ -67,7 +67,7 @@ def test_load_runs_orders_by_method_and_reads_every_file(study_root: Path) -> No
     runs = report.load_runs(study_root.parent)
     assert [r.method for r in runs] == ["Finetuning", "SimpleReplay", "CCL"]
     ccl = runs[2]
-    assert ccl.complete and ccl.dataset == "demo-digits"
+    assert ccl.complete and ccl.dataset == "demo-shapes"
     assert set(ccl.lincls) == {"student", "teacher"}
     np.testing.assert_allclose(report.accuracy_matrix(ccl), R_FINETUNE + 5)
     assert len(ccl.train_log) == 18
@@ -147,7 +147,7 @@ def test_provenance_and_limits_name_the_setting(study_root: Path) -> None:
     assert list(prov["git_commit"]) == ["0123456789"] * 3
     assert prov.loc[0, "train_time_min"] == pytest.approx(9.0 / 60)
     note = report.limits_note(runs)
-    assert "demo-digits" in note and "not complete" in note and "different setting" in note
+    assert "demo-shapes" in note and "not complete" in note and "different setting" in note
     assert report.config_table(runs).shape[1] == 3
 
 

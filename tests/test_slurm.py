@@ -32,7 +32,7 @@ from cclnb.launch import cluster, job, torchrun
 from cclnb.launch import resources as res
 
 REPO = Path(__file__).resolve().parents[1]
-# The demo on 2 tasks of 5 digits, 24 train images per class, 2 epochs: 7 steps per epoch, long
+# The demo on 2 tasks of 5 shapes, 24 train images per class, 2 epochs: 7 steps per epoch, long
 # enough to stop mid-training, seconds per notebook (batch 16 in 2 BatchNorm groups of 8).
 SMALL = ["subset_per_class=24", "n_tasks=2", "epochs=2", "batch_size=16", "bn_groups=2", "key_bn_groups=2",
          "moco_k=64", "ccl_k=16", "n_save=2", "knn_k=5", "progress=False", "linear_eval.subset_per_class=8",

@@ -210,3 +210,21 @@ def test_a_preset_with_committed_records_pins_their_precision(name: str) -> None
     folder = study.REPO_ROOT / "reports" / name / "runs"
     recorded = {json.loads(p.read_text())["config"]["precision"] for p in folder.glob("*-seed*.json")}
     assert recorded == {pinned}
+
+
+def test_the_study_console_carries_no_kernel_transport_warning(tmp_path: Path, monkeypatch) -> None:
+    """ipykernel warns at every start that its local TCP sockets are unencrypted: noise in a
+    study's console. The in-process steps start their kernel with its log level at ERROR, and the
+    untrained baselines, run in the study's process, print no progress bars."""
+    seen: dict = {}
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *args, **kwargs: seen.update(kwargs))
+    plan = study.plan_study("demo", runs_root=tmp_path, reports_root=tmp_path / "rep", methods=["Joint"],
+                            seeds=[0])
+    study.execute_step(plan.steps[-1])
+    assert "--IPKernelApp.log_level=ERROR" in seen["extra_arguments"]
+    untrained = next(s for s in plan.steps if s.notebook == "untrained")
+    assert untrained.action.func is study.plan._untrained
+    calls: list = []
+    monkeypatch.setattr("cclnb.study.baseline.untrained_run", lambda config, calibrate: calls.append(config))
+    untrained.action()
+    assert calls[0].progress is False

@@ -14,10 +14,12 @@ from cclnb.data.base import ImageDataset
 from cclnb.data.cifar import detect_cifar, open_cifar
 from cclnb.data.demo import open_demo
 from cclnb.data.folder import FolderDataset, ZipDataset
+from cclnb.data.shapes import open_shapes
 from cclnb.errors import ConfigError, DataError
 
 KINDS = ("auto", "imagefolder", "zip", "cifar10", "cifar100", "demo")
 SPLITS = ("train", "val")
+DEMO_DATA = ("demo", "demo-digits")   # `--data` names of the embedded datasets (shapes, digits)
 
 
 def detect_kind(path: Path) -> str:
@@ -35,17 +37,18 @@ def open_dataset(data: str | None, split: str = "train", kind: str = "auto",
     """Open one split of a dataset.
 
     `data` is a folder (`<root>/<split>/<class>/<image>`), a zip archive of one, a CIFAR pickle
-    folder (or its parent), or "demo" for the embedded digits. `imagenetsub` keeps the first 100
+    folder (or its parent), "demo" for the embedded shapes (the demo study's data), or
+    "demo-digits" for the embedded scikit-learn digits (random features already separate them). `imagenetsub` keeps the first 100
     classes in sorted order (the authors' ImageNet-Sub); `download` fetches CIFAR if absent.
     """
     if kind not in KINDS:
         raise ConfigError(f"unknown dataset kind {kind!r}; choose one of {', '.join(KINDS)}")
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose 'train' or 'val'")
-    if kind == "demo" or (kind == "auto" and data == "demo"):
+    if kind == "demo" or (kind == "auto" and data in DEMO_DATA):
         if imagenetsub:
-            raise ConfigError("--imagenetsub needs 100 classes; the demo dataset has 10: drop --imagenetsub")
-        return open_demo(split)
+            raise ConfigError("--imagenetsub needs 100 classes; the demo datasets have 10: drop --imagenetsub")
+        return open_demo(split) if data == "demo-digits" else open_shapes(split)
     if not data:
         raise ConfigError("no dataset given: pass --data PATH (a folder, a zip, a CIFAR folder) or "
                           "--data demo for the embedded demo dataset")

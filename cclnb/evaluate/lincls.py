@@ -413,7 +413,7 @@ def probe_eval(args: argparse.Namespace) -> dict[str, Any]:
     pred = feature_probe(train_f, torch.as_tensor(train_ds.targets[ids]), val_f,
                          len(train_ds.classes), epochs=args.epochs)
     result = {"who": who, "top1": overall_accuracy(pred, val_ds.targets), "top5": None,
-              "epochs": args.epochs, "curve": [],
+              "epochs": args.epochs, "curve": [], "precision": args.precision,
               "protocol": "probe: L-BFGS logistic regression on frozen features",
               "n_train": int(len(ids)), "n_val": len(val_ds), "image_size": size,
               "pretrained": str(source.checkpoint), "time_s": time.time() - started}

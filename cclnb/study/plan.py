@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -53,6 +54,11 @@ class Study:
     forced: tuple[Path, ...] = ()    # run directories --force deletes once the pre-flight has passed
 
     @property
+    def threads(self) -> int:
+        """CPU threads per step: the preset's pinned count, else the cores shared among the jobs."""
+        return self.preset.threads or max(1, (os.cpu_count() or 1) // self.jobs)
+
+    @property
     def html(self) -> Path:
         return self.report_dir / "index.html"
 
@@ -87,7 +93,8 @@ def untrained_config(parameters: Mapping[str, Any]) -> TrainConfig:
 def _untrained(parameters: Mapping[str, Any], calibrate_bn: bool) -> Path:
     from cclnb.study.baseline import untrained_run
 
-    return untrained_run(untrained_config(parameters), calibrate_bn)
+    # it runs in the study's own process: its progress bars would interleave with the step lines
+    return untrained_run(untrained_config({**parameters, "progress": False}), calibrate_bn)
 
 
 def _record(run_dir: Path, folder: Path, study: str) -> Path:

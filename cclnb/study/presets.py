@@ -29,7 +29,11 @@ class Preset:
     error says when the preset's data is not on this machine. `jobs`: how many (method, seed)
     runs proceed at once, each notebook in its own process (one GPU holds several small runs; on
     a small CPU two processes hide each other's kernel start-up). `seeds`: every method runs once
-    per seed (`--seeds` overrides).
+    per seed (`--seeds` overrides). `threads`: CPU threads of every step, pinned (OMP_NUM_THREADS of
+    each notebook's process, and torch's for the in-process steps) whatever the machine's core
+    count or the caller's environment; None divides the cores among the jobs. A CPU study whose
+    numbers must repeat pins it: a bf16 convolution's gradient differs in its last bits between 1
+    and 2 threads, and a few hundred steps turn that into different accuracies.
     """
 
     name: str
@@ -41,6 +45,7 @@ class Preset:
     data_hint: str = ""
     jobs: int = 1
     seeds: tuple[int, ...] = (0,)
+    threads: int | None = None
 
     def parameters(self, notebook: str) -> dict[str, Any]:
         return dict(getattr(self, notebook))
@@ -58,24 +63,26 @@ _GPU_LINCLS = {"protocol": "lincls", "epochs": 100, "device": "cuda", "precision
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset(
         name="demo",
-        description="embedded digits (10 classes, 32 px), 5 tasks of 2 classes, CPU, ResNet-18 "
-                    "with the ImageNet stem in bf16, fast feature probe, 3 seeds: minutes on 2 cores",
+        description="embedded shapes (10 classes, 32 px), 5 tasks of 2 classes, CPU, ResNet-18 at "
+                    "an eighth of its width with the 3x3 stem, bf16, fast feature probe, 3 seeds: "
+                    "minutes on 2 cores",
         # Chosen by measurement on this project's 2-core CPU (docs/study.md, "The demo preset"):
-        # batch 32 = one of the authors' GPUs (query BatchNorm over the 32, keys shuffled over 2
-        # groups of 16), key momentum 0.99 so the key encoder follows within a ~40-step task,
-        # lr 0.03 (0.3 drives the MoCo loss to ln(K+1) and keeps it there), a queue of 256, bf16.
-        # 2 epochs per task, a kNN bank of 50 images per class and 50 L-BFGS iterations for the
-        # probe keep three seeds and both untrained baselines within 5 minutes (4 epochs, the full
-        # bank, 100 iterations: 366 s; 3 epochs: 310 s, one baseline). More epochs do not learn
-        # more here (docs/study.md, "The demo preset").
-        task_sequence={**_MOCO_V2, "dataset": "demo", "data": "demo", "n_tasks": 5, "epochs": 2,
-                       "arch": "resnet18", "stem": "imagenet", "image_size": 32, "batch_size": 32,
-                       "bn_groups": 1, "key_bn_groups": 2, "moco_m": 0.99, "moco_k": 256,
-                       "ccl_k": 128, "device": "cpu", "precision": "bf16", "eval_each_task": "knn",
-                       "eval_teacher": True, "eval_bank_per_class": 50, "knn_k": 20},
-        linear_eval={"protocol": "probe", "epochs": 50, "device": "cpu", "workers": 0},
-        report={"title": "cclnb demo study: continual MoCo v2 on embedded digits"},
-        seeds=(0, 1, 2), jobs=2),
+        # the shapes (cclnb/data/shapes.py), 16 px: random features score about 30% kNN there and
+        # MoCo learns form within a few hundred steps; the 3x3 stem keeps every pixel and an eighth
+        # of the channels keeps a step cheap; batch 32 = one of the authors' GPUs (query BatchNorm
+        # over the 32, keys shuffled over 2 groups of 16), key momentum 0.99 so the key encoder
+        # follows within a task of ~50 steps, lr 0.1, a queue of 64, 4 epochs per task. Both
+        # precisions and one thread per job are pinned: the numbers then repeat to the last digit
+        # on one machine.
+        task_sequence={**_MOCO_V2, "dataset": "demo", "data": "demo", "n_tasks": 5, "epochs": 4,
+                       "arch": "resnet18", "stem": "cifar", "width": 8, "image_size": 16,
+                       "batch_size": 32, "lr": 0.1, "bn_groups": 1, "key_bn_groups": 2, "moco_m": 0.99,
+                       "moco_k": 64, "ccl_k": 32, "device": "cpu", "precision": "bf16",
+                       "eval_each_task": "knn", "eval_teacher": True, "eval_bank_per_class": 50,
+                       "knn_k": 20},
+        linear_eval={"protocol": "probe", "epochs": 50, "device": "cpu", "precision": "bf16", "workers": 0},
+        report={"title": "cclnb demo study: continual MoCo v2 on embedded shapes"},
+        seeds=(0, 1, 2), jobs=2, threads=1),
     Preset(
         name="tin100-32",
         description="Tiny-ImageNet-32 sub100 (100 classes), 10 tasks, ResNet-18 at 32 px, "

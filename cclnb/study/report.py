@@ -158,8 +158,10 @@ def seeds_note(members: Sequence[Run]) -> str:
 def dataset_label(config: dict[str, Any]) -> str:
     """A short dataset name for tables: the data file's stem (`-sub` for ImageNet-Sub)."""
     data = config.get("data")
-    if config.get("dataset") == "demo" or data == "demo":
+    if data == "demo-digits":
         return "demo-digits"
+    if config.get("dataset") == "demo" or data == "demo":
+        return "demo-shapes"
     if not data:
         return str(config.get("dataset", "?"))
     name = Path(str(data).rstrip("/")).name
@@ -421,6 +423,11 @@ def limits_note(runs: Sequence[Run]) -> str:
                          "backbone budget and a fast feature probe: it shows the pipeline works; "
                          "an untrained encoder already separates these digits well, so compare "
                          "every method with the untrained rows before reading the ranking.")
+        if dataset == "demo-shapes":
+            lines.append("  The demo uses shapes and textures drawn at 16 px (docs/data.md), an eighth-width "
+                         "ResNet-18, a few hundred steps per run and a fast feature probe: it shows the "
+                         "pipeline and what the methods do at a toy scale, not evidence about the paper's "
+                         "setting; compare every method with the untrained rows.")
     if not any(matches_paper_setting(r.config) for r in runs):
         lines.append(f"- No run uses the paper's setting ({PAPER_SETTING}); the paper's numbers "
                      f"are shown as a reference for a different setting only.")

@@ -7,6 +7,7 @@ done in place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,11 +18,15 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from cclnb.errors import CclnbError
 from cclnb.study.notebooks import notebook_path
 from cclnb.study.plan import Step, Study
+
+# Arguments of every notebook's kernel. ipykernel warns at every start that its local TCP sockets
+# are unencrypted, which tells a study's user nothing; its errors still show.
+KERNEL_ARGUMENTS = ("--IPKernelApp.log_level=ERROR",)
 
 
 class StudyStepFailed(CclnbError):
@@ -119,7 +124,8 @@ def execute_step(step: Step, notebooks_dir: str | Path | None = None) -> None:
         papermill.execute_notebook(str(notebook_path(step.notebook, notebooks_dir)), str(step.output),
                                    parameters=step.parameters, kernel_name="python3",
                                    progress_bar=False, log_output=True, stdout_file=sys.stdout,
-                                   stderr_file=sys.stderr, cwd=str(step.output.parent))
+                                   stderr_file=sys.stderr, cwd=str(step.output.parent),
+                                   extra_arguments=list(KERNEL_ARGUMENTS))
     except PapermillExecutionError as error:
         raise _StepError(*_cell_detail(error.cell_index, error.exec_count, error.source,
                                        error.ename, error.evalue)) from error
@@ -131,11 +137,13 @@ class _StepError(Exception):
     """Internal: a step failed in (cell, cause); `run_study` adds the step's number and label."""
 
 
-def _launch(step: Step, notebooks_dir: str | Path | None, threads: int, **popen: Any) -> subprocess.Popen:
+def _launch(step: Step, notebooks_dir: str | Path | None, threads: int, pinned: bool = False,
+            **popen: Any) -> subprocess.Popen:
     """Start papermill for `step` as its own process, its output in `<output>.log`; the kernel
-    gets `threads` CPU threads (OMP_NUM_THREADS, unless the caller set it) so that concurrent
-    notebooks share the cores instead of oversubscribing them. `popen`: further `subprocess.Popen`
-    arguments (a cluster job starts its notebooks deaf to the scheduler's signals, `cclnb.launch.job`)."""
+    gets `threads` CPU threads (OMP_NUM_THREADS; unless `pinned`, a value the caller set wins) so
+    that concurrent notebooks share the cores instead of oversubscribing them. `popen`: further
+    `subprocess.Popen` arguments (a cluster job starts its notebooks deaf to the scheduler's
+    signals, `cclnb.launch.job`)."""
     step.output.parent.mkdir(parents=True, exist_ok=True)
     params_file = step.output.with_suffix(".parameters.json")
     params_file.write_text(json.dumps(step.parameters, indent=1))
@@ -143,8 +151,33 @@ def _launch(step: Step, notebooks_dir: str | Path | None, threads: int, **popen:
                str(step.output), "-f", str(params_file), "-k", "python3", "--no-progress-bar",
                "--log-output", "--cwd", str(step.output.parent)]
     env = {"OMP_NUM_THREADS": str(threads), **os.environ}
+    if pinned:
+        env["OMP_NUM_THREADS"] = str(threads)
     with open(step.output.with_suffix(".log"), "w", encoding="utf-8") as log:  # the child keeps its copy
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, **popen)
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int | None) -> Iterator[None]:
+    """Within: torch in this process, and any kernel started here, use `threads` CPU threads
+    (None: nothing changes). The steps that run in the study's process or in a kernel it starts
+    (the untrained baselines, `--jobs 1`) then compute as the concurrent notebooks do."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before, before_env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        if before_env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before_env
 
 
 def _run_action(step: Step, index: int, total: int, log: Callable[[str], None]) -> StepFailure | None:
@@ -162,15 +195,15 @@ def _run_action(step: Step, index: int, total: int, log: Callable[[str], None]) 
     return None
 
 
-def _run_concurrently(pending: list[tuple[int, Step]], jobs: int, notebooks_dir: str | Path | None,
+def _run_concurrently(pending: list[tuple[int, Step]], study: Study, notebooks_dir: str | Path | None,
                       log: Callable[[str], None], total: int) -> list[StepFailure]:
-    """Run the groups of `pending` (each group's steps in order) with up to `jobs` notebooks at
-    once. A failed step drops the rest of its group; the other groups finish; returns the
-    failures."""
+    """Run the groups of `pending` (each group's steps in order) with up to `study.jobs` notebooks
+    at once, each on `study.threads` threads. A failed step drops the rest of its group; the other
+    groups finish; returns the failures."""
     queues: dict[str, list[tuple[int, Step]]] = {}
     for index, step in pending:
         queues.setdefault(step.group, []).append((index, step))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    jobs, threads, pinned = study.jobs, study.threads, study.preset.threads is not None
     running: dict[str, tuple[int, Step, subprocess.Popen, float]] = {}
     failures: list[StepFailure] = []
     while queues or running:
@@ -180,14 +213,15 @@ def _run_concurrently(pending: list[tuple[int, Step]], jobs: int, notebooks_dir:
             queue = queues[group]
             while queue and queue[0][1].action is not None:
                 index, step = queue.pop(0)
-                failure = _run_action(step, index, total, log)
+                with pinned_threads(study.preset.threads):
+                    failure = _run_action(step, index, total, log)
                 if failure is not None:
                     failures.append(failure)
                     queue.clear()
             if queue and len(running) < jobs:
                 index, step = queue.pop(0)
                 log(f"[{index}/{total}] {step.label} ... (log {step.output.with_suffix('.log')})")
-                running[group] = (index, step, _launch(step, notebooks_dir, threads), time.monotonic())
+                running[group] = (index, step, _launch(step, notebooks_dir, threads, pinned=pinned), time.monotonic())
             if not queue:
                 del queues[group]
         time.sleep(0.2)
@@ -242,20 +276,22 @@ def run_study(study: Study, notebooks_dir: str | Path | None = None,
             log(f"[{index}/{total}] {step.label}: already complete, skipped ({step.output.parent})")
     pending = [(i, s) for i, s in numbered if not s.done]
     if study.jobs > 1:
-        failures = _run_concurrently(pending[:-1], study.jobs, notebooks_dir, log, total)
+        failures = _run_concurrently(pending[:-1], study, notebooks_dir, log, total)
         if failures:
             raise _failed(failures, failures_log)
         pending = pending[-1:]
     for index, step in pending:
         if step.action is not None:
-            failure = _run_action(step, index, total, log)
+            with pinned_threads(study.preset.threads):
+                failure = _run_action(step, index, total, log)
             if failure is not None:
                 raise _failed([failure], failures_log)
             continue
         log(f"[{index}/{total}] {step.label} ...")
         tic = time.monotonic()
         try:
-            execute_step(step, notebooks_dir)
+            with pinned_threads(study.preset.threads):
+                execute_step(step, notebooks_dir)
         except _StepError as error:
             raise _failed([_notebook_failure(step, index, total, *error.args)],
                           failures_log) from error.__cause__
