@@ -60,6 +60,16 @@ _GPU_32PX = {**_MOCO_V2, "n_tasks": 10, "epochs": 50, "arch": "resnet18", "stem"
              "device": "cuda", "eval_each_task": "knn", "eval_teacher": True}
 _GPU_LINCLS = {"protocol": "lincls", "epochs": 100, "device": "cuda", "precision": "bf16"}
 
+# What the two CPU presets on Tiny-ImageNet-32 sub100 share (their network differs): the 10-task
+# split on 250 images per class, 8 epochs per task, batch 64 in 2 BatchNorm groups, key momentum
+# 0.99, a queue of 1024, bf16 pinned, per-task kNN on 50 train images per class.
+_CPU_TIN100 = {**_MOCO_V2, "dataset": "zip", "data": shared_data("tiny-imagenet-32-sub100.zip"),
+               "subset_per_class": 250, "n_tasks": 10, "epochs": 8, "arch": "resnet18", "image_size": 32,
+               "batch_size": 64, "lr": 0.015, "moco_m": 0.99, "moco_k": 1024, "ccl_k": 256, "bn_groups": 2,
+               "key_bn_groups": 2, "device": "cpu", "precision": "bf16", "eval_each_task": "knn",
+               "eval_teacher": True, "eval_bank_per_class": 50, "knn_k": 20}
+_CPU_LINCLS = {"protocol": "probe", "epochs": 100, "device": "cpu", "workers": 0}
+
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset(
         name="demo",
@@ -104,13 +114,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         # authors' per-GPU size), a queue of 1024, 8 epochs per task (4 left Finetuning at 1.36x
         # the untrained-bn kNN, 8 reach 1.58x), per-task kNN on 50 train images per class (k 20),
         # the fast probe at the end.
-        task_sequence={**_MOCO_V2, "dataset": "zip", "data": shared_data("tiny-imagenet-32-sub100.zip"),
-                       "subset_per_class": 250, "n_tasks": 10, "epochs": 8, "arch": "resnet18",
-                       "stem": "imagenet", "image_size": 32, "batch_size": 64, "lr": 0.015,
-                       "moco_m": 0.99, "moco_k": 1024, "ccl_k": 256, "bn_groups": 2, "key_bn_groups": 2,
-                       "device": "cpu", "precision": "bf16", "eval_each_task": "knn", "eval_teacher": True,
-                       "eval_bank_per_class": 50, "knn_k": 20},
-        linear_eval={"protocol": "probe", "epochs": 100, "device": "cpu", "workers": 0},
+        task_sequence={**_CPU_TIN100, "stem": "imagenet"},
+        linear_eval=_CPU_LINCLS,
         report={"title": "Continual MoCo v2 on Tiny-ImageNet-32 sub100, CPU budget (10 tasks)"},
         data_hint="tiny-imagenet-32-sub100.zip (ImageNet folder layout inside the zip)",
         seeds=(0, 1), jobs=2),
@@ -125,13 +130,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         # training step is faster on these cores. Everything else as tin100-32-cpu (batch 64 in two
         # BatchNorm groups, key momentum 0.99, queue 1024, lr 0.015, 250 images per class, 8 epochs
         # per task); precision pinned to bf16 so that seeds added on another machine are averaged.
-        task_sequence={**_MOCO_V2, "dataset": "zip", "data": shared_data("tiny-imagenet-32-sub100.zip"),
-                       "subset_per_class": 250, "n_tasks": 10, "epochs": 8, "arch": "resnet18",
-                       "stem": "cifar", "width": 16, "image_size": 32, "batch_size": 64, "lr": 0.015,
-                       "moco_m": 0.99, "moco_k": 1024, "ccl_k": 256, "bn_groups": 2, "key_bn_groups": 2,
-                       "device": "cpu", "precision": "bf16", "eval_each_task": "knn", "eval_teacher": True,
-                       "eval_bank_per_class": 50, "knn_k": 20},
-        linear_eval={"protocol": "probe", "epochs": 100, "device": "cpu", "workers": 0},
+        task_sequence={**_CPU_TIN100, "stem": "cifar", "width": 16},
+        linear_eval=_CPU_LINCLS,
         report={"title": "Continual MoCo v2 on Tiny-ImageNet-32 sub100, CPU budget, quarter-width "
                          "ResNet-18 at full resolution (10 tasks)"},
         data_hint="tiny-imagenet-32-sub100.zip (ImageNet folder layout inside the zip)",
