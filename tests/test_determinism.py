@@ -84,7 +84,8 @@ def test_the_demo_pins_threads_and_both_precisions(tmp_path: Path, monkeypatch) 
             seen.update(env)
 
     monkeypatch.setattr(study_run.subprocess, "Popen", FakePopen)
-    study_run._launch(plan.steps[0], None, plan.threads, pinned=True)
+    with study_run.pinned_threads(plan.preset.threads):               # as run_study runs every step
+        study_run._launch(plan.steps[0], None, plan.threads)
     assert seen["OMP_NUM_THREADS"] == "1"
     study_run._launch(plan.steps[0], None, 2)                       # unpinned: the caller's value wins
     assert seen["OMP_NUM_THREADS"] == "7"

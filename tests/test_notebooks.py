@@ -56,10 +56,18 @@ def test_study_notebooks_end_to_end(tmp_path: Path) -> None:
     # task sequence: a complete run directory and the notebook's own figures
     assert json.loads((run_dir / "status.json").read_text())["state"] == "complete"
     assert _images(nbformat.read(str(run_dir / "task_sequence.ipynb"), as_version=4)) >= 3
-    # linear eval (probe) for student and teacher
+    # linear eval (probe) for student and teacher, in the study's process (the demo's inline_probe)
     for who in ("student", "teacher"):
         result = json.loads((run_dir / f"lincls_{who}.json").read_text())
         assert 10.0 < result["top1"] <= 100.0 and result["protocol"].startswith("probe")
+        assert f"final top-1 {result['top1']:.2f}%" in (run_dir / f"linear_eval_{who}.log").read_text()
+    # the linear-eval notebook, given the inline step's parameters, writes the same result
+    inline = json.loads((run_dir / "lincls_teacher.json").read_text())
+    teacher_step = next(s for s in plan.steps if s.label == "CCL seed 0: linear eval (teacher)")
+    _run("linear_eval", run_dir / "probe_check.ipynb", **teacher_step.parameters)
+    from_notebook = json.loads((run_dir / "lincls_teacher.json").read_text())
+    assert {k: v for k, v in from_notebook.items() if k != "time_s"} == {
+        k: v for k, v in inline.items() if k != "time_s"}
 
     # the untrained encoder: same data and seed, evaluated by kNN and the same final probe
     untrained = tmp_path / "runs" / "demo" / "untrained" / "seed0"

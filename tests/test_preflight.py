@@ -20,6 +20,7 @@ from cclnb.commands import cli
 from cclnb.errors import CclnbError, ConfigError, DataError
 from cclnb.study import run as study_run
 from cclnb.study import baseline, preflight, records
+from cclnb.study import plan as study_plan
 from conftest import study_cli
 
 COMMITTED_RECORDS = Path(__file__).resolve().parent.parent / "reports" / "demo" / "runs"
@@ -165,7 +166,7 @@ class _Exited:
         return self.returncode
 
 
-def _failing_notebook(step: study.Step, notebooks_dir: object, threads: int, pinned: bool = False) -> _Exited:
+def _failing_notebook(step: study.Step, notebooks_dir: object, threads: int) -> _Exited:
     """Leave what papermill leaves when cell 3 raises: the executed copy with the error output."""
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f"cell {i}") for i in range(4)])
     nb.cells[3].execution_count = 2
@@ -204,6 +205,7 @@ def test_identical_causes_of_concurrent_runs_are_grouped(tmp_path: Path, monkeyp
 def test_a_failed_baseline_names_the_log_with_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """It used to name the baseline's config.json as "the executed notebook"."""
     monkeypatch.setattr(study_run, "execute_step", lambda step, notebooks_dir=None: None)
+    monkeypatch.setattr(study_plan, "_probe", lambda parameters, log: log)   # the demo's inline probe
     monkeypatch.setattr(records, "write_record", lambda *args: None)
     monkeypatch.setattr(baseline, "untrained_run", _failing_baseline)
     plan = study.plan_study("demo", runs_root=tmp_path / "runs", reports_root=tmp_path / "reports",

@@ -126,6 +126,25 @@ def test_plan_orders_steps_seed_by_seed_and_marks_finished_ones(tmp_path: Path) 
     assert not forced.steps[0].done and forced.forced == (done.resolve(),) and done.exists()
 
 
+def test_the_demo_probes_in_process_and_the_paper_protocol_in_notebooks(tmp_path: Path) -> None:
+    """Preset.inline_probe: the probe's linear evals are actions writing lincls_<who>.json with every
+    parameter the notebook would hold; the paper's protocol, or a preset without it, runs notebooks."""
+    evals = lambda plan: [s for s in plan.steps if s.notebook == "linear_eval"]
+    demo = study.plan_study("demo", runs_root=tmp_path, methods=["CCL"], seeds=[0], baseline=False)
+    assert [(s.output.name, s.action is not None) for s in evals(demo)] == [
+        ("lincls_student.json", True), ("lincls_teacher.json", True)]
+    parameters = evals(demo)[1].parameters
+    assert parameters["who"] == "teacher" and parameters["protocol"] == "probe"
+    assert parameters["epochs"] == 50 and parameters["batch_size"] == 256  # the notebook's default
+    paper = study.plan_study("demo", ["linear_eval.protocol=lincls"], runs_root=tmp_path, methods=["CCL"],
+                             seeds=[0], baseline=False)
+    assert [(s.output.name, s.action) for s in evals(paper)] == [
+        ("linear_eval_student.ipynb", None), ("linear_eval_teacher.ipynb", None)]
+    cpu = study.plan_study("tin100-32-cpu-w16", ["data=demo"], runs_root=tmp_path, methods=["Joint"],
+                           seeds=[0], baseline=False)
+    assert [(s.output.name, s.action) for s in evals(cpu)] == [("linear_eval_student.ipynb", None)]
+
+
 def test_preset_seeds_report_only_and_extra_records(tmp_path: Path) -> None:
     plan = study.plan_study("demo", runs_root=tmp_path, reports_root=tmp_path / "rep", methods=["Joint"],
                             baseline=False)

@@ -99,14 +99,15 @@ class StudyJob(submitit.helpers.Checkpointable):
             steps[0].parameters["torchrun_args"] = self.resources.torchrun_args(
                 0, env.hostnames[0], master_port(env.job_id))
         total = len(steps)
-        for index, step in enumerate(steps, start=1):
-            if step.done:
-                log(f"[{index}/{total}] {step.label}: already complete, skipped ({step.output.parent})")
-                continue
-            failure = (study_run._run_action(step, index, total, log) if step.action is not None
-                       else self._run_notebook(step, index, total, log))
-            if failure is not None:
-                raise study_run._failed([failure], plan.runs_dir / "failures.log")
+        with study_run.pinned_threads(plan.preset.threads):   # a preset's pinned threads hold here too
+            for index, step in enumerate(steps, start=1):
+                if step.done:
+                    log(f"[{index}/{total}] {step.label}: already complete, skipped ({step.output.parent})")
+                    continue
+                failure = (study_run._run_action(step, index, total, log) if step.action is not None
+                           else self._run_notebook(step, index, total, log))
+                if failure is not None:
+                    raise study_run._failed([failure], plan.runs_dir / "failures.log")
         return f"{self.group}: complete"
 
     def _run_notebook(self, step: study.Step, index: int, total: int,

@@ -43,6 +43,11 @@ def notebook_parameters(path: Path) -> dict[str, dict[str, Any]]:
     return params
 
 
+def notebook_defaults(specs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The values a notebook's `parameters` cell assigns (what a run gets for a name no one set)."""
+    return {name: _literal(spec.get("default", "None")) for name, spec in specs.items()}
+
+
 _TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict,
                            "list": list}
 

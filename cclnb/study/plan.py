@@ -19,7 +19,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from cclnb.config import ABLATIONS, METHODS, TrainConfig, canonical_method
 from cclnb.errors import ConfigError, DataError
-from cclnb.study.notebooks import NOTEBOOKS, notebook_parameters, notebook_path, split_overrides
+from cclnb.study.notebooks import (NOTEBOOKS, notebook_defaults, notebook_parameters, notebook_path,
+                                   split_overrides)
 from cclnb.study.presets import Preset, check_preset, get_preset
 from cclnb.study.records import RECORDS_FOLDER, record_name
 from cclnb.study.report import BASELINES, UNTRAINED_BN
@@ -97,6 +98,32 @@ def _untrained(parameters: Mapping[str, Any], calibrate_bn: bool) -> Path:
     return untrained_run(untrained_config({**parameters, "progress": False}), calibrate_bn)
 
 
+def _probe(parameters: Mapping[str, Any], log: Path) -> Path:
+    """A linear evaluation by the probe protocol in the study's own process (`Preset.inline_probe`):
+    the linear-evaluation notebook's one call, from the same parameters, its result line in `log`."""
+    from cclnb.evaluate.lincls import probe_eval
+    from cclnb.evaluate.lincls_options import notebook_args
+
+    result = probe_eval(notebook_args({**parameters, "progress": False}))
+    log.write_text(f"{result['who']} ({result['protocol']}): final top-1 {result['top1']:.2f}% "
+                   f"in {result['time_s']:.1f} s\nparameters: {json.dumps(dict(parameters))}\n", encoding="utf-8")
+    return log
+
+
+def _evaluation_step(label: str, run_dir: Path, who: str, seed: int, trained: bool,
+                     notebook: Mapping[str, Any], inline: Mapping[str, Any] | None) -> Step:
+    """The linear evaluation of one encoder: the notebook, or with `inline` parameters the probe
+    in this process (its output the JSON both write)."""
+    done = trained and (run_dir / f"lincls_{who}.json").is_file()
+    where = {"run_dir": str(run_dir), "who": who, "seed": seed}
+    if inline is None:
+        return Step(label, "linear_eval", run_dir / f"linear_eval_{who}.ipynb", {**notebook, **where}, done=done)
+    parameters = {**inline, **where}
+    log = run_dir / f"linear_eval_{who}.log"
+    return Step(label, "linear_eval", run_dir / f"lincls_{who}.json", parameters, done=done,
+                action=functools.partial(_probe, parameters, log), log=log)
+
+
 def _record(run_dir: Path, folder: Path, study: str) -> Path:
     from cclnb.study.records import write_record
 
@@ -147,6 +174,9 @@ def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root
     runs_dir = Path(runs_root).resolve() / name
     report_dir = Path(reports_root).resolve() / name
     records_dir = report_dir / RECORDS_FOLDER
+    # The probe in this process (Preset.inline_probe) gets every parameter the notebook would hold.
+    evaluation = {**notebook_defaults(specs["linear_eval"]), **params["linear_eval"]}
+    inline = preset.inline_probe and evaluation.get("protocol") == "probe"
     steps: list[Step] = []
     forced: list[Path] = []
     for seed in ([] if report_only else chosen_seeds):
@@ -154,7 +184,8 @@ def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root
             run_dir = runs_dir / method / f"seed{seed}"
             if force and run_dir.exists():
                 forced.append(run_dir)
-            steps += _method_steps(method, seed, run_dir, params, records_dir, name, fresh=force)
+            steps += _method_steps(method, seed, run_dir, params, records_dir, name, fresh=force,
+                                   inline_evaluation=evaluation if inline else None)
     folders = [str(records_dir), *(str(Path(f).resolve()) for f in records)]
     steps.append(Step("report", "report", runs_dir / "report.ipynb",
                       {**params["report"], "study": name, "records": folders,
@@ -178,9 +209,11 @@ def _budget_folders(folders: Sequence[str]) -> list[str]:
 
 
 def _method_steps(method: str, seed: int, run_dir: Path, params: Mapping[str, dict[str, Any]],
-                  records_dir: Path, study: str, fresh: bool) -> list[Step]:
+                  records_dir: Path, study: str, fresh: bool,
+                  inline_evaluation: Mapping[str, Any] | None = None) -> list[Step]:
     """Pretraining (or the untrained encoder), linear evals and the record of one (method, seed);
-    `fresh`: as if `run_dir` were empty (--force deletes it before the first step)."""
+    `fresh`: as if `run_dir` were empty (--force deletes it before the first step);
+    `inline_evaluation`: the linear evals' parameters, to run them in this process, not notebooks."""
     trained = not fresh and _training_done(run_dir)
     who_list = ("student", "teacher") if method in TEACHER_METHODS else ("student",)
     label = f"{method} seed {seed}"
@@ -194,10 +227,8 @@ def _method_steps(method: str, seed: int, run_dir: Path, params: Mapping[str, di
         resume = str(run_dir) if not fresh and (run_dir / "checkpoints" / "last.pt").is_file() else None
         first = Step(f"{label}: task sequence", "task_sequence", run_dir / "task_sequence.ipynb",
                      {**train_params, "resume": None if trained else resume}, done=trained)
-    evals = [Step(f"{label}: linear eval ({who})", "linear_eval", run_dir / f"linear_eval_{who}.ipynb",
-                  {**params["linear_eval"], "run_dir": str(run_dir), "who": who, "seed": seed},
-                  done=trained and (run_dir / f"lincls_{who}.json").is_file())
-             for who in who_list]
+    evals = [_evaluation_step(f"{label}: linear eval ({who})", run_dir, who, seed, trained,
+                              params["linear_eval"], inline_evaluation) for who in who_list]
     record = Step(f"{label}: record", "record", records_dir / record_name(method, seed), {},
                   action=functools.partial(_record, run_dir, records_dir, study), log=run_dir / "record.log")
     steps = [first, *evals, record]

@@ -33,7 +33,10 @@ class Preset:
     each notebook's process, and torch's for the in-process steps) whatever the machine's core
     count or the caller's environment; None divides the cores among the jobs. A CPU study whose
     numbers must repeat pins it: a bf16 convolution's gradient differs in its last bits between 1
-    and 2 threads, and a few hundred steps turn that into different accuracies.
+    and 2 threads, and a few hundred steps turn that into different accuracies. `inline_probe`:
+    with the probe protocol, each linear evaluation runs in the study's own process (its result
+    line in `linear_eval_<who>.log`) instead of a notebook; for presets whose probe takes about a
+    second, where a notebook's kernel start and imports take about nine (the demo: 18 of them).
     """
 
     name: str
@@ -46,6 +49,7 @@ class Preset:
     jobs: int = 1
     seeds: tuple[int, ...] = (0,)
     threads: int | None = None
+    inline_probe: bool = False
 
     def parameters(self, notebook: str) -> dict[str, Any]:
         return dict(getattr(self, notebook))
@@ -92,7 +96,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                        "knn_k": 20},
         linear_eval={"protocol": "probe", "epochs": 50, "device": "cpu", "precision": "bf16", "workers": 0},
         report={"title": "cclnb demo study: continual MoCo v2 on embedded shapes"},
-        seeds=(0, 1, 2), jobs=2, threads=1),
+        seeds=(0, 1, 2), jobs=2, threads=1, inline_probe=True),
     Preset(
         name="tin100-32",
         description="Tiny-ImageNet-32 sub100 (100 classes), 10 tasks, ResNet-18 at 32 px, "

@@ -137,13 +137,12 @@ class _StepError(Exception):
     """Internal: a step failed in (cell, cause); `run_study` adds the step's number and label."""
 
 
-def _launch(step: Step, notebooks_dir: str | Path | None, threads: int, pinned: bool = False,
-            **popen: Any) -> subprocess.Popen:
+def _launch(step: Step, notebooks_dir: str | Path | None, threads: int, **popen: Any) -> subprocess.Popen:
     """Start papermill for `step` as its own process, its output in `<output>.log`; the kernel
-    gets `threads` CPU threads (OMP_NUM_THREADS; unless `pinned`, a value the caller set wins) so
-    that concurrent notebooks share the cores instead of oversubscribing them. `popen`: further
-    `subprocess.Popen` arguments (a cluster job starts its notebooks deaf to the scheduler's
-    signals, `cclnb.launch.job`)."""
+    gets `threads` CPU threads (OMP_NUM_THREADS; a value in this process' environment wins, which
+    is how `pinned_threads` pins them) so that concurrent notebooks share the cores instead of
+    oversubscribing them. `popen`: further `subprocess.Popen` arguments (a cluster job starts its
+    notebooks deaf to the scheduler's signals, `cclnb.launch.job`)."""
     step.output.parent.mkdir(parents=True, exist_ok=True)
     params_file = step.output.with_suffix(".parameters.json")
     params_file.write_text(json.dumps(step.parameters, indent=1))
@@ -151,8 +150,6 @@ def _launch(step: Step, notebooks_dir: str | Path | None, threads: int, pinned: 
                str(step.output), "-f", str(params_file), "-k", "python3", "--no-progress-bar",
                "--log-output", "--cwd", str(step.output.parent)]
     env = {"OMP_NUM_THREADS": str(threads), **os.environ}
-    if pinned:
-        env["OMP_NUM_THREADS"] = str(threads)
     with open(step.output.with_suffix(".log"), "w", encoding="utf-8") as log:  # the child keeps its copy
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, **popen)
 
@@ -160,8 +157,9 @@ def _launch(step: Step, notebooks_dir: str | Path | None, threads: int, pinned: 
 @contextlib.contextmanager
 def pinned_threads(threads: int | None) -> Iterator[None]:
     """Within: torch in this process, and any kernel started here, use `threads` CPU threads
-    (None: nothing changes). The steps that run in the study's process or in a kernel it starts
-    (the untrained baselines, `--jobs 1`) then compute as the concurrent notebooks do."""
+    (None: nothing changes), whatever the caller's OMP_NUM_THREADS. A study runs inside it, so its
+    in-process steps (untrained baselines, inline probes), its `--jobs 1` kernels and its
+    concurrent notebooks all compute alike (`Preset.threads`)."""
     if threads is None:
         yield
         return
@@ -203,7 +201,7 @@ def _run_concurrently(pending: list[tuple[int, Step]], study: Study, notebooks_d
     queues: dict[str, list[tuple[int, Step]]] = {}
     for index, step in pending:
         queues.setdefault(step.group, []).append((index, step))
-    jobs, threads, pinned = study.jobs, study.threads, study.preset.threads is not None
+    jobs, threads = study.jobs, study.threads
     running: dict[str, tuple[int, Step, subprocess.Popen, float]] = {}
     failures: list[StepFailure] = []
     while queues or running:
@@ -213,15 +211,14 @@ def _run_concurrently(pending: list[tuple[int, Step]], study: Study, notebooks_d
             queue = queues[group]
             while queue and queue[0][1].action is not None:
                 index, step = queue.pop(0)
-                with pinned_threads(study.preset.threads):
-                    failure = _run_action(step, index, total, log)
+                failure = _run_action(step, index, total, log)
                 if failure is not None:
                     failures.append(failure)
                     queue.clear()
             if queue and len(running) < jobs:
                 index, step = queue.pop(0)
                 log(f"[{index}/{total}] {step.label} ... (log {step.output.with_suffix('.log')})")
-                running[group] = (index, step, _launch(step, notebooks_dir, threads, pinned=pinned), time.monotonic())
+                running[group] = (index, step, _launch(step, notebooks_dir, threads), time.monotonic())
             if not queue:
                 del queues[group]
         time.sleep(0.2)
@@ -250,6 +247,31 @@ def render_html(executed: Path, html: Path) -> Path:
     return html
 
 
+def _run_pending(pending: list[tuple[int, Step]], study: Study, notebooks_dir: str | Path | None,
+                 log: Callable[[str], None], total: int, failures_log: Path) -> None:
+    """The pending steps: with `study.jobs` > 1 all but the report concurrently, then the rest
+    (everything with `--jobs 1`) in order in this process, the first failure raised."""
+    if study.jobs > 1:
+        failures = _run_concurrently(pending[:-1], study, notebooks_dir, log, total)
+        if failures:
+            raise _failed(failures, failures_log)
+        pending = pending[-1:]
+    for index, step in pending:
+        if step.action is not None:
+            failure = _run_action(step, index, total, log)
+            if failure is not None:
+                raise _failed([failure], failures_log)
+            continue
+        log(f"[{index}/{total}] {step.label} ...")
+        tic = time.monotonic()
+        try:
+            execute_step(step, notebooks_dir)
+        except _StepError as error:
+            raise _failed([_notebook_failure(step, index, total, *error.args)],
+                          failures_log) from error.__cause__
+        log(f"[{index}/{total}] {step.label}: done in {time.monotonic() - tic:.0f} s")
+
+
 def run_study(study: Study, notebooks_dir: str | Path | None = None,
               log: Callable[[str], None] = print) -> Path:
     """Execute the plan's pending steps and render the report; returns index.html.
@@ -275,27 +297,8 @@ def run_study(study: Study, notebooks_dir: str | Path | None = None,
         if step.done:
             log(f"[{index}/{total}] {step.label}: already complete, skipped ({step.output.parent})")
     pending = [(i, s) for i, s in numbered if not s.done]
-    if study.jobs > 1:
-        failures = _run_concurrently(pending[:-1], study, notebooks_dir, log, total)
-        if failures:
-            raise _failed(failures, failures_log)
-        pending = pending[-1:]
-    for index, step in pending:
-        if step.action is not None:
-            with pinned_threads(study.preset.threads):
-                failure = _run_action(step, index, total, log)
-            if failure is not None:
-                raise _failed([failure], failures_log)
-            continue
-        log(f"[{index}/{total}] {step.label} ...")
-        tic = time.monotonic()
-        try:
-            with pinned_threads(study.preset.threads):
-                execute_step(step, notebooks_dir)
-        except _StepError as error:
-            raise _failed([_notebook_failure(step, index, total, *error.args)],
-                          failures_log) from error.__cause__
-        log(f"[{index}/{total}] {step.label}: done in {time.monotonic() - tic:.0f} s")
+    with pinned_threads(study.preset.threads):
+        _run_pending(pending, study, notebooks_dir, log, total, failures_log)
     html = render_html(study.steps[-1].output, study.html)
     log(f"study {study.name!r} finished in {time.monotonic() - started:.0f} s; report: {html}")
     return html
