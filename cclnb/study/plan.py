@@ -3,7 +3,7 @@
 A study is, for every seed: the task-sequence notebook once per method (pretraining over the
 task sequence), the untrained encoder those runs start from, as built and with BatchNorm statistics
 of the data (`cclnb.study.baseline`), the linear-evaluation notebook for each encoder (student, and
-the teacher where the method has one), and a record of each finished (method, seed) in
+the teacher where the method has one; with `Preset.inline_probe` the probe in this process), and a record of each finished (method, seed) in
 `reports/<study>/runs/` (`cclnb.study.records`); then the report notebook, which reads only records.
 A finished step is skipped on the next call.
 """
