@@ -274,6 +274,8 @@ def test_local_executor_jobs_equal_a_local_study_and_resume_after_the_time_limit
     local = study.plan_study("demo", SMALL, runs_root=tmp_path / "local" / "runs", methods=METHODS,
                              reports_root=tmp_path / "local" / "reports", seeds=[0], baseline=False, jobs=2)
     study.run_study(local, log=lambda _: None)
+    logs = [p.read_text() for p in (tmp_path / "local" / "runs" / "demo").glob("*/seed0/task_sequence.log")]
+    assert len(logs) == 2 and all("Executing Cell 1" in log and "TCP" not in log for log in logs)
 
     jobs = tmp_path / "jobs"
     argv = study_argv(jobs, "--methods", *METHODS, "--launcher", "submitit-local", "--cpus-per-task", str(threads))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import subprocess
 from pathlib import Path
 
 import nbformat
@@ -17,6 +18,7 @@ import pytest
 from cclnb import study
 from cclnb.commands import cli
 from cclnb.errors import ConfigError, DataError
+from cclnb.study import papermill_step
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -233,14 +235,27 @@ def test_a_preset_with_committed_records_pins_their_precision(name: str) -> None
 
 def test_the_study_console_carries_no_kernel_transport_warning(tmp_path: Path, monkeypatch) -> None:
     """ipykernel warns at every start that its local TCP sockets are unencrypted: noise in a
-    study's console. The in-process steps start their kernel with its log level at ERROR, and the
-    untrained baselines, run in the study's process, print no progress bars."""
+    study's console and its steps' logs. Every step, in the study's process or its own, starts its
+    kernel with its log level at ERROR, and the untrained baselines, run in the study's process,
+    print no progress bars."""
     seen: dict = {}
     monkeypatch.setattr(papermill, "execute_notebook", lambda *args, **kwargs: seen.update(kwargs))
     plan = study.plan_study("demo", runs_root=tmp_path, reports_root=tmp_path / "rep", methods=["Joint"],
                             seeds=[0])
     study.execute_step(plan.steps[-1])
     assert "--IPKernelApp.log_level=ERROR" in seen["extra_arguments"]
+    # the steps a study runs in their own processes go through the same call (papermill's command
+    # line cannot pass kernel arguments), the parameters read back from the step's file
+    seen.clear()
+    step = plan.steps[0]
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps(step.parameters))
+    popen: list = []
+    monkeypatch.setattr(subprocess, "Popen", lambda command, **kwargs: popen.append(command))
+    study.run._launch(step, None, 1)
+    assert popen[0][1:3] == ["-m", "cclnb.study.papermill_step"]
+    assert papermill_step.main([*popen[0][3:5], str(params)]) == 0
+    assert "--IPKernelApp.log_level=ERROR" in seen["extra_arguments"] and seen["parameters"] == step.parameters
     untrained = next(s for s in plan.steps if s.notebook == "untrained")
     assert untrained.action.func is study.plan._untrained
     calls: list = []

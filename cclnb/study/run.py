@@ -21,13 +21,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from cclnb.errors import CclnbError
+from cclnb.study import papermill_step
 from cclnb.study.notebooks import notebook_path
 from cclnb.study.plan import Step, Study
-
-# Arguments of every notebook's kernel. ipykernel warns at every start that its local TCP sockets
-# are unencrypted, which tells a study's user nothing; its errors still show.
-KERNEL_ARGUMENTS = ("--IPKernelApp.log_level=ERROR",)
-
 
 class StudyStepFailed(CclnbError):
     """Steps of the study raised; each `StepFailure` names the file that holds its traceback."""
@@ -115,17 +111,13 @@ def execute_step(step: Step, notebooks_dir: str | Path | None = None) -> None:
     The notebook's own output (the trainer's and evaluation's tqdm bars) is streamed to this
     terminal as it runs, so a long step shows its progress rather than one silent cell.
     """
-    import papermill
     from nbclient.exceptions import DeadKernelError
     from papermill.exceptions import PapermillExecutionError
 
     step.output.parent.mkdir(parents=True, exist_ok=True)  # papermill does not create it
     try:
-        papermill.execute_notebook(str(notebook_path(step.notebook, notebooks_dir)), str(step.output),
-                                   parameters=step.parameters, kernel_name="python3",
-                                   progress_bar=False, log_output=True, stdout_file=sys.stdout,
-                                   stderr_file=sys.stderr, cwd=str(step.output.parent),
-                                   extra_arguments=list(KERNEL_ARGUMENTS))
+        papermill_step.execute(notebook_path(step.notebook, notebooks_dir), step.output, step.parameters,
+                               sys.stdout)
     except PapermillExecutionError as error:
         raise _StepError(*_cell_detail(error.cell_index, error.exec_count, error.source,
                                        error.ename, error.evalue)) from error
@@ -146,9 +138,8 @@ def _launch(step: Step, notebooks_dir: str | Path | None, threads: int, **popen:
     step.output.parent.mkdir(parents=True, exist_ok=True)
     params_file = step.output.with_suffix(".parameters.json")
     params_file.write_text(json.dumps(step.parameters, indent=1))
-    command = [sys.executable, "-m", "papermill", str(notebook_path(step.notebook, notebooks_dir)),
-               str(step.output), "-f", str(params_file), "-k", "python3", "--no-progress-bar",
-               "--log-output", "--cwd", str(step.output.parent)]
+    command = [sys.executable, "-m", "cclnb.study.papermill_step",
+               str(notebook_path(step.notebook, notebooks_dir)), str(step.output), str(params_file)]
     env = {"OMP_NUM_THREADS": str(threads), **os.environ}
     with open(step.output.with_suffix(".log"), "w", encoding="utf-8") as log:  # the child keeps its copy
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, **popen)
