@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from cclnb.errors import DataError
+from cclnb import study
 from cclnb.study import figures, report
 
 # R[i][j]: accuracy on task j after task i (fixture values chosen so the metrics are easy by hand)
@@ -149,6 +150,9 @@ def test_provenance_and_limits_name_the_setting(study_root: Path) -> None:
     note = report.limits_note(runs)
     assert "demo-shapes" in note and "not complete" in note and "different setting" in note
     assert report.config_table(runs).shape[1] == 3
+    # a folder outside the repository is shown as it is; one inside, relative to the repository
+    assert prov.loc[0, "source"] == str(runs[0].path)
+    assert report.shown_path(study.REPO_ROOT / "reports" / "demo" / "runs") == "reports/demo/runs"
 
 
 def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:

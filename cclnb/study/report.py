@@ -21,6 +21,7 @@ import pandas as pd
 from cclnb.config import STUDY_METHODS
 from cclnb.errors import DataError
 from cclnb.evaluate import metrics
+from cclnb.study.notebooks import REPO_ROOT
 from cclnb.training.runs import short_commit
 
 WHO = ("student", "teacher")
@@ -377,13 +378,22 @@ def device_label(hardware: dict[str, Any]) -> str:
     return ", ".join(gpus) if gpus else f"{hardware.get('cpu_model') or 'CPU'} x{hardware.get('cpu_count', '?')}"
 
 
+def shown_path(path: str | Path) -> str:
+    """`path` relative to the repository when it lies inside it, else as given: a committed report
+    names the repository's folders, not those of the machine that rendered it."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def provenance_table(runs: Sequence[Run]) -> pd.DataFrame:
     """Where each number came from: commit, versions, hardware, start, state and wall time."""
     rows = []
     for run, times in zip(runs, throughput_table(runs).itertuples()):
         versions = run.config.get("versions") or {}
         rows.append({
-            "dataset": run.dataset, "method": run.method, "source": str(run.path),
+            "dataset": run.dataset, "method": run.method, "source": shown_path(run.path),
             "git_commit": short_commit(run.config.get("git_commit")),
             "started": run.config.get("started"), "state": run.status.get("state"),
             "train_time_min": times.train_time_s / 60,
