@@ -159,8 +159,9 @@ def draw_class(name: str, n: int, rng: np.random.RandomState) -> np.ndarray:
     """`n` images of one class, (n, 32, 32, 3) uint8."""
     k = _SUPERSAMPLE
     side = SHAPES_SIZE * k
-    coverage = np.broadcast_to(_DRAW[name](rng, n), (n, side, side)).astype(np.float64)
-    coverage = coverage.reshape(n, SHAPES_SIZE, k, SHAPES_SIZE, k).mean(axis=(2, 4))[..., None]
+    inside = np.broadcast_to(_DRAW[name](rng, n), (n, side, side)).reshape(n, SHAPES_SIZE, k, SHAPES_SIZE, k)
+    # the count of covered sub-pixels over k*k: exactly the mean of 0/1 floats, without a float array of them
+    coverage = (inside.sum(axis=(2, 4), dtype=np.int32) / (k * k))[..., None]
     fg, bg = _colours(rng, n)
     pixels = bg[:, None, None, :] * (1 - coverage) + fg[:, None, None, :] * coverage
     pixels += rng.uniform(-_NOISE, _NOISE, pixels.shape)
