@@ -96,7 +96,7 @@ def sub100_val(sub100_zip: Path) -> ImageDataset:
 
 @pytest.fixture(scope="session")
 def demo_train() -> ImageDataset:
-    """The embedded demo dataset's train split (2,000 shapes, 16x16 RGB, 10 classes)."""
+    """The embedded demo dataset's train split (2,000 shapes, 32x32 RGB, 10 classes)."""
     return open_dataset("demo", "train")
 
 

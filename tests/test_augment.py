@@ -14,7 +14,7 @@ from PIL import Image
 from scipy import stats
 from torchvision import transforms as T
 
-from cclnb.data.augment import (CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, LINCLS_CROP_SCALE, MOCO_CROP_SCALE,
+from cclnb.data.augment import (_color_jitter_masked, CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, LINCLS_CROP_SCALE, MOCO_CROP_SCALE,
                                 BatchLinclsAugment, BatchMoCoV2Augment, MoCoV2Params, adjust_brightness,
                                 adjust_contrast, adjust_hue, adjust_saturation, anchor_transform,
                                 blur_kernel_size, color_jitter, crop_resize_flip, gaussian_blur, grayscale,
@@ -137,6 +137,27 @@ def test_per_sample_jitter_order_equals_sequential_torchvision():
             ref = ops[op_id](ref, factors[i, op_id].item())
         torch.testing.assert_close(got[i], ref, atol=3e-5, rtol=0)
     torch.testing.assert_close(got[2], x[2])
+
+
+def test_the_cpu_jitter_on_subsets_equals_the_masked_batch_bit_for_bit():
+    """The CPU path runs each colour op on the samples it applies to, the GPU path on the whole
+    batch with identity factors elsewhere: on one thread the two give the same bits, so the
+    faster path changed no run's numbers."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(64, 3, 32, 32, generator=gen)
+    factors = torch.stack([0.6 + 0.8 * torch.rand(64, generator=gen), 0.6 + 0.8 * torch.rand(64, generator=gen),
+                           0.6 + 0.8 * torch.rand(64, generator=gen), 0.2 * torch.rand(64, generator=gen) - 0.1], 1)
+    order = torch.stack([torch.randperm(4, generator=gen) for _ in range(64)])
+    apply = torch.rand(64, generator=gen) < 0.8
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        subsets = color_jitter(x, factors, order, apply)          # x on the CPU: the subset path
+        masked = _color_jitter_masked(x, factors, order, apply)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(subsets, masked) and not torch.equal(subsets, x)
+    assert torch.equal(subsets[~apply], x[~apply])
 
 
 def test_per_sample_blur_equals_torchvision():

@@ -23,7 +23,7 @@ from cclnb.data.shapes import SHAPES_CLASSES, draw_class
 from cclnb.errors import ConfigError, DataError
 from tests.conftest import write_image_folder
 
-DEMO_SHAPES_SHA256 = "0d73c3a74d7fc6b0f3cb3b6bb1c1b5147316c95d5def6bea756226273955a2c9"
+DEMO_SHAPES_SHA256 = "b5fd973003a1664e179640ec4b634a2c47d5f6ac57f3867b1e3f179d4e305e0e"
 
 
 def _decoded(ds, ids=None) -> np.ndarray:
@@ -230,12 +230,12 @@ def test_default_cache_dir_follows_environment(tiny_folder, tmp_path, monkeypatc
 # ----------------------------------------------------------------------------- demo and CIFAR
 def test_demo_dataset(demo_train, demo_val) -> None:
     """`--data demo`: the shapes, drawn by code, identical bytes on every machine."""
-    assert (demo_train.name, demo_train.kind, demo_train.image_size) == ("demo-shapes", "demo", 16)
+    assert (demo_train.name, demo_train.kind, demo_train.image_size) == ("demo-shapes", "demo", 32)
     assert (len(demo_train), len(demo_val)) == (2000, 600)
     assert demo_train.classes == list(SHAPES_CLASSES)
     assert np.bincount(demo_train.targets).tolist() == [200] * 10 and np.bincount(demo_val.targets).tolist() == [60] * 10
     images = load_uint8(demo_train, progress=False)
-    assert images.shape == (2000, 16, 16, 3) and images.dtype == np.uint8
+    assert images.shape == (2000, 32, 32, 3) and images.dtype == np.uint8
     # the pinned bytes: a change of the drawing code changes every demo number, so it must be deliberate
     digest = hashlib.sha256(images.tobytes() + load_uint8(demo_val, progress=False).tobytes()).hexdigest()
     assert digest == DEMO_SHAPES_SHA256
@@ -248,7 +248,7 @@ def test_the_shapes_build_in_well_under_a_second_per_class() -> None:
     """The set is drawn at first use in every process (each notebook's kernel): it must stay cheap."""
     tic = time.perf_counter()
     drawn = draw_class("ring", 260, np.random.RandomState(0))
-    assert drawn.shape == (260, 16, 16, 3) and time.perf_counter() - tic < 1.0
+    assert drawn.shape == (260, 32, 32, 3) and time.perf_counter() - tic < 1.0
 
 
 def test_the_digits_stay_available() -> None:

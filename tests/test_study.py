@@ -262,3 +262,32 @@ def test_the_study_console_carries_no_kernel_transport_warning(tmp_path: Path, m
     monkeypatch.setattr("cclnb.study.baseline.untrained_run", lambda config, calibrate: calls.append(config))
     untrained.action()
     assert calls[0].progress is False
+
+
+def test_concurrent_jobs_start_the_costliest_runs_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With jobs in parallel the teacher methods (the longest runs) start first, seed after seed,
+    so that no core idles at the end while one of them finishes; each group keeps its own order."""
+    from cclnb.study import run as study_run
+
+    plan = study.plan_study("demo", runs_root=tmp_path / "runs", reports_root=tmp_path / "rep",
+                            methods=["Finetuning", "CCL", "Joint"], seeds=[0, 1], baseline=False)
+    launched: list[str] = []
+
+    class Finished:
+        returncode = 0
+
+        def poll(self) -> int:
+            return 0
+
+    def launch(step: study.Step, *_: object, **__: object) -> Finished:
+        launched.append(step.label)
+        return Finished()
+
+    monkeypatch.setattr(study_run, "_launch", launch)
+    monkeypatch.setattr(study_run, "_run_action", lambda *_: None)   # the probes and records
+    tasks = [(i, s) for i, s in enumerate(plan.steps[:-1], 1) if s.notebook == "task_sequence"]
+    assert study_run._run_concurrently(tasks, plan, None, lambda _: None, len(plan.steps)) == []
+    assert launched == ["CCL seed 0: task sequence", "CCL seed 1: task sequence",
+                        "Finetuning seed 0: task sequence", "Joint seed 0: task sequence",
+                        "Finetuning seed 1: task sequence", "Joint seed 1: task sequence"]
+    assert study.expected_cost("CCL-no-distill") > study.expected_cost("SimpleReplay") > study.expected_cost("untrained")

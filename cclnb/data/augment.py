@@ -277,8 +277,19 @@ def color_jitter(x: Tensor, factors: Tensor, order: Tensor, apply: Tensor) -> Te
     """ColorJitter with per-sample factors (B, 4) = (brightness, contrast, saturation, hue) and
     per-sample op order (B, 4) (a permutation of 0..3, torchvision's fn_idx), only where `apply`.
 
-    At stage j each sample runs op order[:, j]; the others take that op's identity factor
-    (exact for the three blends) or, for hue, keep their input through `where`."""
+    At stage j each sample runs op order[:, j]. On the CPU each op runs on just the samples it
+    applies to (an eighth of the work: a quarter of the ops per stage, 80% of the samples), which
+    took about a fifth of a demo step's time when run on all. On a GPU the op runs on the whole
+    batch, where the others take that op's identity factor (exact for the three blends) or, for
+    hue, keep their input through `where`: selecting the samples would stall on the device's count
+    of them 16 times a batch. Both give the same bits on one CPU thread (tests/test_augment.py)."""
+    if x.device.type == "cpu":
+        return _color_jitter_subsets(x, factors, order, apply)
+    return _color_jitter_masked(x, factors, order, apply)
+
+
+def _color_jitter_masked(x: Tensor, factors: Tensor, order: Tensor, apply: Tensor) -> Tensor:
+    """`color_jitter` with every op on the whole batch, masked (the GPU path)."""
     apply = apply.view(-1, 1)
     for stage in range(4):
         active = (order[:, stage:stage + 1] == torch.arange(4, device=x.device)) & apply  # (B, 4)
@@ -289,6 +300,16 @@ def color_jitter(x: Tensor, factors: Tensor, order: Tensor, apply: Tensor) -> Te
             else:
                 identity = torch.full_like(factors[:, op_id], _JITTER_IDENTITY[op_id])
                 x = op(x, torch.where(mask, factors[:, op_id], identity))
+    return x
+
+
+def _color_jitter_subsets(x: Tensor, factors: Tensor, order: Tensor, apply: Tensor) -> Tensor:
+    """`color_jitter` op by op on the samples it applies to (the CPU path)."""
+    for stage in range(4):
+        for op_id, op in enumerate(_JITTER_OPS):
+            rows = torch.nonzero((order[:, stage] == op_id) & apply).flatten()
+            if len(rows):
+                x = x.index_copy(0, rows, op(x[rows], factors[rows, op_id]))
     return x
 
 

@@ -10,8 +10,10 @@ background, which is the brighter, a slight tint (colour jitter, grayscale), the
 stripe period and phase (random resized crop), plus pixel noise. Random features follow brightness,
 contrast and position, so the demo's untrained encoder scores 30-33% kNN, and its probe top-1
 rises from about 36% to 41-61% in a few hundred MoCo steps. Every class is symmetric under a
-horizontal flip, so MoCo's flip never maps one class onto another. 16 px keeps a CPU step cheap
-(half the time of 32 px at the demo's width) and the forms still readable.
+horizontal flip, so MoCo's flip never maps one class onto another. The forms are laid out on a
+canvas 16 units wide and drawn at 32 px: at 16 px a short continual run barely learned more than
+random features find (docs/study.md, "The demo preset"); drawn at 32 px, the same geometry gives
+the crops and the 3x3 stem edges to learn from, at about 1.6x the CPU time of a step.
 
 Built from a fixed seed with IEEE-exact arithmetic only (+, -, *, /, sqrt, floor, comparisons;
 no sin, exp or Gaussian draws, whose last bit can differ between CPUs' maths libraries), so every
@@ -29,7 +31,8 @@ import numpy as np
 from cclnb.data.base import ArrayDataset
 
 SHAPES_NAME = "demo-shapes"
-SHAPES_SIZE = 16
+SHAPES_SIZE = 32            # pixels per side
+_CANVAS = 16.0              # the geometry's units per side: every size and spacing below is in them
 SHAPES_CLASSES = ("hstripes", "vstripes", "checker", "dots", "disk", "square", "triangle", "ring",
                   "plus", "diamond")
 TRAIN_PER_CLASS = 200
@@ -40,8 +43,9 @@ _MIN_CONTRAST = 0.35        # grey levels of foreground and background in [0, 1]
 _TINT = 0.15                # each RGB channel moves by up to this from its grey level
 _NOISE = 0.07               # pixel noise: uniform in [-_NOISE, _NOISE]
 
-# A sub-pixel grid in pixel units, centred on the image: (1, S*k, S*k) arrays y and x.
-_GRID = (np.arange(SHAPES_SIZE * _SUPERSAMPLE, dtype=np.float64) + 0.5) / _SUPERSAMPLE - SHAPES_SIZE / 2
+# A sub-pixel grid in canvas units, centred on the image: (1, S*k, S*k) arrays y and x.
+_GRID = ((np.arange(SHAPES_SIZE * _SUPERSAMPLE, dtype=np.float64) + 0.5) / _SUPERSAMPLE - SHAPES_SIZE / 2) \
+    * (_CANVAS / SHAPES_SIZE)
 _Y, _X = _GRID[None, :, None], _GRID[None, None, :]
 
 
@@ -82,9 +86,10 @@ def _dots(rng: np.random.RandomState, n: int) -> np.ndarray:
 
 def _placed(rng: np.random.RandomState, n: int, low: float, high: float
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A size in [low, high] px and the offsets (dy, dx) from a centre that keeps the shape inside."""
+    """A size in [low, high] canvas units and the offsets (dy, dx) from a centre that keeps the
+    shape inside."""
     size = rng.uniform(low, high, n)
-    room = SHAPES_SIZE / 2 - 0.5 - size
+    room = _CANVAS / 2 - 0.5 - size
     cy, cx = (rng.uniform(-1.0, 1.0, n) * room for _ in range(2))
     return _col(size), _Y - _col(cy), _X - _col(cx)
 
@@ -151,11 +156,12 @@ def _colours(rng: np.random.RandomState, n: int) -> tuple[np.ndarray, np.ndarray
 
 
 def draw_class(name: str, n: int, rng: np.random.RandomState) -> np.ndarray:
-    """`n` images of one class, (n, 16, 16, 3) uint8."""
+    """`n` images of one class, (n, 32, 32, 3) uint8."""
     k = _SUPERSAMPLE
     side = SHAPES_SIZE * k
-    coverage = np.broadcast_to(_DRAW[name](rng, n), (n, side, side)).astype(np.float64)
-    coverage = coverage.reshape(n, SHAPES_SIZE, k, SHAPES_SIZE, k).mean(axis=(2, 4))[..., None]
+    inside = np.broadcast_to(_DRAW[name](rng, n), (n, side, side)).reshape(n, SHAPES_SIZE, k, SHAPES_SIZE, k)
+    # the count of covered sub-pixels over k*k: exactly the mean of 0/1 floats, without a float array of them
+    coverage = (inside.sum(axis=(2, 4), dtype=np.int32) / (k * k))[..., None]
     fg, bg = _colours(rng, n)
     pixels = bg[:, None, None, :] * (1 - coverage) + fg[:, None, None, :] * coverage
     pixels += rng.uniform(-_NOISE, _NOISE, pixels.shape)
@@ -164,7 +170,7 @@ def draw_class(name: str, n: int, rng: np.random.RandomState) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def _shapes_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(images (N, 16, 16, 3) uint8, targets, train ids, val ids), built once per process: each
+    """(images (N, 32, 32, 3) uint8, targets, train ids, val ids), built once per process: each
     class from its own seed, train images first, so a class's images never depend on another's."""
     per_class = TRAIN_PER_CLASS + VAL_PER_CLASS
     images = np.concatenate([draw_class(name, per_class, np.random.RandomState([_SEED, c]))
@@ -180,4 +186,4 @@ def open_shapes(split: str) -> ArrayDataset:
     images, targets, train_ids, val_ids = _shapes_arrays()
     ids = train_ids if split == "train" else val_ids
     return ArrayDataset(name=SHAPES_NAME, kind="demo", split=split, classes=list(SHAPES_CLASSES),
-                        images=images[ids], targets=targets[ids], identity=f"{SHAPES_NAME}|v1|{split}")
+                        images=images[ids], targets=targets[ids], identity=f"{SHAPES_NAME}|v2|{split}")

@@ -20,7 +20,7 @@ from typing import Any
 _EXPORTS = {
     **dict.fromkeys(("NOTEBOOKS", "REPO_ROOT", "notebook_parameters", "notebook_path", "parse_value",
                      "split_overrides"), "notebooks"),
-    **dict.fromkeys(("Step", "Study", "plan_study", "train_config", "untrained_config"), "plan"),
+    **dict.fromkeys(("Step", "Study", "expected_cost", "plan_study", "train_config", "untrained_config"), "plan"),
     **dict.fromkeys(("PRESETS", "Preset", "check_preset", "get_preset", "shared_data"), "presets"),
     **dict.fromkeys(("StepFailure", "StudyStepFailed", "execute_step", "render_html", "run_study"), "run"),
 }

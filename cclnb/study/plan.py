@@ -41,6 +41,7 @@ class Step:
     action: Callable[[], object] | None = None
     group: str = ""                  # steps of one group run in order ("CCL seed 0")
     log: Path | None = None          # an action's log: where a failure leaves its traceback
+    cost: float = 1.0                # expected time relative to a plain MoCo run: concurrent jobs start the longest first
 
 
 @dataclass
@@ -233,5 +234,18 @@ def _method_steps(method: str, seed: int, run_dir: Path, params: Mapping[str, di
                   action=functools.partial(_record, run_dir, records_dir, study), log=run_dir / "record.log")
     steps = [first, *evals, record]
     for step in steps:
-        step.group = label
+        step.group, step.cost = label, expected_cost(method)
     return steps
+
+
+def expected_cost(method: str) -> float:
+    """How long a (method, seed) takes relative to Finetuning's, for ordering concurrent jobs.
+
+    Why: with jobs in parallel, a study whose longest runs start last ends with one core idle
+    while they finish (the demo: CCL seed 2 ran alone for ~35 s of its 327 s). Starting the
+    longest first (LPT) packs the cores. CCL and its ablations run a third encoder, the teacher,
+    on every step (the demo: 69-73 s against Finetuning's 41-43 s); the untrained baselines take
+    seconds. Only the order depends on it: every step is the same whenever it runs."""
+    if method in BASELINES:
+        return 0.0
+    return 1.7 if method in TEACHER_METHODS else 1.0

@@ -81,7 +81,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                     "an eighth of its width with the 3x3 stem, bf16, fast feature probe, 3 seeds: "
                     "minutes on 2 cores",
         # Chosen by measurement on this project's 2-core CPU (docs/study.md, "The demo preset"):
-        # the shapes (cclnb/data/shapes.py), 16 px: random features score about 30% kNN there and
+        # the shapes (cclnb/data/shapes.py), 32 px: random features score about 30% kNN there and
         # MoCo learns form within a few hundred steps; the 3x3 stem keeps every pixel and an eighth
         # of the channels keeps a step cheap; batch 32 = one of the authors' GPUs (query BatchNorm
         # over the 32, keys shuffled over 2 groups of 16), key momentum 0.99 so the key encoder
@@ -89,7 +89,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         # precisions and one thread per job are pinned: the numbers then repeat to the last digit
         # on one machine.
         task_sequence={**_MOCO_V2, "dataset": "demo", "data": "demo", "n_tasks": 5, "epochs": 4,
-                       "arch": "resnet18", "stem": "cifar", "width": 8, "image_size": 16,
+                       "arch": "resnet18", "stem": "cifar", "width": 8, "image_size": 32,
                        "batch_size": 32, "lr": 0.1, "bn_groups": 1, "key_bn_groups": 2, "moco_m": 0.99,
                        "moco_k": 64, "ccl_k": 32, "device": "cpu", "precision": "bf16",
                        "eval_each_task": "knn", "eval_teacher": True, "eval_bank_per_class": 50,

@@ -434,7 +434,7 @@ def limits_note(runs: Sequence[Run]) -> str:
                          "an untrained encoder already separates these digits well, so compare "
                          "every method with the untrained rows before reading the ranking.")
         if dataset == "demo-shapes":
-            lines.append("  The demo uses shapes and textures drawn at 16 px (docs/data.md), an eighth-width "
+            lines.append("  The demo uses shapes and textures drawn at 32 px (docs/data.md), an eighth-width "
                          "ResNet-18, a few hundred steps per run and a fast feature probe: it shows the "
                          "pipeline and what the methods do at a toy scale, not evidence about the paper's "
                          "setting; compare every method with the untrained rows.")

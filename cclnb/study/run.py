@@ -186,11 +186,11 @@ def _run_action(step: Step, index: int, total: int, log: Callable[[str], None]) 
 
 def _run_concurrently(pending: list[tuple[int, Step]], study: Study, notebooks_dir: str | Path | None,
                       log: Callable[[str], None], total: int) -> list[StepFailure]:
-    """Run the groups of `pending` (each group's steps in order) with up to `study.jobs` notebooks
-    at once, each on `study.threads` threads. A failed step drops the rest of its group; the other
+    """Run the groups of `pending` (each group's steps in order, the costliest groups first) with
+    up to `study.jobs` notebooks at once, each on `study.threads` threads. A failed step drops the rest of its group; the other
     groups finish; returns the failures."""
     queues: dict[str, list[tuple[int, Step]]] = {}
-    for index, step in pending:
+    for index, step in sorted(pending, key=lambda item: -item[1].cost):   # stable: groups keep their order
         queues.setdefault(step.group, []).append((index, step))
     jobs, threads = study.jobs, study.threads
     running: dict[str, tuple[int, Step, subprocess.Popen, float]] = {}
