@@ -311,6 +311,57 @@ def budget_gaps(points: Sequence[tuple[float, pd.DataFrame]], metric: str = HEAD
     return pd.DataFrame(rows, columns=["images_seen", "gap", "n", "mean", "std", "min", "max", "status"])
 
 
+def budget_trend(gaps: pd.DataFrame) -> pd.DataFrame:
+    """Where each gap of the budget axis is heading: a least-squares line of its mean against
+    log2(images seen), i.e. the change per doubling of compute, and the images seen at which that
+    line crosses zero. A straight line through a few budgets is a rough extrapolation; it is what
+    "where would the order turn" can honestly get from this machine, so the page says so.
+
+    `heading`: "toward the paper" (the gap is below zero at the largest budget and grows), "away
+    from the paper" (above zero and shrinking), "stays on the paper's side", "stays against the
+    paper", or "flat" (slope exactly zero); fewer than two budgets give "one budget".
+    `crosses_at` is NaN unless the line reaches zero beyond the largest budget."""
+    rows = []
+    for gap, frame in gaps.dropna(subset=["mean"]).groupby("gap", sort=False):
+        x = np.log2(frame["images_seen"].to_numpy(dtype=np.float64))
+        y = frame["mean"].to_numpy(dtype=np.float64)
+        last = float(y[np.argmax(x)])
+        row = {"gap": gap, "budgets": len(frame), "largest": float(2.0 ** x.max()), "gap_at_largest": last,
+               "per_doubling": math.nan, "crosses_at": math.nan, "heading": "one budget"}
+        if np.unique(x).size >= 2:
+            slope, intercept = np.polyfit(x, y, 1)
+            row["per_doubling"] = float(slope)
+            toward_zero = slope != 0 and (last < 0) == (slope > 0)
+            if slope == 0:
+                row["heading"] = "flat"
+            elif toward_zero:
+                row["heading"] = "toward the paper" if last < 0 else "away from the paper"
+            else:
+                row["heading"] = "stays on the paper's side" if last > 0 else "stays against the paper"
+            cross = -intercept / slope if slope != 0 else math.nan
+            if toward_zero and cross > x.max():
+                row["crosses_at"] = float(2.0 ** cross)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["gap", "budgets", "largest", "gap_at_largest", "per_doubling",
+                                       "crosses_at", "heading"])
+
+
+def budget_trend_markdown(trend: pd.DataFrame) -> str:
+    """One line per gap of `budget_trend` for the page: where it stands, where it is heading, and
+    where its line would cross zero (as a multiple of the largest budget run)."""
+    lines = []
+    for row in trend.itertuples(index=False):
+        text = f"- **{row.gap}**: {row.gap_at_largest:+.2f} at the largest budget"
+        if row.budgets >= 2:
+            text += f", {row.per_doubling:+.2f} per doubling of images seen: {row.heading}"
+        if math.isfinite(row.crosses_at):
+            text += (f"; the line reaches zero near {row.crosses_at:,.0f} images per method "
+                     f"({row.crosses_at / row.largest:.1f}x the largest budget run)")
+        lines.append(text + ".")
+    return "\n".join(lines) + ("\n\n*A straight line in log(images) through the budgets run: a rough "
+                              "extrapolation, not a measurement.*")
+
+
 def mean_spread_text(mean: float, std: float, low: float, high: float, n: int) -> str:
     """`mean ± std [min, max]` for the page (`-` when nothing was measured, no ± for one seed)."""
     if n == 0 or not math.isfinite(mean):
