@@ -280,10 +280,10 @@ def test_the_budget_axis_follows_each_gap_across_budgets() -> None:
 def test_the_budget_trend_says_where_each_gap_heads_and_crosses() -> None:
     """A gap that rises one point per doubling from -2 crosses zero two doublings past the largest
     budget; one above zero that shrinks heads away from the paper; a gap on one budget has no line."""
-    rows = [{"images_seen": x, "gap": "Joint - Finetuning", "mean": m}
-            for x, m in ((1e5, -4.0), (2e5, -3.0), (4e5, -2.0))]
-    rows += [{"images_seen": x, "gap": "CCL - SimpleReplay", "mean": m} for x, m in ((1e5, 1.0), (4e5, 0.5))]
-    rows += [{"images_seen": 4e5, "gap": "SimpleReplay - Finetuning", "mean": 0.7}]
+    rows = [{"images_seen": x, "gap": "Joint - Finetuning", "n": n, "mean": m}
+            for x, n, m in ((1e5, 3, -4.0), (2e5, 5, -3.0), (4e5, 1, -2.0))]
+    rows += [{"images_seen": x, "gap": "CCL - SimpleReplay", "n": 3, "mean": m} for x, m in ((1e5, 1.0), (4e5, 0.5))]
+    rows += [{"images_seen": 4e5, "gap": "SimpleReplay - Finetuning", "n": 3, "mean": 0.7}]
     trend = aggregate.budget_trend(pd.DataFrame(rows)).set_index("gap")
     penalty = trend.loc["Joint - Finetuning"]
     assert penalty["per_doubling"] == pytest.approx(1.0)
@@ -295,9 +295,10 @@ def test_the_budget_trend_says_where_each_gap_heads_and_crosses() -> None:
     single = trend.loc["SimpleReplay - Finetuning"]
     assert single["heading"] == "one budget" and math.isnan(single["crosses_at"])
     text = aggregate.budget_trend_markdown(trend.reset_index())
-    assert "**Joint - Finetuning**: -2.00 at the largest budget, +1.00 per doubling" in text
+    assert "**Joint - Finetuning**: -2.00 at the largest budget (1 seed), +1.00 per doubling" in text
+    assert "**CCL - SimpleReplay**: +0.50 at the largest budget (3 seeds)" in text
     assert "1,600,000 images per method (4.0x the largest budget run)" in text
     # a gap moving further from zero never gets a crossing
-    rising = aggregate.budget_trend(pd.DataFrame([{"images_seen": x, "gap": "g", "mean": m}
+    rising = aggregate.budget_trend(pd.DataFrame([{"images_seen": x, "gap": "g", "n": 2, "mean": m}
                                                   for x, m in ((1e5, 0.5), (2e5, 1.0))]))
     assert rising["heading"].item() == "stays on the paper's side" and math.isnan(rising["crosses_at"].item())

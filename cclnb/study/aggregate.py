@@ -327,6 +327,7 @@ def budget_trend(gaps: pd.DataFrame) -> pd.DataFrame:
         y = frame["mean"].to_numpy(dtype=np.float64)
         last = float(y[np.argmax(x)])
         row = {"gap": gap, "budgets": len(frame), "largest": float(2.0 ** x.max()), "gap_at_largest": last,
+               "seeds_at_largest": int(frame["n"].to_numpy()[np.argmax(x)]),
                "per_doubling": math.nan, "crosses_at": math.nan, "heading": "one budget"}
         if np.unique(x).size >= 2:
             slope, intercept = np.polyfit(x, y, 1)
@@ -342,8 +343,8 @@ def budget_trend(gaps: pd.DataFrame) -> pd.DataFrame:
             if toward_zero and cross > x.max():
                 row["crosses_at"] = float(2.0 ** cross)
         rows.append(row)
-    return pd.DataFrame(rows, columns=["gap", "budgets", "largest", "gap_at_largest", "per_doubling",
-                                       "crosses_at", "heading"])
+    return pd.DataFrame(rows, columns=["gap", "budgets", "largest", "gap_at_largest", "seeds_at_largest",
+                                       "per_doubling", "crosses_at", "heading"])
 
 
 def budget_trend_markdown(trend: pd.DataFrame) -> str:
@@ -351,7 +352,8 @@ def budget_trend_markdown(trend: pd.DataFrame) -> str:
     where its line would cross zero (as a multiple of the largest budget run)."""
     lines = []
     for row in trend.itertuples(index=False):
-        text = f"- **{row.gap}**: {row.gap_at_largest:+.2f} at the largest budget"
+        seeds = f"{row.seeds_at_largest} seed{'s' * (row.seeds_at_largest != 1)}"
+        text = f"- **{row.gap}**: {row.gap_at_largest:+.2f} at the largest budget ({seeds})"
         if row.budgets >= 2:
             text += f", {row.per_doubling:+.2f} per doubling of images seen: {row.heading}"
         if math.isfinite(row.crosses_at):
