@@ -323,25 +323,23 @@ def budget_trend(gaps: pd.DataFrame) -> pd.DataFrame:
     `crosses_at` is NaN unless the line reaches zero beyond the largest budget."""
     rows = []
     for gap, frame in gaps.dropna(subset=["mean"]).groupby("gap", sort=False):
-        x = np.log2(frame["images_seen"].to_numpy(dtype=np.float64))
-        y = frame["mean"].to_numpy(dtype=np.float64)
-        last = float(y[np.argmax(x)])
-        row = {"gap": gap, "budgets": len(frame), "largest": float(2.0 ** x.max()), "gap_at_largest": last,
-               "seeds_at_largest": int(frame["n"].to_numpy()[np.argmax(x)]),
+        largest = frame.loc[frame["images_seen"].idxmax()]
+        row = {"gap": gap, "budgets": len(frame), "largest": float(largest["images_seen"]),
+               "gap_at_largest": float(largest["mean"]), "seeds_at_largest": int(largest["n"]),
                "per_doubling": math.nan, "crosses_at": math.nan, "heading": "one budget"}
+        x = np.log2(frame["images_seen"].to_numpy(dtype=np.float64))
         if np.unique(x).size >= 2:
-            slope, intercept = np.polyfit(x, y, 1)
+            slope, intercept = np.polyfit(x, frame["mean"].to_numpy(dtype=np.float64), 1)
+            below = row["gap_at_largest"] < 0
             row["per_doubling"] = float(slope)
-            toward_zero = slope != 0 and (last < 0) == (slope > 0)
             if slope == 0:
                 row["heading"] = "flat"
-            elif toward_zero:
-                row["heading"] = "toward the paper" if last < 0 else "away from the paper"
+            elif below == (slope > 0):   # heading for zero: toward the paper from below, away from above
+                row["heading"] = "toward the paper" if below else "away from the paper"
+                if -intercept / slope > x.max():
+                    row["crosses_at"] = float(2.0 ** (-intercept / slope))
             else:
-                row["heading"] = "stays on the paper's side" if last > 0 else "stays against the paper"
-            cross = -intercept / slope if slope != 0 else math.nan
-            if toward_zero and cross > x.max():
-                row["crosses_at"] = float(2.0 ** cross)
+                row["heading"] = "stays against the paper" if below else "stays on the paper's side"
         rows.append(row)
     return pd.DataFrame(rows, columns=["gap", "budgets", "largest", "gap_at_largest", "seeds_at_largest",
                                        "per_doubling", "crosses_at", "heading"])
