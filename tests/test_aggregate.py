@@ -272,9 +272,11 @@ def test_the_budget_axis_follows_each_gap_across_budgets() -> None:
     assert penalty["mean"].iloc[0] == pytest.approx(-1.0)
     assert set(gaps["gap"]) == {"Joint - Finetuning", "SimpleReplay - Finetuning", "CCL - SimpleReplay"}
     assert len(gaps) == 9
-    # a budget that lacks a method gives an unresolved, empty gap rather than an error
+    # a budget that lacks a method gives an empty gap marked "not run" rather than an error
     partial = aggregate.budget_gaps([(1e5, table([1, 1, 1])[lambda t: t["method"] != "CCL"])])
-    assert partial.loc[partial["gap"] == "CCL - SimpleReplay", "n"].item() == 0
+    missing = partial[partial["gap"] == "CCL - SimpleReplay"]
+    assert missing["n"].item() == 0 and missing["status"].item() == "not run"
+    assert partial.loc[partial["gap"] == "Joint - Finetuning", "status"].item() == "holds"
 
 
 def test_the_budget_trend_says_where_each_gap_heads_and_crosses() -> None:

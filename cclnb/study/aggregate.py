@@ -300,14 +300,15 @@ BUDGET_GAPS = (("Joint", "Finetuning"), ("SimpleReplay", "Finetuning"), ("CCL", 
 def budget_gaps(points: Sequence[tuple[float, pd.DataFrame]], metric: str = HEADLINE) -> pd.DataFrame:
     """One row per (budget, gap): `points` are (images seen per method, per-seed table) of the same
     study at several budgets; each gap's paired differences over seeds (n, mean, std, min, max)
-    and its status by `VERDICT_RULE`, ordered by budget."""
+    and its status by `VERDICT_RULE` ("not run" where a budget lacks one of the pair's methods, so an
+    empty gap does not read as a measured one), ordered by budget."""
     rows = []
     for images, table in sorted(points, key=lambda point: point[0]):
         for a, b in BUDGET_GAPS:
             diff = (paired_differences(table, a, b, metric).tolist()
                     if _has(table, metric) and {a, b} <= set(table["method"]) else [])
             rows.append({"images_seen": images, "gap": f"{a} - {b}", **spread(diff),
-                         "status": judge_pair(diff)[0]})
+                         "status": judge_pair(diff)[0] if diff else "not run"})
     return pd.DataFrame(rows, columns=["images_seen", "gap", "n", "mean", "std", "min", "max", "status"])
 
 
