@@ -3,14 +3,17 @@
 #   1. environment (GPU, versions), the uint8 cache of the sub100 zip;
 #   2. the GPU-only tests;
 #   3. `cclnb bench` at 32 px (ResNet-18, batch 512) and 224 px (ResNet-50, batch 256);
-#   4. the tin100-32 study (4 methods, 10 tasks) with epochs per task chosen from step 3's
-#      measured throughput so that it fits STUDY_BUDGET seconds (the arithmetic is written to
+#   4. the tin100-32 study (4 methods, 10 tasks, SEEDS) with epochs per task chosen from step 3's
+#      measured throughput so that it ends inside DEADLINE (the arithmetic is written to
 #      $OUT/plan.md), then the report.
 # Every step has its own timeout and a failure does not stop the later steps; what exists is
 # packed under $OUT at the end (at most 8 files come back from the device).
 #
-# Run from the repository root on the device machine, with the data and wheels carried:
-#   mkdir -p .devdata && cp ../shared/data/tiny-imagenet-32-sub100.zip .devdata/
+# Run from the repository root on the device machine, with the data and wheels carried. The zip
+# (52 MB) and the tracked tree (14 MB) together pass the 64 MiB a call may carry; xz shrinks the
+# zip to 19 MB (55,000 small JPEGs: the zip's per-file headers compress away), unpacked there:
+#   echo /.devdata/ >> .git/info/exclude; mkdir -p .devdata
+#   xz -T2 -c ../shared/data/tiny-imagenet-32-sub100.zip > .devdata/tiny-imagenet-32-sub100.zip.xz
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".devdata", ".whl"], timeout_s=570)
 # The device image has no Jupyter stack: fetch it as Python 3.12 wheels once (5.3 MB; debugpy,
 # jedi, parso and tzdata are left out, the kernel runs without them):
@@ -30,9 +33,15 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CCLNB_CACHE=${CCLNB_CACHE:-/tmp/cclnb-cache}
 PY=${PY:-python3}
 DATA=${DATA:-.devdata/tiny-imagenet-32-sub100.zip}
-STUDY_BUDGET=${STUDY_BUDGET:-270}      # seconds of training for the four methods together
+SEEDS=${SEEDS:-0 1 2}                  # the study's seeds (the verdict needs a spread)
+DEADLINE=${DEADLINE:-540}              # seconds the whole script may take (the call's timeout: 570)
 START=$(date +%s)
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/session.log"; }
+
+if [ ! -f "$DATA" ] && [ -f "$DATA.xz" ]; then   # the carried copy is xz-compressed
+  $PY -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+      "$DATA.xz" "$DATA"
+fi
 
 if ls .whl/*.whl >/dev/null 2>&1; then   # papermill & co. travel as wheels (not on the device image)
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -46,7 +55,7 @@ if [ "${REHEARSAL:-0}" = 1 ]; then       # CPU rehearsal: same steps, toy sizes
   # an eighth of the width and 2 tasks: the per-task kNN of a full-width ResNet-18 over the 5,000
   # val images alone takes minutes on 2 CPU cores, which no rehearsal budget holds
   STUDY_EXTRA="-p subset_per_class=3 -p batch_size=16 -p bn_groups=2 -p key_bn_groups=2 -p device=cpu -p precision=fp32 -p linear_eval.device=cpu -p linear_eval.precision=fp32 -p width=8 -p n_tasks=2 --jobs 2"
-  LIN_EPOCHS=1; T224=300; STUDY_TIMEOUT=420
+  LIN_EPOCHS=1; T224=300; STUDY_TIMEOUT=420; SEEDS=${REHEARSAL_SEEDS:-0 1}
 else
   DEV=cuda; BENCH32="--steps 50 --workers 16"; BENCH224="--steps 15 --workers 16"
   STUDY_EXTRA=""; LIN_EPOCHS=${LIN_EPOCHS:-30}; T224=90; STUDY_TIMEOUT=
@@ -70,12 +79,16 @@ timeout $T224 $PY -m cclnb bench --device $DEV --data "$DATA" --arch resnet50 --
 log "bench 224 px exit $?"
 
 log "4. study: plan the epochs from the measured throughput"
+REMAIN=${STUDY_TIMEOUT:-$(( DEADLINE - ($(date +%s) - START) - 20 ))}   # the device's budget; a rehearsal's own
+# training gets under half of what is left: kernel starts, per-task kNN, replay selection and the
+# linear evaluation of every (method, seed) take the rest
+STUDY_BUDGET=${STUDY_BUDGET:-$(( REMAIN * 45 / 100 ))}
+N_SEEDS=$(echo $SEEDS | wc -w)
 EPOCHS=$($PY benchmarks/plan_epochs.py "$OUT/bench-32px.md" --budget "$STUDY_BUDGET" \
-         --out "$OUT/plan.md") || EPOCHS=5
-log "epochs per task: $EPOCHS"
-REMAIN=${STUDY_TIMEOUT:-$(( 540 - ($(date +%s) - START) - 20 ))}   # the device's budget; a rehearsal's own
+         --seeds "$N_SEEDS" --out "$OUT/plan.md") || EPOCHS=2
+log "study budget ${STUDY_BUDGET}s of training over seeds $SEEDS: $EPOCHS epochs per task, ${REMAIN}s in all"
 timeout $REMAIN $PY -m cclnb study --preset tin100-32 -p data="$DATA" -p epochs="$EPOCHS" \
-  -p linear_eval.epochs=$LIN_EPOCHS $STUDY_EXTRA > "$OUT/study.log" 2>&1
+  -p linear_eval.epochs=$LIN_EPOCHS --seeds $SEEDS $STUDY_EXTRA > "$OUT/study.log" 2>&1
 log "study exit $? after $(( $(date +%s) - START ))s"
 
 tar czf "$OUT/study.tgz" --exclude='*.pt' runs/tin100-32 reports/tin100-32 2>/dev/null
