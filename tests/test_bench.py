@@ -13,6 +13,7 @@ from torch import nn
 from cclnb.commands.cli import main
 from cclnb.training.bench import count_flops, matmul_peak_gflops, row_precisions, time_steps
 from cclnb.training.precision import resolve_precision
+from cclnb.training.step_profile import profile_markdown, profile_step
 
 ROWS = ("1. authors: PIL + torchvision + DataLoader (1 workers)",
         "2. cclnb fast path: uint8 on device + BatchMoCoV2Augment",
@@ -99,3 +100,24 @@ def test_row_precisions_put_the_native_choice_first():
     assert row_precisions("fp32", cpu) == ["fp32"]
     both = row_precisions("both", cpu)
     assert both[0] == native and sorted(both) == ["bf16", "fp32"]
+
+
+def test_profile_step_ranks_ops_by_self_time_and_renders_a_section():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 4))
+    batches = iter([torch.randn(4, 3, 6, 6) for _ in range(3)])
+
+    def step(x: torch.Tensor) -> None:
+        model(x).sum().backward()
+
+    profile = profile_step("toy", step, batches, n_steps=3, device=torch.device("cpu"), top_n=5)
+    assert profile.steps == 3 and len(profile.top) == 5
+    assert 0 < profile.busy_ms and 0 < profile.wall_ms
+    shares = [ms for _, ms, _ in profile.top]
+    assert shares == sorted(shares, reverse=True)
+    ops = dict((op, calls) for op, _, calls in profile.top)
+    assert any("conv" in op for op in ops)                     # the convolution is among the costliest
+    section = profile_markdown([profile], "cpu")
+    assert "- toy step: " in section and "host ops busy" in section
+    assert section.count("\n| `") == 5

@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DataLoader workers of the authors' row (default: min(16, CPUs))")
     parser.add_argument("--compile", action="store_true",
                         help="add rows with the query encoder under torch.compile")
+    parser.add_argument("--profile", action="store_true",
+                        help="append where a step's time goes: device busy vs wall, top ops (torch.profiler)")
     parser.add_argument("--out", default=None,
                         help="markdown file for the table (default benchmarks/bench-<device>-<arch>-<size>px.md)")
 
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                            image_size=args.image_size,
                            batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                            precision=args.precision, data=args.data, workers=args.workers,
-                           compile=args.compile, out=args.out)
+                           compile=args.compile, profile=args.profile, out=args.out)
     command = "cclnb " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "cclnb bench"
     result = run_bench(options, command)
     out = write_table(result, Path(args.out) if args.out else default_out(options, result.device_type))

@@ -43,8 +43,10 @@ from cclnb.data.batches import Batch, TensorFeeder, WorkerFeeder, epoch_order
 from cclnb.errors import ConfigError
 from cclnb.training import SMALL_IMAGE_MAX, TaskPlan, Trainer, dist, runs
 from cclnb.training.precision import cpu_model, native_bf16_flags, resolve_precision
+from cclnb.training.step_profile import profile_markdown, profile_step
 
 REPLAY_FRACTION = 0.2        # share of replayed ("old") samples per batch in the CCL step
+PROFILE_STEPS = 5            # profiled ceiling steps per kind (after the timed ones: warm)
 CEILING_BATCHES = 4          # distinct pre-augmented batches cycled through for the ceiling rows
 STEP_KINDS = {"MoCo": "Finetuning", "CCL": "CCL"}
 BENCH_PRECISIONS = ("auto", "fp32", "bf16", "both")     # both: rows 1-3 at the native and the other one
@@ -71,6 +73,7 @@ class BenchOptions:
     data: str = "demo"
     workers: int = 8
     compile: bool = False
+    profile: bool = False       # append where a step's time goes (cclnb.training.step_profile)
     out: str | None = None
 
     def validate(self) -> None:
@@ -111,6 +114,7 @@ class BenchResult:
     notes: list[str]
     peak_gflops: dict[str, float]       # precision -> measured matmul GFLOP/s
     flops_per_image: dict[str, float]   # step kind -> FLOPs of one train_step per image
+    sections: list[str] = field(default_factory=list)   # markdown after the table (the profile)
 
     def ceiling(self, precision: str) -> Row:
         """The eager ceiling at `precision`: the reference of the img/s ratios of that precision's rows."""
@@ -146,7 +150,7 @@ class BenchResult:
                 cells += [_rate(achieved), f"{achieved / self.peak_gflops[row.precision]:.1%}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines += [""] + [f"- {note}" for note in self.notes]
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + [""] * bool(self.sections)) + "\n" + "\n".join(self.sections)
 
 
 def _rate(value: float) -> str:
@@ -386,6 +390,11 @@ def run_bench(options: BenchOptions, command: str = "cclnb bench") -> BenchResul
         if kind == "MoCo" and make is not ceiling_batches:
             row.first_batch_s = first_s
     aug_speed = _augmentation_speed(tensor_batches, options, device)
+    sections = []
+    if options.profile:
+        sections.append(profile_markdown(
+            [profile_step(kind, steps.get(kind, main), ceiling_batches(), PROFILE_STEPS, device)
+             for kind in STEP_KINDS], device.type))
 
     rows = [row for row, *_ in plan]
     tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
@@ -419,7 +428,7 @@ def run_bench(options: BenchOptions, command: str = "cclnb bench") -> BenchResul
         "(matmuls and convolutions only; BatchNorm, elementwise ops and the optimizer are extra time "
         "with no FLOPs counted)",
     ]
-    return BenchResult(options, device.type, rows, header, notes, peaks, flops)
+    return BenchResult(options, device.type, rows, header, notes, peaks, flops, sections)
 
 
 def _augmentation_speed(make_batches: Callable[[], Iterator[Batch]], options: BenchOptions,
