@@ -25,11 +25,14 @@ def test_cpu_tiny_bench_prints_the_table_and_writes_it(tmp_path, capsys):
     out = tmp_path / "bench.md"
     code = main(["bench", "--device", "cpu", "--arch", "resnet18", "--image-size", "16", "--batch-size", "8",
                  "--steps", "1", "--warmup", "1", "--workers", "1", "--data", "demo", "--precision", "both",
-                 "--out", str(out)])
+                 "--profile", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0
     table = out.read_text()
     assert table in printed
+    table, profile = table.split("## Where a step's time goes")   # --profile: a section after the table
+    assert re.search(r"- MoCo step: [\d.]+ ms wall per step \(profiled, 1 steps\); host ops busy", profile)
+    assert "| CCL: op | self ms / step |" in profile
     lines = [line for line in table.splitlines() if line.startswith("| ")]
     # The img/s columns keep positions 3 and 5 (benchmarks/plan_epochs.py reads them).
     assert lines[0].startswith("| pipeline | precision | first batch (s) | MoCo img/s | MoCo / ceiling | "

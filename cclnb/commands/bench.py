@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from cclnb.config import ARCHS, STEMS
-from cclnb.training.bench import BENCH_PRECISIONS, BenchOptions, default_out, run_bench, write_table
+from cclnb.training.bench import BENCH_PRECISIONS, BenchOptions, BenchResult, default_out, run_bench, write_table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +54,12 @@ def run(args: argparse.Namespace) -> int:
                            precision=args.precision, data=args.data, workers=args.workers,
                            compile=args.compile, profile=args.profile, out=args.out)
     command = "cclnb " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "cclnb bench"
-    result = run_bench(options, command)
-    out = write_table(result, Path(args.out) if args.out else default_out(options, result.device_type))
+
+    def write(result: BenchResult) -> Path:
+        return write_table(result, Path(args.out) if args.out else default_out(options, result.device_type))
+
+    result = run_bench(options, command, on_table=write)
+    out = write(result)
     print(result.to_markdown())
     print(f"table written to {out}")
     return 0

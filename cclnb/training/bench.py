@@ -46,7 +46,7 @@ from cclnb.training.precision import cpu_model, native_bf16_flags, resolve_preci
 from cclnb.training.step_profile import profile_markdown, profile_step
 
 REPLAY_FRACTION = 0.2        # share of replayed ("old") samples per batch in the CCL step
-PROFILE_STEPS = 5            # profiled ceiling steps per kind (after the timed ones: warm)
+PROFILE_STEPS = 5            # profiled ceiling steps per kind (at most --steps; after the timed ones: warm)
 CEILING_BATCHES = 4          # distinct pre-augmented batches cycled through for the ceiling rows
 STEP_KINDS = {"MoCo": "Finetuning", "CCL": "CCL"}
 BENCH_PRECISIONS = ("auto", "fp32", "bf16", "both")     # both: rows 1-3 at the native and the other one
@@ -324,8 +324,12 @@ def _device_name(device: torch.device) -> str:
     return f"CPU ({cpu_model()}, {native}, {torch.get_num_threads()} threads)"
 
 
-def run_bench(options: BenchOptions, command: str = "cclnb bench") -> BenchResult:
-    """Measure every row and return the table (see the module docstring for the rows)."""
+def run_bench(options: BenchOptions, command: str = "cclnb bench",
+              on_table: Callable[[BenchResult], None] | None = None) -> BenchResult:
+    """Measure every row and return the table (see the module docstring for the rows).
+
+    With `options.profile` the profile section is measured last and `on_table` (e.g. a writer)
+    first gets the table without it: a profile that overruns a caller's timeout keeps the table."""
     options.validate()
     ctx = dist.DistContext(rank=0, world_size=1, local_rank=0, device=dist.resolve_device(options.device))
     device = ctx.device
@@ -390,11 +394,6 @@ def run_bench(options: BenchOptions, command: str = "cclnb bench") -> BenchResul
         if kind == "MoCo" and make is not ceiling_batches:
             row.first_batch_s = first_s
     aug_speed = _augmentation_speed(tensor_batches, options, device)
-    sections = []
-    if options.profile:
-        sections.append(profile_markdown(
-            [profile_step(kind, steps.get(kind, main), ceiling_batches(), PROFILE_STEPS, device)
-             for kind in STEP_KINDS], device.type))
 
     rows = [row for row, *_ in plan]
     tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
@@ -428,7 +427,15 @@ def run_bench(options: BenchOptions, command: str = "cclnb bench") -> BenchResul
         "(matmuls and convolutions only; BatchNorm, elementwise ops and the optimizer are extra time "
         "with no FLOPs counted)",
     ]
-    return BenchResult(options, device.type, rows, header, notes, peaks, flops, sections)
+    result = BenchResult(options, device.type, rows, header, notes, peaks, flops)
+    if on_table is not None:
+        on_table(result)
+    if options.profile:
+        n_steps = min(PROFILE_STEPS, options.steps)
+        result.sections.append(profile_markdown(
+            [profile_step(kind, steps.get(kind, main), ceiling_batches(), n_steps, device)
+             for kind in STEP_KINDS], device.type))
+    return result
 
 
 def _augmentation_speed(make_batches: Callable[[], Iterator[Batch]], options: BenchOptions,
