@@ -39,6 +39,7 @@ SEEDS=${SEEDS:-0 1 2}                  # the study's seeds (the verdict needs a 
 DEADLINE=${DEADLINE:-540}              # seconds the whole script may take (the call's timeout: 570)
 START=$(date +%s)
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/session.log"; }
+left() { echo $(( DEADLINE - ($(date +%s) - START) - 20 )); }   # seconds before the deadline, a margin kept
 
 if [ ! -f "$DATA" ] && [ -f "$DATA.xz" ]; then   # the carried copy is xz-compressed
   $PY -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
@@ -59,7 +60,7 @@ if [ "${REHEARSAL:-0}" = 1 ]; then       # CPU rehearsal: same steps, toy sizes
   STUDY_EXTRA="-p subset_per_class=3 -p batch_size=16 -p bn_groups=2 -p key_bn_groups=2 -p device=cpu -p precision=fp32 -p linear_eval.device=cpu -p linear_eval.precision=fp32 -p width=8 -p n_tasks=2 --jobs 2"
   T32=300; T224=300; TCOMPILE=120; STUDY_TIMEOUT=420; DEADLINE=1800; SEEDS=${REHEARSAL_SEEDS:-0 1}
 else
-  # 224 px: the authors' row decodes full-size JPEGs on 16 workers, ~32 s a cell (first session)
+  # 224 px: the authors' row decodes and resizes the JPEGs on 16 workers, ~32 s a cell (first session)
   DEV=cuda; BENCH32="--steps 50 --workers 16"; BENCH224="--steps 15 --workers 16"
   STUDY_EXTRA=""; T32=150; T224=150; TCOMPILE=180; STUDY_TIMEOUT=
 fi
@@ -84,7 +85,6 @@ timeout $T224 $PY -m cclnb bench --device $DEV --data "$DATA" --arch resnet50 --
   --batch-size 256 $BENCH224 --out "$OUT/bench-224px.md" >> "$OUT/bench.log" 2>&1
 log "bench 224 px exit $?"
 # its own run and file: a compile that overruns must not cost the eager table above
-left() { echo $(( DEADLINE - ($(date +%s) - START) - 20 )); }   # seconds before the deadline, a margin kept
 T=$(left); [ $T -lt $TCOMPILE ] && TCOMPILE=$T
 if [ $TCOMPILE -ge 30 ]; then
   timeout $TCOMPILE $PY -m cclnb bench --device $DEV --data "$DATA" $BENCH32 --compile \

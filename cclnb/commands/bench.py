@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     def write(result: BenchResult) -> Path:
         return write_table(result, Path(args.out) if args.out else default_out(options, result.device_type))
 
-    result = run_bench(options, command, on_table=write)
+    # with --profile the table is written before the profile runs, then again with it
+    result = run_bench(options, command, on_table=write if options.profile else None)
     out = write(result)
     print(result.to_markdown())
     print(f"table written to {out}")

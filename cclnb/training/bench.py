@@ -150,7 +150,7 @@ class BenchResult:
                 cells += [_rate(achieved), f"{achieved / self.peak_gflops[row.precision]:.1%}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines += [""] + [f"- {note}" for note in self.notes]
-        return "\n".join(lines + [""] * bool(self.sections)) + "\n" + "\n".join(self.sections)
+        return "\n".join(lines) + "\n" + "".join("\n" + section for section in self.sections)
 
 
 def _rate(value: float) -> str:
@@ -160,11 +160,6 @@ def _rate(value: float) -> str:
 
 
 # ---------------------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_steps(step: Callable[[Batch], None], make_batches: Callable[[], Iterator[Batch]], warmup: int,
                steps: int, batch_size: int, device: torch.device) -> tuple[float, float]:
     """(first-batch latency s, images/s): the latency runs from asking for the batches to the first
@@ -172,16 +167,16 @@ def time_steps(step: Callable[[Batch], None], make_batches: Callable[[], Iterato
     start = time.perf_counter()
     batches = make_batches()
     first = next(batches)
-    _sync(device)
+    dist.synchronize(device)
     first_batch_s = time.perf_counter() - start
     step(first)
     for _ in range(warmup - 1):
         step(next(batches))
-    _sync(device)
+    dist.synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         step(next(batches))
-    _sync(device)
+    dist.synchronize(device)
     return first_batch_s, steps * batch_size / (time.perf_counter() - start)
 
 
@@ -217,11 +212,11 @@ def matmul_peak_gflops(device: torch.device, precision: str, size: int, repeats:
     out = torch.empty_like(a)
 
     def seconds(n: int) -> float:
-        _sync(device)
+        dist.synchronize(device)
         start = time.perf_counter()
         for _ in range(n):
             torch.mm(a, b, out=out)
-        _sync(device)
+        dist.synchronize(device)
         return time.perf_counter() - start
 
     with _fp32_matmuls_like_convolutions(device):

@@ -60,6 +60,13 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a no-op on the CPU, where ops finish as they return):
+    a wall clock read after it times the work, not just its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

@@ -25,6 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from cclnb.data.batches import Batch
+from cclnb.training.dist import synchronize
 
 TOP_OPS = 15
 
@@ -47,14 +48,12 @@ def profile_step(kind: str, step: Callable[[Batch], None], batches: Iterator[Bat
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     todo = [next(batches) for _ in range(n_steps)]
-    if cuda:
-        torch.cuda.synchronize(device)
+    synchronize(device)
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         for batch in todo:
             step(batch)
-        if cuda:
-            torch.cuda.synchronize(device)
+        synchronize(device)
         wall_s = time.perf_counter() - start
 
     def self_us(event) -> float:
