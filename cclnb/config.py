@@ -1,28 +1,25 @@
 """The resolved configuration of a continual pretraining run.
 
-One dataclass holds every knob: the authors' `train.py` flags (same names, same defaults, so their
-command lines keep their meaning) plus cclnb's extras. The CLI, the notebooks and `cclnb study` all
-build a `TrainConfig`; the trainer reads nothing else. `resolve()` fills the values that depend on
-the data (image size, protocol), and the resolved config is what a run directory records.
+One dataclass holds the trainer's knobs: the authors' `train.py` flags (same names, same
+defaults, so their command lines keep their meaning) plus cclnb's extras. A method's own options
+(CCL's `ccl_k`, CaSSLe's `cassle_t`, ...) are declared once, by the method (`Method.Options`), and
+ride along in `method_options`: flat names, read as attributes (`config.ccl_k`), flat in
+`to_dict()` and so in config.json and the records. This module knows no method: which options a
+method has, and their defaults and checks, is `cclnb.training.methods.registry.resolve`'s job
+(the training stage), which every entry point calls before a run starts. The CLI, the notebooks
+and `cclnb study` all build a `TrainConfig`; the trainer reads nothing else, and the resolved
+config is what a run directory records.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from cclnb.errors import ConfigError
 
-METHODS = ("Finetuning", "SimpleReplay", "CCL", "Joint")
-# CCL taken apart: each ablation is CCL with one of its two additions switched off. A study runs
-# them as methods of their own (a record, a row, paired differences), named for what they drop.
-ABLATIONS: dict[str, dict[str, Any]] = {"CCL-no-distill": {"ccl_distill": False},
-                                        "CCL-no-extra-queue": {"ccl_extra_queue": False}}
-STUDY_METHODS = (*METHODS, *ABLATIONS)   # every name `--method` and a study's `--methods` take
-METHOD_ALIASES = {"CLL": "CCL", "finetuning": "Finetuning", "simplereplay": "SimpleReplay",
-                  "ccl": "CCL", "cll": "CCL", "joint": "Joint", "FT": "Finetuning", "SR": "SimpleReplay",
-                  **{name.lower(): name for name in ABLATIONS}}
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # ResNet stems: `imagenet` 7x7/2 conv + 3x3/2 max-pool; `cifar` 3x3/1 conv, no pooling (the 32 px
 # protocol); `cifar_pool` the 3x3/1 conv then the max-pool, half the CIFAR stem's resolution (a CPU
@@ -34,23 +31,6 @@ STEM_DOWNSAMPLING = {"cifar": 1, "cifar_pool": 2, "imagenet": 4}   # input side 
 def resolve_stem(stem: str, small_images: bool | None) -> str:
     """`auto` -> cifar for small images, else imagenet; the others pass through."""
     return stem if stem != "auto" else ("cifar" if small_images else "imagenet")
-
-
-def canonical_method(name: str) -> str:
-    """Map a method name (or an accepted alias such as the authors' README spelling `CLL`) to its
-    canonical form; unknown names are an error that lists the valid ones."""
-    if name in STUDY_METHODS:
-        return name
-    if name in METHOD_ALIASES:
-        return METHOD_ALIASES[name]
-    raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(STUDY_METHODS)} "
-                      f"(CLL is accepted for CCL)")
-
-
-def base_method(name: str) -> str:
-    """The method class that trains `name`: an ablation trains as CCL with its switch off."""
-    name = canonical_method(name)
-    return "CCL" if name in ABLATIONS else name
 
 
 @dataclass
@@ -85,12 +65,10 @@ class TrainConfig:
     moco_k: int = 65536
     moco_m: float = 0.999
     moco_t: float = 0.07
-    ccl_teacher_m: float = 0.996
-    ccl_k: int = 256
     mlp: bool = False
     aug_plus: bool = False
     cos: bool = False
-    method: str = "Finetuning"
+    method: str = "Finetuning"             # a registered method (cclnb.training.methods.registry) or one of its variants
     n_tasks: int = 10
     n_save: int = 20
     imagenetsub: bool = False
@@ -121,23 +99,18 @@ class TrainConfig:
     knn_t: float = 0.1
     progress: bool = True                   # tqdm bars on rank 0
     dist_timeout: int = 1800                # seconds a collective may wait before a dead rank stops the rest
-    # CCL ablation switches (defaults = the authors' code, see README)
-    ccl_selection: str = "min_var"          # min_var | random
-    ccl_extra_queue: bool = True
-    ccl_distill: bool = True
-    ccl_teacher_mode: str = "code"          # code (train mode after epoch 1) | eval
-    ccl_teacher_stats: str = "own"          # own (the authors': a task start copies parameters only) | student
-    ccl_distill_group: int = 32             # distill within slices of N samples; 0 = whole batch
-    ccl_extra_weight: float = 0.1
-    ccl_distill_weight: float = 0.1
-    ccl_t_student: float = 0.07
-    ccl_t_teacher: float = 0.04
     replay_with_replacement: bool = True    # SimpleReplay draws with replacement, as the code does
+    method_module: str | None = None        # where a method outside cclnb lives: a .py file or "package.module[:Class]"
+    method_options: dict[str, Any] = field(default_factory=dict)   # the method's options (flat names; see above)
 
-    def __post_init__(self) -> None:
-        self.method = canonical_method(self.method)
-        for switch, value in ABLATIONS.get(self.method, {}).items():   # the ablation is its switch
-            setattr(self, switch, value)
+    def __getattr__(self, name: str) -> Any:
+        """A method's option reads as a field (`config.ccl_k`): options are flat names, declared
+        by the method (`Method.Options`) and held in `method_options`."""
+        options = self.__dict__.get("method_options")
+        if options is not None and name in options:
+            return options[name]
+        raise AttributeError(f"{type(self).__name__} has no field or option {name!r}"
+                             + (f" for method {self.method!r}" if options is not None else ""))
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -160,9 +133,6 @@ class TrainConfig:
             (self.loader in ("auto", "tensor", "workers"), f"--loader must be auto, tensor or workers, got {self.loader!r}"),
             (self.eval_each_task in ("knn", "probe", "both", "none"),
              f"--eval-each-task must be knn, probe, both or none, got {self.eval_each_task!r}"),
-            (self.ccl_selection in ("min_var", "random"), f"--ccl-selection must be min_var or random, got {self.ccl_selection!r}"),
-            (self.ccl_teacher_mode in ("code", "eval"), f"--ccl-teacher-mode must be code or eval, got {self.ccl_teacher_mode!r}"),
-            (self.ccl_distill_group >= 0, "--ccl-distill-group must be >= 0 (0 = whole batch)"),
             (self.stem in STEMS, f"--stem must be one of {', '.join(STEMS)}, got {self.stem!r}"),
             (self.key_bn_groups >= 1, "--key-bn-groups must be >= 1"),
             (self.bn_groups >= 1, "--bn-groups must be >= 1"),
@@ -172,8 +142,6 @@ class TrainConfig:
             (self.batch_size % self.key_bn_groups == 0,
              f"--batch-size {self.batch_size} must be divisible by --key-bn-groups {self.key_bn_groups}; "
              f"change one of them"),
-            (self.ccl_teacher_stats in ("own", "student"),
-             f"--ccl-teacher-stats must be own or student, got {self.ccl_teacher_stats!r}"),
             (self.subset_per_class is None or self.subset_per_class >= 1, "--subset-per-class must be >= 1"),
             (self.width >= 1, f"--width must be >= 1 (channels of the first stage; 64 = torchvision's), got {self.width}"),
             (self.train_tasks is None or 1 <= self.train_tasks <= self.n_tasks,
@@ -187,18 +155,46 @@ class TrainConfig:
                 raise ConfigError(message)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Flat: the fields, then the method's options under their own names (config.json)."""
+        values = dataclasses.asdict(self)
+        return {**values, **values.pop("method_options")}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        """Build a config from a dict, refusing unknown keys (a typo must not pass silently)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown configuration key(s) {unknown}; valid keys are {sorted(known)}")
+        """Build a config from a flat dict (config.json's form); see `__init__` for options."""
         return cls(**values)
 
-    # Fields whose change makes a checkpoint belong to another experiment (resume refuses them).
-    IDENTITY_FIELDS = ("data", "dataset", "imagenetsub", "arch", "method", "n_tasks", "n_save",
-                       "moco_dim", "moco_k", "mlp", "image_size", "subset_per_class", "order_seed",
-                       "ccl_k", "batch_size", "epochs", "stem", "width", "train_tasks")
+    def with_options(self, **options: Any) -> "TrainConfig":
+        """A copy with these method options set (as `dataclasses.replace` does for fields)."""
+        return dataclasses.replace(self, method_options={**self.method_options, **options})
+
+    # Fields whose change makes a checkpoint belong to another experiment (resume refuses them;
+    # every method option counts too, see `identity`).
+    IDENTITY_FIELDS = ("data", "dataset", "imagenetsub", "arch", "method", "method_module", "n_tasks",
+                       "n_save", "moco_dim", "moco_k", "mlp", "image_size", "subset_per_class",
+                       "order_seed", "batch_size", "epochs", "stem", "width", "train_tasks")
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must agree on to be resumed with this config: the identity fields and
+        the method's options."""
+        return {**{f: getattr(self, f) for f in self.IDENTITY_FIELDS}, **self.method_options}
+
+
+def _taking_options(init: Callable[..., None]) -> Callable[..., None]:
+    """TrainConfig's constructor: fields by name as the dataclass takes them, and every other
+    keyword a method option (`TrainConfig(method="CCL", ccl_k=128)`, and `dataclasses.replace`
+    with an option). Options are checked (unknown names refused, naming the valid ones) when the
+    method resolves them (`cclnb.training.methods.registry.resolve`), which this module cannot do:
+    it knows no method."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+
+    @functools.wraps(init)
+    def __init__(self: TrainConfig, *args: Any, method_options: dict[str, Any] | None = None,
+                 **values: Any) -> None:
+        options = {**(method_options or {}), **{k: v for k, v in values.items() if k not in names}}
+        init(self, *args, **{k: v for k, v in values.items() if k in names}, method_options=options)
+
+    return __init__
+
+
+TrainConfig.__init__ = _taking_options(TrainConfig.__init__)   # type: ignore[method-assign]

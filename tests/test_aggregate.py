@@ -244,13 +244,13 @@ def test_ccl_taken_apart_pairs_each_ablation_against_ccl_and_simplereplay() -> N
             "CCL-no-distill": [52.5, 53.5, 54.6], "Finetuning": [50.0, 51.0, 52.0]}
     table = pd.DataFrame([{"method": m, "seed": s, "linear_top1_student": v}
                           for m, values in top1.items() for s, v in enumerate(values)])
-    ablations = aggregate.ablation_table(table)
+    ablations = aggregate.comparison_table(table)
     assert list(zip(ablations["method"], ablations["vs"])) == [("CCL-no-distill", "CCL"),
                                                               ("CCL-no-distill", "SimpleReplay")]
     vs_ccl = ablations.iloc[0]
     assert vs_ccl["mean"] == pytest.approx((1.5 + 1.0 + 1.6) / 3) and vs_ccl["status"] == "holds"
     assert ablations.iloc[1]["per_seed"] == "seed 0: +0.50, seed 1: +0.50, seed 2: +0.60"
-    assert aggregate.ablation_table(table[table["method"] != "CCL-no-distill"]).empty
+    assert aggregate.comparison_table(table[table["method"] != "CCL-no-distill"]).empty
     # ablations are rows of the summary, after the paper's methods; never part of the order
     assert aggregate.method_order(list(top1))[-1] == "CCL-no-distill"
 
@@ -304,3 +304,24 @@ def test_the_budget_trend_says_where_each_gap_heads_and_crosses() -> None:
     rising = aggregate.budget_trend(pd.DataFrame([{"images_seen": x, "gap": "g", "n": 2, "mean": m}
                                                   for x, m in ((1e5, 0.5), (2e5, 1.0))]))
     assert rising["heading"].item() == "stays on the paper's side" and math.isnan(rising["crosses_at"].item())
+
+
+def test_a_method_beyond_the_paper_is_paired_against_finetuning_and_ccl_and_judged_on_forgetting() -> None:
+    top1 = {"Finetuning": [50.0, 51.0, 52.0], "CCL": [51.0, 52.5, 53.0], "MyMethod": [53.0, 54.0, 55.5]}
+    table = pd.DataFrame([{"method": m, "seed": s, "linear_top1_student": v, "avg_forgetting": 10.0 - v / 10}
+                          for m, values in top1.items() for s, v in enumerate(values)])
+    pairs = aggregate.comparison_table(table, variants={})
+    assert list(zip(pairs["method"], pairs["vs"])) == [("MyMethod", "Finetuning"), ("MyMethod", "CCL")]
+    assert pairs.iloc[0]["mean"] == pytest.approx(3.0 + 0.5 / 3) and pairs.iloc[0]["status"] == "holds"
+    against = aggregate.forgetting_verdicts(table, variants={})
+    assert [(p.better, p.worse) for p in against] == [("CCL", "Finetuning"), ("MyMethod", "Finetuning")]
+
+
+def test_options_of_other_methods_do_not_make_records_incomparable() -> None:
+    """Records written before methods declared their options hold CCL's in every method's config;
+    a Finetuning record of today has none. Both are the same experiment."""
+    old = {"method": "Finetuning", "lr": 0.1, "seed": 0, "ccl_k": 256, "ccl_distill": True}
+    new = {"method": "Finetuning", "lr": 0.1, "seed": 1, "method_module": None}
+    assert aggregate.config_differences(old, new) == []
+    ccl_old = {"method": "CCL", "lr": 0.1, "ccl_k": 256}
+    assert aggregate.config_differences(ccl_old, {"method": "CCL", "lr": 0.1, "ccl_k": 128}) == ["ccl_k: 256 vs 128"]

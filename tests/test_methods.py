@@ -227,11 +227,13 @@ def test_a_float64_step_stays_float64():
 def test_an_ablation_is_ccl_with_its_switch_off(name: str, switch: str) -> None:
     """CCL taken apart: the ablation's name is a method of its own (records, rows), trained by the
     CCL class with exactly one addition switched off, whatever the config said."""
-    from cclnb.config import TrainConfig, base_method, canonical_method
+    from cclnb.config import TrainConfig
+    from cclnb.training.methods import canonical_name, method_class, resolve
+    from cclnb.training.methods.ccl import CCL
 
-    config = TrainConfig(method=name.lower(), **{switch: True})
-    assert config.method == name and getattr(config, switch) is False and base_method(name) == "CCL"
+    config = resolve(TrainConfig(method=name.lower(), **{switch: True}))
+    assert config.method == name and getattr(config, switch) is False and method_class(name) is CCL
     other = {"ccl_distill", "ccl_extra_queue"} - {switch}
     assert all(getattr(config, s) is True for s in other)
-    assert TrainConfig.from_dict(config.to_dict()) == config
-    assert canonical_method("CCL") == "CCL" and base_method("CLL") == "CCL"
+    assert resolve(TrainConfig.from_dict(config.to_dict())) == config
+    assert canonical_name("CCL") == "CCL" and method_class("CLL") is CCL

@@ -34,9 +34,27 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def preload_methods(argv: list[str]) -> None:
+    """Register the methods `--method-module` names before the parser is built, so that their
+    options get flags and their names are accepted like the built-ins'."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)   # `--method` is not `--method-module`
+    pre.add_argument("--method-module", action="append", default=[])
+    specs = pre.parse_known_args(argv)[0].method_module
+    if specs:
+        from cclnb.training.methods.registry import load
+
+        for spec in specs:
+            load(spec)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        preload_methods(argv)
+    except CclnbError as error:
+        print(f"cclnb {command}: error: {error}", file=sys.stderr)
+        return error.exit_code
     args = build_parser(command if command in SUBCOMMANDS else None).parse_args(argv)
     module = importlib.import_module(f"cclnb.commands.{args.command}")
     try:

@@ -2,16 +2,19 @@
 
 Every flag of the authors' script keeps its name and default, so their ImageNet-Sub command runs
 with `python train.py` replaced by `cclnb train` (the positional DIR works too). cclnb's extras
-(device, precision, run directory, CCL ablation switches, ...) map one-to-one onto
-`cclnb.config.TrainConfig`; defaults are read from it, so the two cannot drift apart.
+(device, precision, run directory, ...) map one-to-one onto `cclnb.config.TrainConfig`; defaults
+are read from it, so the two cannot drift apart. Each method's options get a flag group generated
+from the method's `Options` dataclass (CCL's `--ccl-k`, `--no-ccl-distill`, ...), so a method
+declares them once; `--method-module FILE.py` loads a method from outside cclnb first (cli.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 
-from cclnb.config import ARCHS, METHOD_ALIASES, STEMS, STUDY_METHODS, TrainConfig
+from cclnb.config import ARCHS, STEMS, TrainConfig
 from cclnb.errors import ConfigError
 
 D = TrainConfig()
@@ -45,12 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--moco-k", type=int, default=D.moco_k)
     a.add_argument("--moco-m", type=float, default=D.moco_m)
     a.add_argument("--moco-t", type=float, default=D.moco_t)
-    a.add_argument("--ccl-teacher-m", type=float, default=D.ccl_teacher_m)
-    a.add_argument("--ccl-k", type=int, default=D.ccl_k)
     a.add_argument("--mlp", action="store_true")
     a.add_argument("--aug-plus", action="store_true", help="MoCo v2 augmentation (cclnb always uses it)")
     a.add_argument("--cos", action="store_true", help="cosine LR per task")
-    a.add_argument("--method", default=D.method, choices=sorted(set(STUDY_METHODS) | set(METHOD_ALIASES)))
+    a.add_argument("--method", default=D.method,
+                   help=f"one of {', '.join(study_methods())} (CLL is accepted for CCL)")
     a.add_argument("--n-tasks", "--n_tasks", dest="n_tasks", type=int, default=D.n_tasks)
     a.add_argument("--n-save", "--n_save", dest="n_save", type=int, default=D.n_save)
     a.add_argument("--imagenetsub", action="store_true", help="the first 100 classes (ImageNet-Sub)")
@@ -93,21 +95,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     x.add_argument("--no-progress", dest="progress", action="store_false")
     x.add_argument("--dist-timeout", type=int, default=D.dist_timeout, help="seconds before a dead rank stops the others")
 
-    c = p.add_argument_group("CCL ablation switches (defaults = the authors' code)")
-    c.add_argument("--ccl-selection", default=D.ccl_selection, choices=("min_var", "random"))
-    c.add_argument("--no-ccl-extra-queue", dest="ccl_extra_queue", action="store_false")
-    c.add_argument("--no-ccl-distill", dest="ccl_distill", action="store_false")
-    c.add_argument("--ccl-teacher-mode", default=D.ccl_teacher_mode, choices=("code", "eval"))
-    c.add_argument("--ccl-teacher-stats", default=D.ccl_teacher_stats, choices=("own", "student"),
-                   help="own (the authors'): a task start copies the student's parameters into the "
-                        "teacher, which keeps its own BatchNorm statistics; student: also copy them")
-    c.add_argument("--ccl-distill-group", type=int, default=D.ccl_distill_group, help="0 = whole batch")
-    c.add_argument("--ccl-extra-weight", type=float, default=D.ccl_extra_weight)
-    c.add_argument("--ccl-distill-weight", type=float, default=D.ccl_distill_weight)
-    c.add_argument("--ccl-t-student", type=float, default=D.ccl_t_student)
-    c.add_argument("--ccl-t-teacher", type=float, default=D.ccl_t_teacher)
-    c.add_argument("--replay-without-replacement", dest="replay_with_replacement", action="store_false",
+    x.add_argument("--method-module", default=D.method_module, metavar="FILE.py|MODULE[:CLASS]",
+                   help="load a method from outside cclnb (docs/methods.md); its options get flags too")
+    x.add_argument("--replay-without-replacement", dest="replay_with_replacement", action="store_false",
                    help="draw random replay ids without duplicates")
+    add_method_arguments(p)
+
+
+def add_method_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag group per registered method, generated from its `Options`: `--name-with-dashes
+    VALUE`, a bool that defaults to True as `--no-...`, one that defaults to False as a switch.
+    A flag not given stays out of the config (argparse.SUPPRESS), so the method's own default
+    applies and other methods' options never reach a run."""
+    from cclnb.training.methods.registry import classes, option_fields, option_types
+
+    for cls in classes().values():
+        fields, types = option_fields(cls), option_types(cls)
+        if not fields:
+            continue
+        group = p.add_argument_group(f"{cls.name} options (defaults = the method's reference code)")
+        for f in fields:
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_text = f"{f.metadata.get('help', '')} (default {default!r})".strip()
+            if types[f.name] is bool:
+                negated = "--no-" + f.name.replace("_", "-")
+                group.add_argument(negated if default else flag, dest=f.name, default=argparse.SUPPRESS,
+                                   action="store_false" if default else "store_true", help=help_text)
+            else:
+                group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text,
+                                   type=_value_type(types[f.name]), choices=f.metadata.get("choices"))
+
+
+def _value_type(annotation: object) -> type:
+    """int for `int` and `int | None`, and so on (None is given by leaving the flag out)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation   # type: ignore[return-value]
+
+
+def study_methods() -> tuple[str, ...]:
+    from cclnb.training.methods.registry import study_methods as names
+
+    return names()
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -120,8 +149,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if values["start_epoch"] and not values["resume"]:
         raise ConfigError("--start-epoch only makes sense with --resume, and then the checkpoint's "
                           "epoch is used; drop --start-epoch")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig.from_dict({k: v for k, v in values.items() if k in fields})
+    from cclnb.training.methods.registry import option_owners, resolve
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)} | set(option_owners())
+    return resolve(TrainConfig.from_dict({k: v for k, v in values.items() if k in known}))
 
 
 def run(args: argparse.Namespace) -> int:

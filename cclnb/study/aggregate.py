@@ -11,8 +11,9 @@ runs every method with several seeds, and this module turns the per-(method, see
   `VERDICT_RULE`, stated on the report page, with its precondition: a *continual penalty*
   (Joint > Finetuning). Where training on a sequence costs nothing, there is nothing for replay
   or CCL to recover, and the order of the other methods says nothing about the paper;
-- the same rule on forgetting (does replay cut Finetuning's forgetting?) and on CCL taken apart
-  (each ablation against CCL and against SimpleReplay).
+- the same rule on forgetting (does replay cut Finetuning's forgetting?), on CCL taken apart
+  (each ablation against CCL and against SimpleReplay) and on the methods beyond the paper
+  (CaSSLe, LUMP, a researcher's own: each against Finetuning and against CCL).
 
 It also decides which results may be averaged at all: results whose configurations differ in
 anything but the seed (and runtime-only fields) are not the same experiment, so `comparable`
@@ -31,20 +32,19 @@ from typing import Any, Hashable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from cclnb.config import ABLATIONS
-
 PAPER_ORDER = ("Joint", "CCL", "SimpleReplay", "Finetuning")   # best first, as the paper ranks them
 BASELINE = "Finetuning"                                         # paired differences are against it
 HEADLINE = "linear_top1_student"                                # the metric the verdict reads
 PENALTY = ("Joint", "Finetuning")            # the precondition: the i.i.d. bound above the sequence
 FORGETTING = "avg_forgetting"
 REPLAY_METHODS = ("SimpleReplay", "CCL")     # each should forget less than Finetuning
-ABLATION_REFERENCES = ("CCL", "SimpleReplay")   # what each ablation of CCL is paired against
+VARIANT_REFERENCES = ("SimpleReplay",)       # what a variant is paired against besides its method
+NEW_METHOD_REFERENCES = ("Finetuning", "CCL")   # what a method beyond the paper is paired against
 # Config fields that change where or how visibly a run executes, not what it computes.
 RUNTIME_FIELDS = frozenset({"seed", "run_dir", "resume", "progress", "workers", "print_freq",
                             "dist_url", "dist_timeout", "gpu", "rank"})
 # TrainConfig fields added after records were first written, with the behaviour those records had.
-_DEFAULTS_OF_LATER_FIELDS = {"width": 64, "train_tasks": None}
+_DEFAULTS_OF_LATER_FIELDS = {"width": 64, "train_tasks": None, "method_module": None}
 
 # The per-seed columns summarised per method (those present in the table are used).
 SUMMARY_METRICS = ("linear_top1_student", "linear_top1_teacher", "final_knn", "avg_acc",
@@ -62,9 +62,26 @@ VERDICT_RULE = (
 def comparable_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """The fields of a resolved config that define the experiment (runtime-only fields dropped).
     A field the record predates (added to TrainConfig later) counts as its default, which is what
-    that record's code ran with: old records stay comparable with new ones of the same settings."""
+    that record's code ran with: old records stay comparable with new ones of the same settings.
+    Options of other methods are dropped too: records written before methods declared their
+    options carry CCL's in every method's config, where they did nothing."""
     filled = {**_DEFAULTS_OF_LATER_FIELDS, **config}
-    return {k: v for k, v in filled.items() if k not in RUNTIME_FIELDS}
+    foreign = _foreign_options(str(config.get("method", "")))
+    return {k: v for k, v in filled.items() if k not in RUNTIME_FIELDS and k not in foreign}
+
+
+def _foreign_options(method: str) -> frozenset[str]:
+    """The registered options that `method` does not have (all of them for a method this process
+    has not loaded: its own options are then names no registered method declares)."""
+    from cclnb.errors import ConfigError
+    from cclnb.training.methods.registry import classes, method_class, option_fields, option_owners
+
+    classes()
+    try:
+        own = {f.name for f in option_fields(method_class(method))}
+    except ConfigError:
+        own = set()
+    return frozenset(set(option_owners()) - own)
 
 
 def config_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
@@ -258,38 +275,68 @@ def penalty_line(penalty: PairVerdict) -> str:
             f"recover, and their gaps measure something else (e.g. what replayed images add as data).")
 
 
-def forgetting_verdicts(per_seed: pd.DataFrame) -> list[PairVerdict]:
-    """Replay against forgetting, by the verdict's rule: each replay method < Finetuning on average
-    forgetting (only the pairs whose methods the study ran)."""
-    methods = set(per_seed["method"]) if "method" in per_seed.columns else set()
+def forgetting_verdicts(per_seed: pd.DataFrame, variants: Mapping[str, str] | None = None
+                        ) -> list[PairVerdict]:
+    """Against forgetting, by the verdict's rule: each replay method, and each method beyond the
+    paper's, < Finetuning on average forgetting (only the pairs whose methods the study ran)."""
+    methods, variants = _methods(per_seed), _variants(variants)
+    beyond = [m for m in methods if m not in PAPER_ORDER and m not in variants]
     return [judged(per_seed, m, BASELINE, FORGETTING, lower_is_better=True)
-            for m in REPLAY_METHODS if m in methods and BASELINE in methods]
+            for m in (*REPLAY_METHODS, *beyond) if m in methods and BASELINE in methods]
 
 
-def ablation_table(per_seed: pd.DataFrame, metric: str = HEADLINE) -> pd.DataFrame:
-    """CCL taken apart: every ablation the study ran, minus CCL and minus SimpleReplay with the same
-    seed, with the verdict's status of "ablation > reference". Empty without ablations."""
-    methods = set(per_seed["method"]) if "method" in per_seed.columns else set()
+def _methods(per_seed: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(per_seed["method"])) if "method" in per_seed.columns else []
+
+
+def _variants(variants: Mapping[str, str] | None) -> Mapping[str, str]:
+    """The given variant -> method map, or the registered methods' (CCL's ablations)."""
+    if variants is not None:
+        return variants
+    from cclnb.training.methods.registry import variant_bases
+
+    return variant_bases()
+
+
+def comparison_pairs(methods: Sequence[str], variants: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The paired comparisons beyond the paper's order, for the methods a study ran: a variant
+    (an ablation: `variants` maps it to its method) against its method and SimpleReplay; any other
+    method outside the paper's order (CaSSLe, LUMP, ...) against Finetuning and CCL."""
+    pairs = []
+    for method in methods:
+        if method in variants:
+            references = (variants[method], *VARIANT_REFERENCES)
+        elif method not in PAPER_ORDER:
+            references = NEW_METHOD_REFERENCES
+        else:
+            continue
+        pairs += [(method, r) for r in dict.fromkeys(references) if r in methods and r != method]
+    return pairs
+
+
+def comparison_table(per_seed: pd.DataFrame, variants: Mapping[str, str] | None = None,
+                     metric: str = HEADLINE) -> pd.DataFrame:
+    """Every pair of `comparison_pairs`: method minus reference with the same seed, with the
+    verdict's status of "method > reference". Empty when the study ran only the paper's methods."""
     rows = []
-    for ablation in (a for a in ABLATIONS if a in methods):
-        for reference in (r for r in ABLATION_REFERENCES if r in methods):
-            diff = paired_differences(per_seed, ablation, reference, metric)
-            rows.append({"method": ablation, "vs": reference, **spread(diff.tolist()),
-                         "status": judge_pair(diff.tolist())[0],
-                         "per_seed": ", ".join(f"seed {s}: {v:+.2f}" for s, v in diff.items())})
+    for method, reference in comparison_pairs(_methods(per_seed), _variants(variants)):
+        diff = paired_differences(per_seed, method, reference, metric)
+        rows.append({"method": method, "vs": reference, **spread(diff.tolist()),
+                     "status": judge_pair(diff.tolist())[0],
+                     "per_seed": ", ".join(f"seed {s}: {v:+.2f}" for s, v in diff.items())})
     return pd.DataFrame(rows, columns=["method", "vs", "n", "mean", "std", "min", "max", "status", "per_seed"])
 
 
-def verdict_markdown(per_seed: pd.DataFrame) -> str:
+def verdict_markdown(per_seed: pd.DataFrame, variants: Mapping[str, str] | None = None) -> str:
     """The report's verdict section: the precondition, the paper's order, replay against
     forgetting, then the rule they all follow."""
     lines = [penalty_line(continual_penalty(per_seed)), verdict(per_seed).line()]
-    forgetting = forgetting_verdicts(per_seed)
+    forgetting = forgetting_verdicts(per_seed, variants)
     if forgetting:
-        lines.append("Replay against forgetting (average forgetting, lower is better): "
+        lines.append("Against forgetting (average forgetting, lower is better): "
                      + "; ".join(p.sentence() for p in forgetting) + ".")
     return "\n\n".join(lines) + f"\n\n*Rule:* {VERDICT_RULE} Forgetting pairs read d = forgetting of " \
-        "Finetuning - forgetting of the replay method."
+        "Finetuning - forgetting of the other method."
 
 
 # The budget axis: the gaps that say whether the sequence costs something, whether replay recovers

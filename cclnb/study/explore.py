@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 
-from cclnb.config import STUDY_METHODS, TrainConfig, base_method
+from cclnb.config import TrainConfig
 from cclnb.data import ImageDataset, load_uint8, open_dataset
 from cclnb.data.augment import BatchMoCoV2Augment, normalize_uint8
 from cclnb.errors import CclnbError, DataError
@@ -32,6 +32,7 @@ from cclnb.study import figures
 from cclnb.study.notebooks import REPO_ROOT
 from cclnb.training import SMALL_IMAGE_MAX, plan_tasks, runs
 from cclnb.training.checkpoint import backbone_state_dict
+from cclnb.training.methods import registry
 from cclnb.training.models import build_backbone
 from cclnb.training.replay import select_min_variance, select_random
 
@@ -85,7 +86,7 @@ def find_studies(runs_root: str | Path) -> list[StudyRuns]:
         parts = config_path.relative_to(root).parts
         if "checkpoints" not in parts:
             grouped.setdefault(parts[0], {})["/".join(parts[1:-1]) or parts[0]] = config_path
-    order = {m: i for i, m in enumerate(STUDY_METHODS)}
+    order = {m: i for i, m in enumerate(registry.study_methods())}
     studies = []
     for name, paths in grouped.items():
         configs = {label: runs.read_json(path) for label, path in paths.items()}
@@ -193,7 +194,8 @@ class Explorer:
     def from_run(cls, run_dir: str | Path, device: str = "cpu", seed: int = 0) -> "Explorer":
         """The data, class order, subset and task split recorded in a run's config.json."""
         recorded = runs.read_config(Path(run_dir))
-        known = {f.name for f in dataclasses.fields(TrainConfig)} - {"method"}  # the baseline's is "untrained"
+        # the data and the split only: the baseline's method is "untrained", options are the method's
+        known = {f.name for f in dataclasses.fields(TrainConfig)} - {"method", "method_module", "method_options"}
         return cls.from_config(TrainConfig.from_dict({k: v for k, v in recorded.items() if k in known}),
                                device, seed)
 
@@ -275,9 +277,9 @@ class Explorer:
             backbone = build_backbone(config["arch"], self.small_images, config.get("stem", "auto"),
                                       config.get("width", 64))
             if run_dir != UNTRAINED:
-                if who == "teacher" and base_method(config.get("method", "Finetuning")) != "CCL":
+                if who == "teacher" and not _keeps_teacher(config):
                     raise DataError(f"{run_dir} is a {config.get('method')} run, which keeps no "
-                                    f"teacher (only CCL does); choose who='student'")
+                                    f"teacher (CCL does); choose who='student'")
                 backbone.load_state_dict(backbone_state_dict(runs.checkpoint_path(Path(run_dir)), who))
             self._encoders[key] = backbone.to(self.device).eval()
         return self._encoders[key]
@@ -410,3 +412,11 @@ def browse(render: Callable[..., Figure], interactive: bool,
         picker.observe(redraw, names="value")
     redraw()
     return widgets.VBox([widgets.HBox(list(pickers.values())), out])
+
+
+def _keeps_teacher(config: dict) -> bool:
+    """Whether the run a config.json describes kept a teacher (its method says so)."""
+    try:
+        return registry.method_class(str(config.get("method"))).keeps_teacher
+    except CclnbError:
+        return False

@@ -17,15 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from cclnb.config import ABLATIONS, METHODS, TrainConfig, canonical_method
+from cclnb.config import TrainConfig
 from cclnb.errors import ConfigError, DataError
 from cclnb.study.notebooks import (NOTEBOOKS, notebook_defaults, notebook_parameters, notebook_path,
                                    split_overrides)
 from cclnb.study.presets import Preset, check_preset, get_preset
 from cclnb.study.records import RECORDS_FOLDER, record_name
 from cclnb.study.report import BASELINES, UNTRAINED_BN
-
-TEACHER_METHODS = ("CCL", *ABLATIONS)  # methods whose run keeps a momentum teacher worth probing
+from cclnb.training.methods import registry
 
 
 @dataclass
@@ -80,16 +79,17 @@ def _training_done(run_dir: Path) -> bool:
 
 
 def train_config(parameters: Mapping[str, Any]) -> TrainConfig:
-    """The TrainConfig the task-sequence notebook builds from these parameters (its names are
-    TrainConfig fields; `extra` holds any other field; `torchrun_args` says how to launch it)."""
+    """The resolved TrainConfig the task-sequence notebook builds from these parameters (its names
+    are TrainConfig fields; `extra` holds method options and any other field; `torchrun_args` says
+    how to launch it)."""
     values = {k: v for k, v in parameters.items() if k not in ("extra", "torchrun_args")}
-    return TrainConfig.from_dict({**values, **(parameters.get("extra") or {})})
+    return registry.resolve(TrainConfig.from_dict({**values, **(parameters.get("extra") or {})}))
 
 
 def untrained_config(parameters: Mapping[str, Any]) -> TrainConfig:
-    """The TrainConfig of an untrained-baseline step: the task-sequence one under any valid method
-    (the baseline never trains and records itself as untrained)."""
-    return train_config({**parameters, "method": METHODS[0]})
+    """The TrainConfig of an untrained-baseline step: the task-sequence one under the plainest
+    method, Finetuning (the baseline never trains and records itself as untrained)."""
+    return train_config({**parameters, "method": "Finetuning"})
 
 
 def _untrained(parameters: Mapping[str, Any], calibrate_bn: bool) -> Path:
@@ -158,18 +158,27 @@ def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
     specs = {nb: notebook_parameters(notebook_path(nb, notebooks_dir)) for nb in NOTEBOOKS}
-    routed = split_overrides(overrides, specs)
+    module = _method_module(overrides, preset)
+    if module:
+        registry.load(module)
+    # A method's options are task-sequence parameters too (they reach the notebook in `extra`)
+    options = registry.option_specs()
+    specs_with_options = {**specs, "task_sequence": {**options, **specs["task_sequence"]}}
+    routed = split_overrides(overrides, specs_with_options)
     params = {nb: {**preset.parameters(nb), **routed[nb]} for nb in NOTEBOOKS}
-    check_preset(preset, specs)
+    check_preset(preset, specs_with_options)
+    params["task_sequence"] = _options_into_extra(params["task_sequence"], options)
     data = params["task_sequence"].get("data")
     if data is None:
         raise ConfigError(f"preset {preset.name!r} needs its data: pass -p data=PATH "
                           f"({preset.data_hint or 'the dataset location'})")
+    # The notebooks run in other working directories: a path relative to the caller's must reach
+    # them absolute (the data, a method's file).
     if data != "demo" and Path(data).exists():
-        # The notebooks run in other working directories: a path relative to the caller's
-        # must reach them absolute.
         params["task_sequence"]["data"] = str(Path(data).resolve())
-    chosen = [canonical_method(m) for m in (methods or preset.methods)]
+    if module and Path(module).is_file():
+        params["task_sequence"]["method_module"] = str(Path(module).resolve())
+    chosen = [registry.canonical_name(m) for m in (methods or preset.methods)]
     chosen_seeds = _seeds(seeds, preset)
     name = study or preset.name
     runs_dir = Path(runs_root).resolve() / name
@@ -216,7 +225,8 @@ def _method_steps(method: str, seed: int, run_dir: Path, params: Mapping[str, di
     `fresh`: as if `run_dir` were empty (--force deletes it before the first step);
     `inline_evaluation`: the linear evals' parameters, to run them in this process, not notebooks."""
     trained = not fresh and _training_done(run_dir)
-    who_list = ("student", "teacher") if method in TEACHER_METHODS else ("student",)
+    keeps_teacher = method not in BASELINES and registry.method_class(method).keeps_teacher
+    who_list = ("student", "teacher") if keeps_teacher else ("student",)
     label = f"{method} seed {seed}"
     train_params = {**params["task_sequence"], "method": method, "run_dir": str(run_dir), "seed": seed}
     if method in BASELINES:
@@ -239,13 +249,33 @@ def _method_steps(method: str, seed: int, run_dir: Path, params: Mapping[str, di
 
 
 def expected_cost(method: str) -> float:
-    """How long a (method, seed) takes relative to Finetuning's, for ordering concurrent jobs.
+    """How long a (method, seed) takes relative to Finetuning's, for ordering concurrent jobs:
+    the method's declared `step_cost` (CCL and its ablations 1.7: a third encoder, the teacher),
+    0 for the untrained baselines, which take seconds.
 
     Why: with jobs in parallel, a study whose longest runs start last ends with one core idle
     while they finish (the demo: CCL seed 2 ran alone for ~35 s of its 327 s). Starting the
-    longest first (LPT) packs the cores. CCL and its ablations run a third encoder, the teacher,
-    on every step (the demo: 69-73 s against Finetuning's 41-43 s); the untrained baselines take
-    seconds. Only the order depends on it: every step is the same whenever it runs."""
+    longest first (LPT) packs the cores. Only the order depends on it: every step is the same
+    whenever it runs."""
     if method in BASELINES:
         return 0.0
-    return 1.7 if method in TEACHER_METHODS else 1.0
+    return registry.method_class(method).step_cost
+
+
+def _method_module(overrides: Sequence[str], preset: Preset) -> str | None:
+    """The `method_module` a study's methods may come from (-p method_module=..., else the preset's)."""
+    for pair in overrides:
+        key, _, value = pair.partition("=")
+        if key.strip().rpartition(".")[2] == "method_module" and value.strip() not in ("", "None"):
+            return value.strip()
+    return preset.parameters("task_sequence").get("method_module")
+
+
+def _options_into_extra(parameters: dict[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    """The task-sequence parameters with every method option moved into `extra` (the notebook
+    declares only TrainConfig's fields; a method's options are the method's business)."""
+    moved = {k: v for k, v in parameters.items() if k in options}
+    kept = {k: v for k, v in parameters.items() if k not in options}
+    if moved:
+        kept["extra"] = {**moved, **(kept.get("extra") or {})}
+    return kept

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from cclnb.config import METHODS
 from cclnb.errors import ConfigError
 from cclnb.study.notebooks import NOTEBOOKS, REPO_ROOT
 
@@ -18,6 +17,10 @@ def shared_data(filename: str) -> str | None:
     """`../shared/data/<filename>` relative to the repository when it exists, else None."""
     path = REPO_ROOT.parent / "shared" / "data" / filename
     return str(path) if path.exists() else None
+
+
+# The paper's comparison. A preset lists its methods: registering a method changes no study.
+PAPER_METHODS = ("Finetuning", "SimpleReplay", "CCL", "Joint")
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,8 @@ class Preset:
     description: str
     task_sequence: Mapping[str, Any]
     linear_eval: Mapping[str, Any]
+    methods: tuple[str, ...]          # which methods a study of it runs (`--methods` overrides)
     report: Mapping[str, Any] = field(default_factory=dict)
-    methods: tuple[str, ...] = METHODS
     data_hint: str = ""
     jobs: int = 1
     seeds: tuple[int, ...] = (0,)
@@ -94,6 +97,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                        "moco_k": 64, "ccl_k": 32, "device": "cpu", "precision": "bf16",
                        "eval_each_task": "knn", "eval_teacher": True, "eval_bank_per_class": 50,
                        "knn_k": 20},
+        methods=PAPER_METHODS,
         linear_eval={"protocol": "probe", "epochs": 50, "device": "cpu", "precision": "bf16", "workers": 0},
         report={"title": "cclnb demo study: continual MoCo v2 on embedded shapes"},
         seeds=(0, 1, 2), jobs=2, threads=1, inline_probe=True),
@@ -103,6 +107,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                     "MoCo queue 4096, bf16 on one GPU (set -p epochs=N)",
         task_sequence={**_GPU_32PX, "dataset": "zip",
                        "data": shared_data("tiny-imagenet-32-sub100.zip")},
+        methods=PAPER_METHODS,
         linear_eval=_GPU_LINCLS,
         report={"title": "Continual MoCo v2 on Tiny-ImageNet-32 (100 classes, 10 tasks)"},
         data_hint="tiny-imagenet-32-sub100.zip (ImageNet folder layout inside the zip)",
@@ -119,6 +124,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         # the untrained-bn kNN, 8 reach 1.58x), per-task kNN on 50 train images per class (k 20),
         # the fast probe at the end.
         task_sequence={**_CPU_TIN100, "stem": "imagenet"},
+        methods=PAPER_METHODS,
         linear_eval=_CPU_LINCLS,
         report={"title": "Continual MoCo v2 on Tiny-ImageNet-32 sub100, CPU budget (10 tasks)"},
         data_hint="tiny-imagenet-32-sub100.zip (ImageNet folder layout inside the zip)",
@@ -135,6 +141,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         # BatchNorm groups, key momentum 0.99, queue 1024, lr 0.015, 250 images per class, 8 epochs
         # per task); precision pinned to bf16 so that seeds added on another machine are averaged.
         task_sequence={**_CPU_TIN100, "stem": "cifar", "width": 16},
+        methods=PAPER_METHODS,
         linear_eval=_CPU_LINCLS,
         report={"title": "Continual MoCo v2 on Tiny-ImageNet-32 sub100, CPU budget, quarter-width "
                          "ResNet-18 at full resolution (10 tasks)"},
@@ -144,6 +151,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         name="tin200-32",
         description="Tiny-ImageNet-32, all 200 classes, 10 tasks of 20, ResNet-18 at 32 px, bf16",
         task_sequence={**_GPU_32PX, "dataset": "zip", "data": shared_data("tiny-imagenet-32.zip")},
+        methods=PAPER_METHODS,
         linear_eval=_GPU_LINCLS,
         report={"title": "Continual MoCo v2 on Tiny-ImageNet-32 (200 classes, 10 tasks)"},
         data_hint="tiny-imagenet-32.zip (ImageNet folder layout inside the zip)",
@@ -158,6 +166,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                        "image_size": 224, "batch_size": 256, "moco_k": 65536, "precision": "fp32",
                        "device": "cuda", "eval_each_task": "knn",
                        "eval_teacher": True},
+        methods=PAPER_METHODS,
         linear_eval={"protocol": "lincls", "epochs": 100, "device": "cuda", "precision": "fp32"},
         report={"title": "CCL reproduction: ImageNet-Sub, ResNet-50, 10 tasks"},
         data_hint="an ImageNet root holding train/ and val/ class folders"),
@@ -165,6 +174,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         name="cifar100",
         description="CIFAR-100, 10 tasks of 10 classes, ResNet-18 at 32 px, bf16",
         task_sequence={**_GPU_32PX, "dataset": "cifar100", "data": shared_data("cifar-100-python")},
+        methods=PAPER_METHODS,
         linear_eval=_GPU_LINCLS,
         report={"title": "Continual MoCo v2 on CIFAR-100 (10 tasks)"},
         data_hint="the cifar-100-python folder (or add -p download=True)",

@@ -18,7 +18,6 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from cclnb.config import STUDY_METHODS
 from cclnb.errors import DataError
 from cclnb.evaluate import metrics
 from cclnb.study.notebooks import REPO_ROOT
@@ -128,9 +127,16 @@ def load_runs(root: str | Path) -> list[Run]:
 
 def sort_runs(runs: Sequence[Run]) -> list[Run]:
     """Runs ordered by dataset, the canonical method order (the untrained baselines last), seed."""
-    order = {m: i for i, m in enumerate((*STUDY_METHODS, *BASELINES))}
+    order = {m: i for i, m in enumerate((*study_methods(), *BASELINES))}
     return sorted(runs, key=lambda r: (r.dataset, order.get(r.method, len(order)),
                                        seed_of(r), str(r.path)))
+
+
+def study_methods() -> tuple[str, ...]:
+    """Every registered method and variant, in the registry's order (the paper's first)."""
+    from cclnb.training.methods.registry import study_methods as registered
+
+    return registered()
 
 
 def seed_of(run: Run) -> int:

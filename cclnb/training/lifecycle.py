@@ -123,8 +123,8 @@ def failure_status(config: TrainConfig, run_dir: Path, ctx: dist.DistContext) ->
 
 
 def _identity_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
-    return [f"{f}: run has {saved.get(f)!r}, now {getattr(config, f)!r}"
-            for f in TrainConfig.IDENTITY_FIELDS if saved.get(f) != getattr(config, f)]
+    return [f"{f}: run has {saved.get(f)!r}, now {value!r}"
+            for f, value in config.identity().items() if saved.get(f) != value]
 
 
 def _refuse_finished_work(run_dir: Path) -> None:

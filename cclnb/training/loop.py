@@ -3,8 +3,8 @@
 `Trainer` holds one run's state and trains it: `run` walks every task of the plan, and the same
 public steps it takes (`start_task`, `run_epoch` = `begin_epoch` -> `train_step` per batch ->
 `end_epoch`, `finish_task`) drive it one task, epoch or step at a time from a notebook or a
-numerical cross-check. The loop is method-agnostic: a `cclnb.training.methods.Method` adds its loss terms,
-its replay selection and its task/epoch hooks. It never sees labels (the plan holds sample ids),
+numerical cross-check. The loop is method-agnostic and never names a method: a `cclnb.training.methods.Method` adds its
+loss terms, its trainable modules, its replay selection and its task/epoch/step hooks. It never sees labels (the plan holds sample ids),
 and the per-task evaluation is a callback prepared outside it (`Evaluator`).
 
 Exactness of resume rests on three facts: the epoch order depends only on (seed, task, epoch);
@@ -32,12 +32,12 @@ from cclnb.config import TrainConfig
 from cclnb.data import load_uint8
 from cclnb.data.batches import (Batch, TensorFeeder, WorkerFeeder, check_batch, epoch_entries, epoch_order,
                                 steps_per_epoch)
-from cclnb.errors import ConfigError, Interrupted, TrainingDiverged
+from cclnb.errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
 from cclnb.training import dist, runs
 from cclnb.training.checkpoint import publish_copy, rng_state, save_checkpoint, set_rng_state
 from cclnb.training.lifecycle import StopFlag
 from cclnb.training.losses import at_least_fp32, info_nce_from_logits, info_nce_logits
-from cclnb.training.methods import Method, StepOutputs, TrainerEnv, get_method
+from cclnb.training.methods import Method, StepOutputs, TrainerEnv, get_method, method_class, resolve
 from cclnb.training.models import MoCo, grouped_forward
 from cclnb.training.plan import TaskPlan, plan_tasks, resolve_config
 from cclnb.training.precision import autocast
@@ -71,7 +71,7 @@ def groups_per_rank(groups: int, world: int, option: str) -> int:
 class StepResult:
     """What one training step computed, detached, on the training device."""
 
-    losses: dict[str, torch.Tensor]    # "total", "moco", "extra", "distill" (weighted), 0-dim
+    losses: dict[str, torch.Tensor]    # "total", "moco", then the method's `loss_terms` (weighted), 0-dim
     logits: torch.Tensor               # (b, 1 + K) MoCo logits (column 0 the positive), / T
     q: torch.Tensor                    # (b, dim) normalized query embeddings
     k: torch.Tensor                    # (b, dim) normalized key embeddings
@@ -79,8 +79,8 @@ class StepResult:
     #   student_anchor, teacher_q, teacher_anchor when the distillation ran)
 
     def values(self) -> torch.Tensor:
-        """[total, moco, extra, distill] as one device tensor (the log's columns)."""
-        return torch.stack([self.losses[name].float() for name in ("total", "moco", "extra", "distill")])
+        """[total, moco, *terms] as one device tensor (the log's loss columns, in order)."""
+        return torch.stack([value.float() for value in self.losses.values()])
 
 
 class Trainer:
@@ -90,9 +90,11 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, images_source, plan: TaskPlan, ctx: dist.DistContext,
                  run_dir: Path | None = None, evaluator: Evaluator | None = None) -> None:
+        config = resolve(config)     # the method's name and options (idempotent)
         self.config, self.plan, self.run_dir, self.ctx = config, plan, run_dir, ctx
         self.writes = run_dir is not None and ctx.is_main    # this process owns the run directory
-        self.log = runs.TrainLog(run_dir or Path("."), enabled=self.writes)
+        self.log = runs.TrainLog(run_dir or Path("."), enabled=self.writes,
+                                 columns=runs.log_columns(method_class(config.method).loss_terms))
         self.evaluator = evaluator
         self.device = ctx.device
         self.seed = int(config.seed)
@@ -108,8 +110,6 @@ class Trainer:
         self.model.copy_query_to_key()
         self._broadcast_model()
         self.encode_q = torch.compile(self.model.encoder_q) if config.compile else self.model.encoder_q
-        self.optimizer = torch.optim.SGD(self.model.encoder_q.parameters(), lr=config.lr,
-                                         momentum=config.momentum, weight_decay=config.weight_decay)
         self.feeder = self._make_feeder(images_source)
         self.bn_groups = groups_per_rank(config.bn_groups, ctx.world_size, "--bn-groups")
         self.key_bn_groups = groups_per_rank(config.key_bn_groups, ctx.world_size, "--key-bn-groups")
@@ -123,12 +123,16 @@ class Trainer:
                       f"(the authors: 32); statistics of so few samples are noisy and can blow the "
                       f"weights up: raise --batch-size or lower --bn-groups")
         self.method: Method = get_method(config, env)
+        self.loss_names = ("total", "moco", *self.method.loss_terms)
+        self.method_modules = self._prepare_method_modules()
+        self.optimizer = torch.optim.SGD(self._param_groups(), lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
         self.tasks = self.method.training_tasks(plan.task_ids)
         self._check_replay_budget()
         self.replay: list[np.ndarray] = []
         self.task = self.epoch = self.step = self.global_step = 0
         self.generator_state: torch.Tensor | None = None
-        # ([total, moco, extra, distill] loss sums, steps) of the epoch so far when a signal stopped it
+        # ([total, moco, *terms] loss sums, steps) of the epoch so far when a signal stopped it
         # mid-epoch: the resumed epoch's mean row in train_log.csv then covers the whole epoch
         self.epoch_losses: tuple[list[float], int] | None = None
         self.started = time.time()
@@ -173,9 +177,14 @@ class Trainer:
         lr = learning_rate(self.config, self.epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.model.train()
+        self._train_mode()
         self.method.on_epoch_start(self.task, self.epoch)
         return lr
+
+    def _train_mode(self) -> None:
+        self.model.train()
+        for module in self.method_modules.values():
+            module.train()
 
     def end_epoch(self) -> None:
         """Close epoch `self.epoch`: the method's `on_epoch_end` (CCL: the teacher's EMA), then
@@ -214,7 +223,8 @@ class Trainer:
         n_steps = steps_per_epoch(len(self._entries()[0]), cfg.batch_size)
         bar = tqdm(total=n_steps, initial=self.step, desc=f"task {t} epoch {e}", unit="step",
                    disable=not (cfg.progress and ctx.is_main), leave=False, dynamic_ncols=True)
-        sums, count = (np.array(self.epoch_losses[0]), self.epoch_losses[1]) if self.epoch_losses else (np.zeros(4), 0)
+        sums, count = ((np.array(self.epoch_losses[0]), self.epoch_losses[1]) if self.epoch_losses
+                       else (np.zeros(len(self.loss_names)), 0))
         self.epoch_losses = None
         window_start, window_steps = time.time(), 0
         # Loss values stay on the device and reach the host every `print_freq` steps, in one copy:
@@ -255,8 +265,8 @@ class Trainer:
         if count:
             speed = window_steps * cfg.batch_size / max(time.time() - window_start, 1e-9)
             self._log_row(sums / count, lr, speed)
-            self._say(f"task {t} epoch {e}: loss {sums[0] / count:.4f} (moco {sums[1] / count:.4f}, "
-                      f"extra {sums[2] / count:.4f}, distill {sums[3] / count:.4f}) lr {lr:.4g}")
+            parts = ", ".join(f"{name} {v / count:.4f}" for name, v in zip(self.loss_names[1:], sums[1:]))
+            self._say(f"task {t} epoch {e}: loss {sums[0] / count:.4f} ({parts}) lr {lr:.4g}")
         self.end_epoch()
         return results
 
@@ -298,6 +308,34 @@ class Trainer:
             return TensorFeeder(images, ids, cfg.image_size, blur, small, self.device)
         return WorkerFeeder(images_source, cfg.image_size, blur, small, cfg.workers, self.device)
 
+    def _prepare_method_modules(self) -> dict[str, torch.nn.Module]:
+        """The method's trainable modules on the training device (channels_last like the model
+        where it applies), broadcast from rank 0 as the model is, and counted in the run log."""
+        modules = self.method.trainable_modules()
+        for name, module in modules.items():
+            module.to(self.device)
+            if self.device.type == "cuda" and self.config.channels_last:
+                module.to(memory_format=torch.channels_last)
+            if self.ctx.distributed:
+                for tensor in module.state_dict().values():
+                    torch.distributed.broadcast(tensor, src=0)
+        counts = {"encoder": _n_parameters(self.model.encoder_q),
+                  **{name: _n_parameters(module) for name, module in modules.items()}}
+        self.trainable_parameters = sum(counts.values())
+        self.log.line("trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+        return modules
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: the query encoder, then each of the method's
+        trainable modules (same hyper-parameters; a group per module keeps them apart in the
+        optimizer's state). Without method modules this is the authors' single group."""
+        return [{"params": list(self.model.encoder_q.parameters())},
+                *({"params": list(m.parameters())} for m in self.method_modules.values())]
+
+    def _trained_parameters(self) -> list[torch.nn.Parameter]:
+        """Every parameter the optimizer steps (DDP averages their gradients)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
     def _check_replay_budget(self) -> None:
         """A draw without replacement cannot keep more distinct ids than a task has: refuse now,
         not after the first task's training."""
@@ -331,6 +369,7 @@ class Trainer:
         # reads it there (torch.save stores the shared tensors once).
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "method": method_state, "teacher": method_state.get("teacher"),
+                "method_modules": {name: m.state_dict() for name, m in self.method_modules.items()},
                 "replay": [torch.from_numpy(r.astype(np.int64)) for r in self.replay],
                 "task": self.task, "epoch": self.epoch, "step": self.step,
                 "global_step": self.global_step, "seed": self.seed,
@@ -339,13 +378,20 @@ class Trainer:
 
     def load(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
+        saved_modules = ckpt.get("method_modules") or {}     # absent before the method API: none
+        if set(saved_modules) != set(self.method_modules):
+            raise CheckpointError(f"the checkpoint holds the method modules {sorted(saved_modules)}, but "
+                                  f"{self.config.method} trains {sorted(self.method_modules)}; resume it "
+                                  f"with the method (and --method-module) that wrote it")
+        for name, module in self.method_modules.items():
+            module.load_state_dict(saved_modules[name])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.method.load_state_dict(ckpt["method"])
         self.replay = [r.numpy().astype(np.int64) for r in ckpt["replay"]]
         self.task, self.epoch, self.step = int(ckpt["task"]), int(ckpt["epoch"]), int(ckpt["step"])
         self.global_step = int(ckpt["global_step"])
         self.generator_state = ckpt["generator"]
-        self.epoch_losses = ckpt.get("epoch_losses")      # absent before 2026-12: the mean restarts
+        self.epoch_losses = _loss_sums(ckpt.get("epoch_losses"), self.loss_names)
         set_rng_state(ckpt["rng"])
         self.log.discard_after(self.global_step)
         self._say(f"resumed at task {self.task} epoch {self.epoch} step {self.step}")
@@ -420,11 +466,11 @@ class Trainer:
             if self.config.eval_teacher and teacher is not None:
                 self.evaluator(teacher.backbone, t, "teacher")
             set_rng_state(saved)
-            self.model.train()
+            self._train_mode()
         dist.barrier(self.ctx)
 
     def _check_losses(self, pending: list[torch.Tensor]) -> np.ndarray:
-        """The pending steps' [total, moco, extra, distill] on the host (one sync), (n, 4).
+        """The pending steps' [total, moco, *terms] on the host (one sync), (n, terms + 2).
 
         A NaN/inf total stops the run naming the first bad step. The steps after it in the window
         have already updated the weights in memory, but nothing is saved before this check (every
@@ -453,13 +499,15 @@ class Trainer:
         """
         cfg, model, ctx = self.config, self.model, self.ctx
         generator = generator if generator is not None else self.epoch_generator()
+        batch = self.method.before_step(self.task, batch, generator)
         if self.device.type == "cuda" and cfg.channels_last:
             batch.q = batch.q.contiguous(memory_format=torch.channels_last)
             batch.k = batch.k.contiguous(memory_format=torch.channels_last)
             batch.anchor = batch.anchor.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, cfg.precision):
             embedding = grouped_forward(model.encoder_q, batch.q, self.bn_groups, True, self.encode_q)
-            q = F.normalize(at_least_fp32(embedding)[0], dim=1)
+            (z,) = at_least_fp32(embedding)
+            q = F.normalize(z, dim=1)
             with torch.no_grad():
                 model.momentum_update(cfg.moco_m)
                 if ctx.distributed:
@@ -470,14 +518,20 @@ class Trainer:
                 (k,) = at_least_fp32(k)
             logits = info_nce_logits(q, k, model.queue, cfg.moco_t)
             loss_moco = info_nce_from_logits(logits)
-            outputs = StepOutputs(q=q, k=k)
+            outputs = StepOutputs(q=q, k=k, z=z)
             extras = self.method.extra_losses(self.task, batch, outputs)
+        unknown = set(extras) - set(self.method.loss_terms)
+        if unknown:
+            raise ConfigError(f"method {cfg.method} returned the loss terms {sorted(unknown)} that its "
+                              f"`loss_terms` {self.method.loss_terms} does not declare; add them there")
         zero = loss_moco.new_zeros(())
-        extra, distill = extras.get("extra", zero), extras.get("distill", zero)
-        loss = loss_moco + extra + distill
+        terms = {name: extras.get(name, zero) for name in self.method.loss_terms}
+        loss = loss_moco
+        for value in terms.values():
+            loss = loss + value
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        dist.average_gradients(list(model.encoder_q.parameters()), ctx)
+        dist.average_gradients(self._trained_parameters(), ctx)
         self.optimizer.step()
         if ctx.distributed:
             dist.broadcast_buffers(model.encoder_q, ctx)
@@ -488,7 +542,7 @@ class Trainer:
         old_all = dist.all_gather_cat(batch.is_old, ctx)
         model.enqueue(keys_all)
         self.method.after_step(batch, keys_all, old_all)
-        losses = {"total": loss, "moco": loss_moco, "extra": extra, "distill": distill}
+        losses = {"total": loss, "moco": loss_moco, **terms}
         return StepResult(losses={name: value.detach() for name, value in losses.items()},
                           logits=logits.detach(), q=q.detach(), k=k, details=outputs.details)
 
@@ -501,10 +555,28 @@ class Trainer:
                           f"`cclnb train ... --resume {self.run_dir}` (the same options)")
 
     def _log_row(self, values: np.ndarray, lr: float, speed: float) -> None:
+        losses = {("loss" if name == "total" else f"loss_{name}"): float(v)
+                  for name, v in zip(self.loss_names, values)}
         self.log.row({"task": self.task, "epoch": self.epoch, "step": self.step,
-                      "global_step": self.global_step, "loss": float(values[0]),
-                      "loss_moco": float(values[1]), "loss_extra": float(values[2]),
-                      "loss_distill": float(values[3]), "lr": lr, "img_per_s": speed,
+                      "global_step": self.global_step, **losses, "lr": lr, "img_per_s": speed,
                       "time_s": time.time() - self.started})
 
 
+
+
+def _n_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _loss_sums(saved: tuple[list[float], int] | None, names: tuple[str, ...]
+               ) -> tuple[list[float], int] | None:
+    """A checkpoint's mid-epoch loss sums, in `names`' order. Checkpoints written before methods
+    named their terms hold [total, moco, extra, distill] whatever the method: the terms a method
+    does not have were zeros there and are dropped. (Absent before 2026-12: the mean restarts.)"""
+    if saved is None or len(saved[0]) == len(names):
+        return saved
+    legacy = dict(zip(("total", "moco", "extra", "distill"), saved[0]))
+    if len(saved[0]) != len(legacy) or not set(names) <= set(legacy):
+        raise CheckpointError(f"the checkpoint's loss sums {saved[0]} do not match the terms {names}; "
+                              f"resume it with the method that wrote it")
+    return [legacy[name] for name in names], saved[1]

@@ -19,6 +19,7 @@ from cclnb.errors import ConfigError
 from cclnb.training import dist
 from cclnb.training.lifecycle import failure_status, fresh_run_dir, start_run
 from cclnb.training.loop import Evaluator, Trainer
+from cclnb.training.methods import resolve
 from cclnb.training.plan import TaskPlan, plan_tasks
 
 # (config, training dataset, plan, run directory, process) -> the per-task evaluator, or None
@@ -29,6 +30,7 @@ EvaluatorFactory = Callable[[TrainConfig, ImageDataset, TaskPlan, Path, dist.Dis
 def train(config: TrainConfig, evaluator: EvaluatorFactory | None = None) -> Path:
     """Run (or resume) a continual pretraining and return its run directory. `evaluator` builds
     the per-task evaluation `config.eval_each_task` asks for; without one that must be "none"."""
+    config = resolve(config)    # the method's name and options, checked before anything starts
     config.validate()
     if evaluator is None and config.eval_each_task != "none":
         raise ConfigError(f"eval_each_task {config.eval_each_task!r} measures the encoder after every "

@@ -23,8 +23,13 @@ import numpy as np
 
 from cclnb.errors import CheckpointError, ConfigError
 
-LOG_COLUMNS = ("task", "epoch", "step", "global_step", "loss", "loss_moco", "loss_extra",
-               "loss_distill", "lr", "img_per_s", "time_s")
+def log_columns(loss_terms: Sequence[str] = ()) -> tuple[str, ...]:
+    """train_log.csv's columns: position, the total and MoCo losses, one `loss_<term>` per term
+    the method declares (`Method.loss_terms`; CCL: extra, distill), lr, speed, time."""
+    return ("task", "epoch", "step", "global_step", "loss", "loss_moco",
+            *(f"loss_{term}" for term in loss_terms), "lr", "img_per_s", "time_s")
+
+
 STATES = ("running", "complete", "failed", "interrupted")
 
 
@@ -235,13 +240,18 @@ class TrainLog:
     first and the file is then appended to, so the log reads as one uninterrupted run.
     """
 
-    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
+    def __init__(self, run_dir: Path, enabled: bool = True, columns: Sequence[str] = log_columns()) -> None:
         self.enabled = enabled
         self.csv_path = Path(run_dir) / "train_log.csv"
         self.text_path = Path(run_dir) / "train.log"
-        if enabled and not self.csv_path.exists():
+        self.columns = tuple(columns)
+        if enabled and self.csv_path.exists():
+            # a resumed run keeps the header it started with (a run of an older cclnb included)
+            with open(self.csv_path, newline="", encoding="utf-8") as handle:
+                self.columns = tuple(next(csv.reader(handle), self.columns))
+        elif enabled:
             with open(self.csv_path, "w", newline="", encoding="utf-8") as handle:
-                csv.writer(handle).writerow(LOG_COLUMNS)
+                csv.writer(handle).writerow(self.columns)
 
     def discard_after(self, global_step: int) -> None:
         """Drop the rows logged after `global_step` (a resume redoes those steps)."""
@@ -253,7 +263,7 @@ class TrainLog:
         if len(kept) == len(rows):
             return
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=LOG_COLUMNS)
+        writer = csv.DictWriter(text, fieldnames=self.columns)
         writer.writeheader()
         writer.writerows(kept)
         _atomic_write_text(self.csv_path, text.getvalue())
@@ -262,7 +272,7 @@ class TrainLog:
         if not self.enabled:
             return
         with open(self.csv_path, "a", newline="", encoding="utf-8") as handle:
-            csv.writer(handle).writerow([_fmt(values.get(c)) for c in LOG_COLUMNS])
+            csv.writer(handle).writerow([_fmt(values.get(c)) for c in self.columns])
 
     def line(self, message: str) -> None:
         if not self.enabled:

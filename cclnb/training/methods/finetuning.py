@@ -9,3 +9,4 @@ class Finetuning(Method):
     """The lower bound: no replay, no extra loss; earlier tasks are never seen again."""
 
     name = "Finetuning"
+    aliases = ("FT",)

@@ -14,6 +14,7 @@ class SimpleReplay(Method):
     are replayed twice. Labels are never looked at."""
 
     name = "SimpleReplay"
+    aliases = ("SR",)
     uses_replay = True
     selection = "random"
 
