@@ -242,11 +242,6 @@ class Trainer:
             self.step += 1
             self.global_step += 1
             window_steps += 1
-            if self.stop is not None and dist.any_rank(self.stop.signal is not None, ctx):
-                self.generator_state = generator.get_state()
-                values = self._check_losses(pending)
-                self.epoch_losses = ([float(v) for v in sums + values.sum(axis=0)], count + len(values))
-                self._interrupt(bar)
             bar.update(1)
             if self.step % cfg.print_freq == 0:
                 values = self._check_losses(pending)
@@ -257,6 +252,14 @@ class Trainer:
                 bar.set_postfix(loss=f"{values[-1, 0]:.4f}", img_s=f"{speed:.0f}")
                 self._log_row(values[-1], lr, speed)
                 window_start, window_steps = time.time(), 0
+            # after the step's row: a stop at a logged step keeps that row (the resume starts after it)
+            if self.stop is not None and dist.any_rank(self.stop.signal is not None, ctx):
+                self.generator_state = generator.get_state()
+                if pending:
+                    values = self._check_losses(pending)
+                    sums, count = sums + values.sum(axis=0), count + len(values)
+                self.epoch_losses = ([float(v) for v in sums], count)
+                self._interrupt(bar)
         if pending:
             values = self._check_losses(pending)
             sums += values.sum(axis=0)
