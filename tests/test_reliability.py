@@ -333,3 +333,28 @@ def test_short_commit_keeps_the_dirty_mark() -> None:
     assert short_commit("0123456789abcdef" * 2 + "01234567+dirty") == "0123456789+dirty"
     assert short_commit("0123456789abcdef" * 2 + "01234567", 12) == "0123456789ab"
     assert short_commit(None) == "?"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)], ids=["umask-022", "umask-077"])
+def test_run_files_and_records_follow_the_users_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    """Every file a run or a study writes atomically (config, status, logs, accuracies, records,
+    lincls results: `runs.write_json` and its kin) gets the mode a plain `open` would give it.
+    They were written through mkstemp, always 0600: under umask 022 colleagues on a shared file
+    system could read a study's checkpoints (0644) but not its records or statuses."""
+    from cclnb.training import runs
+
+    previous = os.umask(umask)
+    try:
+        runs.write_json(tmp_path / "record.json", {"a": 1})
+        runs.write_status(tmp_path, "running")
+        runs.write_accuracy_row(tmp_path, "knn", "student", 0, [50.0], 50.0)
+        log = runs.TrainLog(tmp_path)
+        log.row({"task": 0, "global_step": 1})
+        log.row({"task": 0, "global_step": 2})
+        log.discard_after(1)          # rewrites the file through a temporary one
+    finally:
+        os.umask(previous)
+    written = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777
+               for p in tmp_path.rglob("*") if p.is_file()}
+    assert set(written) == {"record.json", "status.json", "eval/acc_knn_student.csv", "train_log.csv"}
+    assert written == dict.fromkeys(written, mode)

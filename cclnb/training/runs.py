@@ -14,6 +14,7 @@ import io
 import json
 import os
 import platform
+import secrets
 import subprocess
 import tempfile
 from pathlib import Path
@@ -36,7 +37,7 @@ STATES = ("running", "complete", "failed", "interrupted")
 def _atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` so that readers see the old or the new content, never a torn file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _new_temporary(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -46,6 +47,18 @@ def _atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _new_temporary(path: Path) -> tuple[int, Path]:
+    """A new file beside `path`, open for writing, with the mode a plain `open` gives (0666 less
+    the umask). Not mkstemp: its 0600 made records, configs and statuses unreadable to the
+    colleagues a study on a shared file system is for, while the checkpoints beside them were 0644."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:   # another writer's temporary file: draw another name
+            continue
 
 
 def write_json(path: Path, payload: Any) -> None:
