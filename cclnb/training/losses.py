@@ -105,3 +105,30 @@ def min_variance_spread(view_feats: torch.Tensor) -> torch.Tensor:
     (f,) = at_least_fp32(view_feats)
     mean = F.normalize(f.mean(dim=0), dim=1)
     return (f - mean).pow(2).sum(dim=(0, 2))
+
+
+def contrastive_distillation(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor,
+                             t: float = 0.2) -> torch.Tensor:
+    """CaSSLe's contrastive distillation (Fini et al. 2022): the student's predictions of both
+    views contrasted with the frozen previous-task projections of both views, in both directions.
+
+    `p1`, `p2` (b, D): the predictor's outputs for views 1 and 2 (with grad); `z1`, `z2` (b, D): the
+    frozen encoder's projections of the same views (treated as constants). All are L2-normalized
+    here. With P = normalize([p1; p2]) and Z = normalize([z1; z2]), both (2b, D)::
+
+        S = P Z^T / t                                                    (2b, 2b)
+        L = ( CE_rows(S) + CE_rows(S^T) ) / 2,   CE_rows(A) = mean_i ( -log softmax(A_i)[i] )
+
+    The positive of a prediction is the frozen projection of the *same view* of the same image;
+    every other of the 2b frozen projections is a negative, the image's other view included (the
+    reference's mask keeps every column). The second term reads the matrix by columns: each
+    frozen projection against all 2b predictions. Negatives are this call's rows only (the
+    reference gathers nothing across GPUs).
+    """
+    with _fp32(p1.device):
+        p1, p2, z1, z2 = at_least_fp32(p1, p2, z1.detach(), z2.detach())
+        p = F.normalize(torch.cat([p1, p2]), dim=1)
+        z = F.normalize(torch.cat([z1, z2]), dim=1)
+        logits = p @ z.t() / t
+        target = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
