@@ -133,7 +133,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         name="tin100-32-cpu-w16",
         description="Tiny-ImageNet-32 sub100 (100 classes, 250 train images per class), 10 tasks, "
                     "a quarter-width ResNet-18 (16-32-64-128 channels) with the 3x3 stem at full "
-                    "resolution, bf16, 8 epochs per task, 5 seeds; CCL's ablations available as methods",
+                    "resolution, bf16, 8 epochs per task, 5 seeds; with CaSSLe and LUMP beside the paper's "
+                    "methods; CCL's ablations available as methods",
         # Chosen from benchmarks/cpu-candidates.md (issue 19): on the first 3 tasks at the same images
         # seen, the quarter-width network that keeps every pixel ends far above the ImageNet stem's
         # 8 px view (Finetuning kNN 14.1 against 11.8, probe 11.4 against 8.4, seed 0) and its
@@ -141,7 +142,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         # BatchNorm groups, key momentum 0.99, queue 1024, lr 0.015, 250 images per class, 8 epochs
         # per task); precision pinned to bf16 so that seeds added on another machine are averaged.
         task_sequence={**_CPU_TIN100, "stem": "cifar", "width": 16},
-        methods=PAPER_METHODS,
+        methods=(*PAPER_METHODS, "CaSSLe", "LUMP"),
         linear_eval=_CPU_LINCLS,
         report={"title": "Continual MoCo v2 on Tiny-ImageNet-32 sub100, CPU budget, quarter-width "
                          "ResNet-18 at full resolution (10 tasks)"},
