@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 
-from cclnb.config import STUDY_METHODS
 from cclnb.launch import options as launch_options
 
 
@@ -20,8 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
                         help="override a notebook parameter (checked against the notebooks' "
                              "parameters cells; prefix linear_eval. or report. to target one)")
+    from cclnb.training.methods.registry import study_methods
+
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
-                        help=f"only these methods (default: the preset's; from {', '.join(STUDY_METHODS)})")
+                        help=f"only these methods (default: the preset's; from {', '.join(study_methods())}, "
+                             f"or yours with --method-module)")
+    parser.add_argument("--method-module", metavar="FILE.py|MODULE[:CLASS]",
+                        help="load methods from outside cclnb (docs/methods.md); same as "
+                             "-p method_module=..., which every run of the study records")
     parser.add_argument("--study", metavar="NAME",
                         help="study name for runs/<study> and reports/<study> (default: the preset)")
     parser.add_argument("--runs-root", default="runs", help="where run directories go (default runs)")
@@ -50,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cclnb.study import plan_study, run_study
 
+    if args.method_module:
+        args.param = [*args.param, f"method_module={args.method_module}"]
     if args.launcher != "local":
         return launch_options.run(args)
     launch_options.refuse_cluster_options(args)
