@@ -49,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, metavar="N",
                         help="how many (method, seed) runs proceed at once, each notebook in its own "
                              "process (default: the preset's; 1 = one notebook at a time, output here)")
+    parser.add_argument("--status", action="store_true",
+                        help="change nothing: show where every (method, seed) of the study stands "
+                             "(done, running, queued, failed, preempted), its task and epoch, img/s and "
+                             "time left, and when the study ends at --jobs; works while it runs elsewhere")
     launch_options.add_arguments(parser)
 
 
@@ -57,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.method_module:
         args.param = [*args.param, f"method_module={args.method_module}"]
+    if args.status:
+        return show_status(args)
     if args.launcher != "local":
         return launch_options.run(args)
     launch_options.refuse_cluster_options(args)
@@ -65,4 +71,20 @@ def run(args: argparse.Namespace) -> int:
                        force=args.force, jobs=args.jobs, seeds=args.seeds,
                        baseline=args.baseline, records=args.records, report_only=args.report_only)
     run_study(study)
+    return 0
+
+
+def show_status(args: argparse.Namespace) -> int:
+    """`--status`: the study these options name, as its files say (reads only; exit 0)."""
+    from cclnb.study import plan_study, status
+
+    study = plan_study(args.preset, args.param, runs_root=args.runs_root, reports_root=args.reports_root,
+                       methods=args.methods, study=args.study, jobs=args.jobs, seeds=args.seeds,
+                       baseline=args.baseline, records=args.records)
+    jobs = {}
+    if any(study.runs_dir.glob("*/jobs.json")):     # submitted with --launcher slurm|submitit-local
+        from cclnb.launch.watch import job_states
+
+        jobs = job_states(study.runs_dir)
+    print(status.table(status.study_status(study, jobs, status.study_liveness(study.runs_dir))))
     return 0
