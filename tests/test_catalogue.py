@@ -64,6 +64,13 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
 
 
 # ----------------------------------------------------------------------------- inputs to build
+def page_naming_a_study_without_records(tmp: Path, run: Path) -> str:
+    page = tmp / "page.md"
+    page.write_text("<!-- cclnb:summary nope -->\n<!-- /cclnb -->\n")
+    (tmp / "reports").mkdir()
+    return str(page)
+
+
 def not_a_dataset_zip(tmp: Path, run: Path) -> str:
     path = tmp / "notes.zip"
     with zipfile.ZipFile(path, "w") as archive:
@@ -232,6 +239,10 @@ CATALOGUE = [
     _row("lincls: output folder not writable",
          lambda t, r: [*LINCLS, "--pretrained", str(r), "--out", under_a_file(t, r), "--subset-per-class", "2"],
          ConfigError.exit_code, r"output folder .*a_file/out is not writable", r"choose another one with --out"),
+    _row("report tables: a marker naming a study without records",
+         lambda t, r: ["report", "tables", page_naming_a_study_without_records(t, r), "--reports-root", str(t / "reports")],
+         DataError.exit_code, r"a table names study 'nope', but .*reports/nope/runs holds no records",
+         r"fix the marker's study name or commit the study's records"),
     # cclnb study --launcher slurm: refused before anything is submitted (docs/study.md)
     _row("unknown SLURM partition",
          lambda t, r: study_cli(t, "--preset", "demo", "--launcher", "slurm", "--partition", "gpux", "--dry-run"),

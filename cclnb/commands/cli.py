@@ -1,4 +1,4 @@
-"""`cclnb` command line: `cclnb {train,lincls,study,data,bench} ...`.
+"""`cclnb` command line: `cclnb {train,lincls,study,data,bench,report} ...`.
 
 Each subcommand lives in `cclnb.commands.<name>` and exposes `add_arguments(parser)` and
 `run(args) -> int`. Only the chosen subcommand's module is imported, so `cclnb data info` does not
@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "study": "run a preset study through papermill and render its HTML report",
     "data": "inspect a dataset: `cclnb data info PATH --n-tasks 10`",
     "bench": "throughput benchmark table (authors' pipeline vs cclnb fast path vs ceiling)",
+    "report": "pages from committed study records: the gallery, the docs' tables, record migration",
 }
 
 

@@ -16,7 +16,6 @@ from cclnb.config import TrainConfig
 from cclnb.data import ImageDataset, load_uint8, open_dataset, subset_per_class
 from cclnb.evaluate.encoder import evaluate_encoder
 from cclnb.training import dist, runs
-from cclnb.training.events import EventWriter
 from cclnb.training.loop import Evaluator
 from cclnb.training.plan import TaskPlan
 
@@ -61,7 +60,6 @@ def task_evaluator(config: TrainConfig, train_ds: ImageDataset, plan: TaskPlan, 
     else:
         val_images, val_y = eval_inputs(config, val_ds), val_ds.targets
     train_y = train_ds.targets[train_ids]
-    events = EventWriter(run_dir) if config.tensorboard and ctx.is_main else None   # beside the trainer's
 
     def evaluate(backbone: torch.nn.Module, after_task: int, who: str) -> None:
         results = evaluate_encoder(backbone, train_images, train_y, val_images, val_y, plan.task_classes,
@@ -71,8 +69,5 @@ def task_evaluator(config: TrainConfig, train_ds: ImageDataset, plan: TaskPlan, 
                                    image_size=None if small else config.image_size, progress=config.progress)
         for protocol, result in results.items():
             runs.write_accuracy_row(run_dir, protocol, who, after_task, result["per_task"], result["all"])
-            if events is not None:
-                events.scalars(f"eval/{protocol}_{who}", {**{f"task_{j}": a for j, a in enumerate(result["per_task"])},
-                                                          "all": result["all"]}, after_task)
 
     return evaluate

@@ -16,6 +16,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from cclnb.errors import DataError
+from cclnb.study.aggregate import method_order
 from cclnb.study.report import (BASELINES, UNTRAINED, UNTRAINED_BN, Run, accuracy_matrix, chance_loss,
                                 group_runs, lincls_curve, seed_of, seeds_note, throughput_table)
 
@@ -187,6 +188,44 @@ def plot_budget_gaps(gaps: pd.DataFrame, metric: str = "linear top-1 of the stud
     ax.set_ylabel(f"paired gap, {metric} (points)")
     ax.legend(title="mean over seeds, bar: min-max", fontsize=8)
     ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_final_top1(table: pd.DataFrame, metric: str = "linear_top1_student") -> Figure:
+    """The study at a glance, the figure a report page opens with: per method the final linear top-1
+    of every seed as a dot (seeds side by side, in seed order) and their mean as a bar; the untrained
+    baselines' means as grey lines across, so "it learned" is seen before any number is read.
+    `table` is the per-seed results table (`cclnb.study.report.results_table`)."""
+    trained = table[~table["method"].isin(BASELINES)].dropna(subset=[metric])
+    if trained.empty:
+        raise DataError(f"no trained run has a final {metric} to draw; run the linear evaluation first")
+    methods = method_order(list(trained["method"].unique()))
+    seeds = sorted(trained["seed"].unique())
+    offsets = dict(zip(seeds, np.linspace(-0.2, 0.2, len(seeds)) if len(seeds) > 1 else [0.0]))
+    fig = Figure(figsize=(max(5.0, 1.15 * len(methods) + 2.5), 3.8), layout="constrained")
+    ax = fig.subplots()
+    palette = sns.color_palette("deep", len(methods))
+    for i, (method, colour) in enumerate(zip(methods, palette)):
+        rows = trained[trained["method"] == method]
+        ax.scatter(i + rows["seed"].map(offsets), rows[metric], s=30, color=colour, zorder=3,
+                   edgecolor="white", linewidth=0.5)
+        ax.hlines(rows[metric].mean(), i - 0.3, i + 0.3, color=colour, lw=2.5, zorder=2)
+    for base, style, label in ((UNTRAINED, "--", "untrained encoder"),
+                               (UNTRAINED_BN, ":", "untrained, BN of the data")):
+        level = table[table["method"] == base][metric].dropna()
+        if len(level):
+            ax.axhline(level.mean(), color="grey", ls=style, lw=1.2,
+                       label=f"{label}: {level.mean():.2f} (mean of {len(level)})")
+    ax.set_xticks(range(len(methods)), methods, rotation=20 if len(methods) > 4 else 0)
+    ax.set_xlim(-0.6, len(methods) - 0.4)
+    protocol = str(trained["linear_protocol"].dropna().iloc[0]) if "linear_protocol" in trained and \
+        trained["linear_protocol"].notna().any() else ""
+    ax.set_ylabel(f"final top-1, student (%){', probe' if protocol.startswith('probe') else ''}")
+    ax.set_title(f"Final linear top-1 per method: a dot per seed ({len(seeds)} seed{'s' * (len(seeds) > 1)}), "
+                 f"bar = mean", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
     return fig
 
 

@@ -12,6 +12,12 @@ machines: a record written on one machine and committed (or copied) into
 - `train_loss`: one row per (task, epoch): mean losses and lr, median img/s, elapsed time;
 - `throughput` and `provenance` (commit, device, versions, start date).
 
+Paths in a record are relative to the *run root*, the folder that holds `<study>/<method>/seed<k>`
+(`runs/` by default): `config.run_dir` reads `tin100-32-cpu-w16/CCL/seed0`, and a dataset outside
+it reads `../../shared/data/...`. A committed record then names no machine's folders. Records written
+before that hold absolute paths; `read_record` reads them as if migrated, and `migrate_records`
+rewrites their files (`cclnb report migrate`).
+
 `as_run` turns a record back into a `cclnb.study.report.Run`, so every table and figure of the report
 works the same on records as on run directories.
 """
@@ -20,9 +26,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,6 +45,7 @@ LOSS_MEANS = ("loss", "loss_moco", "loss_extra", "loss_distill", "lr")
 # Keys of a lincls/probe result that are not results: local paths and the full flag dump.
 _FINAL_DROP = ("config", "pretrained")
 _FINAL_SETTINGS = ("lr", "batch_size", "schedule", "precision", "subset_per_class", "momentum", "wd")
+RUN_DEPTH = 3                      # a study's run directory is <run root>/<study>/<method>/seed<k>
 
 
 def record_name(method: str, seed: int) -> str:
@@ -70,6 +78,26 @@ class Record:
         final = {who: {k: result.get(k) for k in ("protocol", "epochs", "settings")}
                  for who, result in self.data["final"].items()}
         return {**self.config, "final_evaluation": final}
+
+
+# ----------------------------------------------------------------------------- paths
+def run_root(run_dir: str) -> PurePosixPath:
+    """The run root of an absolute study run directory: `RUN_DEPTH` folders up (`/`, for a run
+    directory that lies less deep)."""
+    path = PurePosixPath(run_dir)
+    return path.parents[min(RUN_DEPTH - 1, len(path.parents) - 1)]
+
+
+def relative_paths(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`config` with every absolute path (run_dir, data, resume, ...) relative to the run root of its
+    `run_dir`. A config whose run_dir is already relative (or absent) is returned as it is, so this
+    is idempotent: a migrated record stays as it is."""
+    where = config.get("run_dir")
+    if not isinstance(where, str) or not os.path.isabs(where):
+        return dict(config)
+    root = run_root(where)
+    return {key: (os.path.relpath(value, root) if isinstance(value, str) and os.path.isabs(value) else value)
+            for key, value in config.items()}
 
 
 # ----------------------------------------------------------------------------- writing
@@ -112,7 +140,7 @@ def make_record(run: report.Run, study: str) -> dict[str, Any]:
     if run.config.get("seed") is None:
         raise DataError(f"{run.path}/config.json has no seed; a record is keyed by its seed")
     method = run.method
-    config = {k: v for k, v in run.config.items() if k not in PROVENANCE_FIELDS}
+    config = relative_paths({k: v for k, v in run.config.items() if k not in PROVENANCE_FIELDS})
     loss = _train_loss_summary(run.train_log)
     times = report.throughput_table([run]).iloc[0]
     hardware = run.config.get("hardware") or {}
@@ -146,8 +174,13 @@ def write_record(run_dir: str | Path, folder: str | Path, study: str) -> Path:
 
 # ----------------------------------------------------------------------------- reading
 def read_record(path: str | Path) -> Record:
-    """One record file; anything else is a DataError naming the file and what to do."""
-    file = Path(path)
+    """One record file; anything else is a DataError naming the file and what to do. A record with
+    absolute paths (written before they became relative) is read with relative ones, as migrated."""
+    data = _read_raw(Path(path))
+    return Record(str(path), {**data, "config": relative_paths(data["config"])})
+
+
+def _read_raw(file: Path) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
@@ -159,15 +192,32 @@ def read_record(path: str | Path) -> Record:
     missing = [k for k in ("method", "seed", "config", "final", "accuracy", "train_loss") if k not in data]
     if missing:
         raise DataError(f"{file} lacks {missing}; it was cut or edited by hand: restore it from git")
-    return Record(str(file), data)
+    return data
+
+
+def record_files(folders: Sequence[str | Path]) -> list[Path]:
+    """The `*-seed*.json` files of `folders`, in folder order then by name (absent folders: none)."""
+    return [p for folder in folders if Path(folder).is_dir() for p in sorted(Path(folder).glob("*-seed*.json"))]
+
+
+def migrate_records(folders: Sequence[str | Path]) -> list[Path]:
+    """Rewrite every record in `folders` whose config holds absolute paths with paths relative to
+    its run root (atomic writes; nothing else in the file changes). Returns the files rewritten;
+    running it again rewrites none."""
+    rewritten = []
+    for file in record_files(folders):
+        data = _read_raw(file)
+        config = relative_paths(data["config"])
+        if config != data["config"]:
+            write_json(file, {**data, "config": config})
+            rewritten.append(file)
+    return rewritten
 
 
 def load_records(folders: Sequence[str | Path]) -> list[Record]:
     """Every `*-seed*.json` record in `folders`, in folder order then by name (folders that do not
     exist are skipped: a study may not have records from another machine yet)."""
-    paths = [p for folder in folders if Path(folder).is_dir()
-             for p in sorted(Path(folder).glob("*-seed*.json"))]
-    return [read_record(p) for p in paths]
+    return [read_record(p) for p in record_files(folders)]
 
 
 def _frame(payload: dict[str, Any]) -> pd.DataFrame:
