@@ -1,8 +1,10 @@
-"""Two processes under torchrun (gloo, CPU): both ranks train two CCL tasks and end identical."""
+"""Two processes under torchrun (gloo, CPU): both ranks train two CCL tasks and end identical, and
+the per-task evaluation, shared by the ranks, equals one process's."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -16,17 +18,20 @@ WORKER = textwrap.dedent("""
     torch.set_num_threads(1)
     from cclnb.config import TrainConfig
     from cclnb.data import open_dataset
+    from cclnb.evaluate import task_evaluator
     from cclnb.training import Trainer, dist, plan_tasks, resolve_config, runs
 
     out = sys.argv[1]
     config = resolve_config(TrainConfig(
         data="demo", arch="resnet18", stem="imagenet", epochs=1, batch_size=16, moco_k=64, ccl_k=16,
         n_tasks=2, n_save=2, method="CCL", subset_per_class=10, seed=0, progress=False,
-        eval_each_task="none", device="cpu", dist_timeout=60, bn_groups=2, key_bn_groups=2), 32)
+        eval_each_task="knn", eval_teacher=True, eval_bank_per_class=5, knn_k=5, device="cpu", dist_timeout=60,
+        bn_groups=2, key_bn_groups=2), 32)
     ctx = dist.setup("cpu", timeout_s=60)
     ds = open_dataset("demo")
     run_dir = runs.prepare_run_dir(os.path.join(out, "run"))
-    trainer = Trainer(config, ds, plan_tasks(config, ds.targets, len(ds.classes)), ctx, run_dir)
+    plan = plan_tasks(config, ds.targets, len(ds.classes))
+    trainer = Trainer(config, ds, plan, ctx, run_dir, task_evaluator(config, ds, plan, run_dir, ctx))
     trainer.run()
     torch.save({"model": trainer.model.state_dict(), "method": trainer.method.state_dict(),
                 "replay": [r.tolist() for r in trainer.replay], "world": ctx.world_size},
@@ -58,6 +63,10 @@ def test_two_ranks_under_torchrun_end_with_identical_weights_and_queues(tmp_path
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "complete"
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["last.pt", "task_0.pt", "task_1.pt"]
+    # every rank evaluated after each task (a rank skipping it would leave the others in a collective)
+    for who in ("student", "teacher"):
+        rows = (tmp_path / "run" / "eval" / f"acc_knn_{who}.csv").read_text().splitlines()
+        assert len(rows) == 3, rows                                    # header + one row per task
 
 
 STEP_WORKER = textwrap.dedent("""
@@ -124,3 +133,71 @@ def test_one_process_with_n_bn_groups_equals_n_ranks(tmp_path):
         for name, value in one[part].items():
             torch.testing.assert_close(value, two[0][part][name], atol=1e-5, rtol=1e-4,
                                        msg=f"{part}.{name}")
+
+
+EVAL_WORKER = textwrap.dedent("""
+    import os, sys, numpy as np, torch
+    from pathlib import Path
+    torch.set_num_threads(1)
+    from cclnb.config import TrainConfig
+    from cclnb.data import load_uint8, open_dataset
+    from cclnb.evaluate import extract_features, task_evaluator
+    from cclnb.training import dist, plan_tasks, resolve_config
+    from cclnb.training.models import build_backbone
+
+    out = Path(sys.argv[1])
+    ctx = dist.setup("cpu", timeout_s=60)
+    ds = open_dataset("demo")
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18", True, "cifar", 8)
+    for module in backbone.modules():          # eval-mode BatchNorm that is not the identity
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    for loader in ("tensor", "workers"):       # decoded uint8 arrays; the PIL path through a DataLoader
+        config = resolve_config(TrainConfig(
+            data="demo", arch="resnet18", stem="cifar", width=8, n_tasks=5, batch_size=32, progress=False,
+            device="cpu", precision="fp32", eval_each_task="both", eval_bank_per_class=50, knn_k=20,
+            loader=loader), 32)
+        plan = plan_tasks(config, ds.targets, len(ds.classes))
+        run_dir = out / f"{ctx.world_size}proc" / loader
+        run_dir.mkdir(parents=True, exist_ok=True)
+        evaluate = task_evaluator(config, ds, plan, run_dir, ctx)
+        evaluate(backbone, 0, "student")       # bank 500 images: 2 batches of 256, one per rank
+        evaluate(backbone, 1, "student")
+    run_dir = out / f"{ctx.world_size}proc"
+    images = load_uint8(ds, ids=np.arange(300))
+    features = {f"{n}x{b}": extract_features(backbone, images[:n], "cpu", batch_size=b, progress=False, ctx=ctx)
+                for n, b in ((300, 64), (100, 256))}   # 5 uneven batches; one batch: rank 1 has none
+    torch.save(features, run_dir / f"features{ctx.rank}.pt")
+    dist.cleanup(ctx)
+""")
+
+
+def test_per_task_evaluation_in_shards_over_two_ranks_equals_one_process(tmp_path):
+    """Every rank extracts a share of the bank's and the val set's features (the same batches one
+    process cuts, rank r taking every second one); gathered, they are the one process's features
+    to the bit, and the kNN and probe rows rank 0 writes are the one process's rows."""
+    script = tmp_path / "evaluate.py"
+    script.write_text(EVAL_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    one, two = tmp_path / "1proc", tmp_path / "2proc"
+    for loader in ("tensor", "workers"):
+        names = sorted(p.name for p in (one / loader / "eval").iterdir())
+        assert names == ["acc_knn_student.csv", "acc_probe_student.csv"]
+        assert sorted(p.name for p in (two / loader / "eval").iterdir()) == names
+        for name in names:
+            rows = (one / loader / "eval" / name).read_text()
+            assert (two / loader / "eval" / name).read_text() == rows, (loader, name)
+            assert len(rows.splitlines()) == 3                                   # header + 2 tasks
+    reference = torch.load(one / "features0.pt", weights_only=True)
+    for rank in (0, 1):
+        gathered = torch.load(two / f"features{rank}.pt", weights_only=True)
+        for key, value in reference.items():
+            assert torch.equal(gathered[key], value), (rank, key)

@@ -18,6 +18,7 @@ from cclnb.errors import ConfigError, DataError
 from cclnb.evaluate.features import extract_features
 from cclnb.evaluate.knn import knn_predict
 from cclnb.evaluate.probe import feature_probe
+from cclnb.training.dist import DistContext
 
 PROTOCOLS = {"knn": ("knn",), "probe": ("probe",), "both": ("knn", "probe")}
 
@@ -58,7 +59,8 @@ def evaluate_encoder(backbone: nn.Module, train_images, train_y, val_images, val
                      task_classes: Sequence[Sequence[int]], which: str, device: str | torch.device,
                      knn_k: int = 200, knn_t: float = 0.1, precision: str = "fp32",
                      n_classes: int | None = None, batch_size: int = 512, image_size: int | None = None,
-                     probe_epochs: int = 100, progress: bool = True) -> dict[str, dict]:
+                     probe_epochs: int = 100, progress: bool = True,
+                     ctx: DistContext | None = None) -> dict[str, dict]:
     """Score a frozen encoder on every task's val classes with the requested protocol(s).
 
     `train_images`/`val_images`: (N, H, W, 3) uint8 arrays or tensors, or ImageDatasets;
@@ -68,6 +70,10 @@ def evaluate_encoder(backbone: nn.Module, train_images, train_y, val_images, val
 
     Returns `{"knn": {"per_task": [...], "all": acc}, "probe": {...}}` with only the requested
     protocols; accuracies in percent; "all" is the accuracy over every val image.
+
+    With a distributed `ctx` (every rank calling with the same arguments) the features are
+    extracted in shards and gathered (`extract_features`), and every rank classifies the same
+    features, so every rank returns the one-process result.
     """
     if which not in PROTOCOLS:
         raise ConfigError(f"which must be knn, probe or both, got {which!r}")
@@ -77,7 +83,7 @@ def evaluate_encoder(backbone: nn.Module, train_images, train_y, val_images, val
         largest = [int(train_labels.max()), int(val_labels.max())]
         largest += [int(np.max(np.asarray(c))) for c in task_classes if len(c)]
         n_classes = 1 + max(largest)
-    kwargs = dict(batch_size=batch_size, image_size=image_size, precision=precision, progress=progress)
+    kwargs = dict(batch_size=batch_size, image_size=image_size, precision=precision, progress=progress, ctx=ctx)
     train_f = extract_features(backbone, train_images, device, desc="eval features (train)", **kwargs)
     val_f = extract_features(backbone, val_images, device, desc="eval features (val)", **kwargs)
     for name, feats, labels in (("train", train_f, train_labels), ("val", val_f, val_labels)):

@@ -3,6 +3,13 @@
 Features are computed once per evaluation with no augmentation: the backbone runs in eval mode
 (BatchNorm uses its running statistics) under `torch.no_grad`, and its previous train/eval mode
 is restored afterwards, because the trainer calls this in the middle of a run.
+
+Under torchrun every rank extracts a share and all get every feature (`ctx`): the images are cut
+into the same batches as one process cuts them, rank r takes batches r, r + W, r + 2W, ... and the
+shares are gathered back into the images' order. A batch is the same batch on whichever rank runs
+it, so the features are those of one process, to the bit where the device computes a batch the
+same way (tested on the CPU: tests/test_dist.py). Why: the per-task evaluation of an 8-GPU training
+job otherwise runs on one GPU while seven wait (docs/performance.md, the cost table).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cclnb.errors import ConfigError, DataError
+from cclnb.training import dist
 from cclnb.training.precision import autocast
 
 @contextlib.contextmanager
@@ -43,25 +51,36 @@ def as_uint8_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def shard_rows(total: int, batch_size: int, rank: int, world: int) -> np.ndarray:
+    """The rows of batches rank, rank + world, ... of `total` rows cut in `batch_size` batches."""
+    starts = range(rank * batch_size, total, world * batch_size)
+    return np.concatenate([np.arange(s, min(s + batch_size, total)) for s in starts] or [np.zeros(0, np.int64)])
+
+
 def _batches_uint8(images: torch.Tensor, device: torch.device, batch_size: int,
-                   image_size: int | None) -> Iterator[torch.Tensor]:
-    """Normalized eval views of consecutive slices, moved to the device one batch at a time."""
+                   image_size: int | None, rows: np.ndarray) -> Iterator[torch.Tensor]:
+    """Normalized eval views of the batches of `rows` (consecutive slices), moved to the device
+    one batch at a time."""
     from cclnb.data.augment import anchor_uint8
 
     size = image_size or images.shape[1]
-    for start in range(0, images.shape[0], batch_size):
-        chunk = images[start:start + batch_size].to(device, non_blocking=True)
+    for start in range(0, len(rows), batch_size):
+        first = int(rows[start])
+        chunk = images[first:first + min(batch_size, len(rows) - start)].to(device, non_blocking=True)
         yield anchor_uint8(chunk, size, small_images=size <= 64)
 
 
 def _batches_dataset(dataset, device: torch.device, batch_size: int, image_size: int | None,
-                     workers: int) -> Iterator[torch.Tensor]:
-    """Eval-transformed batches of an ImageDataset (decoded from files through a DataLoader)."""
+                     workers: int, rows: np.ndarray) -> Iterator[torch.Tensor]:
+    """Eval-transformed batches of an ImageDataset's `rows` (decoded from files through a DataLoader)."""
     from cclnb.data.augment import eval_transform
 
     size = image_size or dataset.image_size or 224
     transform = eval_transform(size, small_images=size <= 64)
-    loader = torch.utils.data.DataLoader(_TransformedDataset(dataset, transform), batch_size=batch_size,
+    images = _TransformedDataset(dataset, transform)
+    if len(rows) < len(dataset):
+        images = torch.utils.data.Subset(images, rows.tolist())
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size,
                                          shuffle=False, num_workers=workers,
                                          pin_memory=device.type == "cuda")
     for batch in loader:
@@ -82,39 +101,66 @@ class _TransformedDataset(torch.utils.data.Dataset):
 
 
 def _eval_batches(images, device: torch.device, batch_size: int, image_size: int | None,
-                  workers: int) -> tuple[int, Iterator[torch.Tensor]]:
-    """(number of images, their normalized eval views batch by batch) for an array or a dataset."""
+                  workers: int, shard: tuple[int, int] = (0, 1)) -> tuple[int, np.ndarray, Iterator[torch.Tensor]]:
+    """(number of images, the rows of this `shard` (rank, world), their normalized eval views batch
+    by batch) for an array or a dataset."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if hasattr(images, "load_pil"):
-        total, batches = len(images), _batches_dataset(images, device, batch_size, image_size, workers)
-    else:
-        tensor = as_uint8_tensor(images)
-        total, batches = tensor.shape[0], _batches_uint8(tensor, device, batch_size, image_size)
+    total = len(images) if hasattr(images, "load_pil") else as_uint8_tensor(images).shape[0]
     if total == 0:
         raise DataError("no images to extract features from; check the split and --subset-per-class")
-    return total, batches
+    rows = shard_rows(total, batch_size, *shard)
+    if hasattr(images, "load_pil"):
+        batches = _batches_dataset(images, device, batch_size, image_size, workers, rows)
+    else:
+        batches = _batches_uint8(as_uint8_tensor(images), device, batch_size, image_size, rows)
+    return total, rows, batches
 
 
 def extract_features(backbone: nn.Module, images, device: str | torch.device, batch_size: int = 512,
                      image_size: int | None = None, precision: str = "fp32", workers: int = 0,
-                     progress: bool = True, desc: str = "features") -> torch.Tensor:
+                     progress: bool = True, desc: str = "features",
+                     ctx: dist.DistContext | None = None) -> torch.Tensor:
     """Backbone features of every image, in order: a float32 (N, D) tensor on `device`.
 
     `images` is either a (N, H, W, 3) uint8 array/tensor (the fast path: slices go to the device
     and are normalized there, resized to `image_size` when given) or an `ImageDataset` (decoded
     with the eval transform through a DataLoader with `workers` processes). No L2 normalization:
-    the kNN normalizes, the probe standardizes.
+    the kNN normalizes, the probe standardizes. With a distributed `ctx` every rank must call
+    this with the same arguments; each extracts its share and all return every feature (see the
+    module docstring).
     """
     device = torch.device(device)
-    total, batches = _eval_batches(images, device, batch_size, image_size, workers)
+    shard = (ctx.rank, ctx.world_size) if ctx is not None and ctx.distributed else (0, 1)
+    total, rows, batches = _eval_batches(images, device, batch_size, image_size, workers, shard)
     chunks = []
     with frozen(backbone), autocast(device, precision), \
-            tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+            tqdm(total=len(rows), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for batch in batches:
             chunks.append(backbone(batch).float())
             bar.update(batch.shape[0])
-    return torch.cat(chunks)
+    if shard[1] == 1:
+        return torch.cat(chunks)
+    return _gather_shards(chunks, total, batch_size, ctx, device)
+
+
+def _gather_shards(chunks: list[torch.Tensor], total: int, batch_size: int, ctx: dist.DistContext,
+                   device: torch.device) -> torch.Tensor:
+    """Every rank's features (`chunks`: this rank's batches) in the images' order, on every rank.
+    The shares are padded to the largest for one all-gather; a rank without a batch
+    learns the feature width from the others."""
+    width = torch.tensor([chunks[0].shape[1] if chunks else 0], device=device)
+    torch.distributed.all_reduce(width, op=torch.distributed.ReduceOp.MAX)
+    rows = [shard_rows(total, batch_size, r, ctx.world_size) for r in range(ctx.world_size)]
+    most = max(len(r) for r in rows)
+    padded = torch.zeros(most, int(width.item()), device=device)
+    mine = torch.cat(chunks) if chunks else padded[:0]
+    padded[:len(mine)] = mine
+    gathered = dist.all_gather_cat(padded, ctx)
+    keep = torch.cat([torch.arange(len(r)) + rank * most for rank, r in enumerate(rows)]).to(device)
+    features = torch.empty(total, padded.shape[1], device=device)
+    features[torch.from_numpy(np.concatenate(rows)).to(device)] = gathered[keep]
+    return features
 
 
 def calibrate_batchnorm(backbone: nn.Module, images, device: str | torch.device, batch_size: int = 512,
@@ -136,7 +182,7 @@ def calibrate_batchnorm(backbone: nn.Module, images, device: str | torch.device,
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None
-    total, batches = _eval_batches(images, device, batch_size, image_size, workers)
+    total, _, batches = _eval_batches(images, device, batch_size, image_size, workers)
     was_training = backbone.training
     backbone.train()
     try:
