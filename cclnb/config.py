@@ -98,6 +98,7 @@ class TrainConfig:
     knn_k: int = 200
     knn_t: float = 0.1
     progress: bool = True                   # tqdm bars on rank 0
+    tensorboard: bool = False               # also write TensorBoard event files beside train_log.csv (needs the tensorboard extra)
     dist_timeout: int = 1800                # seconds a collective may wait before a dead rank stops the rest
     replay_with_replacement: bool = True    # SimpleReplay draws with replacement, as the code does
     method_module: str | None = None        # where a method outside cclnb lives: a .py file or "package.module[:Class]"

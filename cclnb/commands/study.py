@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 
-from cclnb.config import STUDY_METHODS
 from cclnb.launch import options as launch_options
 
 
@@ -20,8 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
                         help="override a notebook parameter (checked against the notebooks' "
                              "parameters cells; prefix linear_eval. or report. to target one)")
+    from cclnb.training.methods.registry import study_methods
+
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
-                        help=f"only these methods (default: the preset's; from {', '.join(STUDY_METHODS)})")
+                        help=f"only these methods (default: the preset's; from {', '.join(study_methods())}, "
+                             f"or yours with --method-module)")
+    parser.add_argument("--method-module", metavar="FILE.py|MODULE[:CLASS]",
+                        help="load methods from outside cclnb (docs/methods.md); same as "
+                             "-p method_module=..., which every run of the study records")
     parser.add_argument("--study", metavar="NAME",
                         help="study name for runs/<study> and reports/<study> (default: the preset)")
     parser.add_argument("--runs-root", default="runs", help="where run directories go (default runs)")
@@ -44,12 +49,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, metavar="N",
                         help="how many (method, seed) runs proceed at once, each notebook in its own "
                              "process (default: the preset's; 1 = one notebook at a time, output here)")
+    parser.add_argument("--status", action="store_true",
+                        help="change nothing: show where every (method, seed) of the study stands "
+                             "(done, running, queued, failed, preempted), its task and epoch, img/s and "
+                             "time left, and when the study ends at --jobs; works while it runs elsewhere")
     launch_options.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from cclnb.study import plan_study, run_study
 
+    if args.method_module:
+        args.param = [*args.param, f"method_module={args.method_module}"]
+    if args.status:
+        return show_status(args)
     if args.launcher != "local":
         return launch_options.run(args)
     launch_options.refuse_cluster_options(args)
@@ -58,4 +71,20 @@ def run(args: argparse.Namespace) -> int:
                        force=args.force, jobs=args.jobs, seeds=args.seeds,
                        baseline=args.baseline, records=args.records, report_only=args.report_only)
     run_study(study)
+    return 0
+
+
+def show_status(args: argparse.Namespace) -> int:
+    """`--status`: the study these options name, as its files say (reads only; exit 0)."""
+    from cclnb.study import plan_study, status
+
+    study = plan_study(args.preset, args.param, runs_root=args.runs_root, reports_root=args.reports_root,
+                       methods=args.methods, study=args.study, jobs=args.jobs, seeds=args.seeds,
+                       baseline=args.baseline, records=args.records)
+    jobs = {}
+    if any(study.runs_dir.glob("*/jobs.json")):     # submitted with --launcher slurm|submitit-local
+        from cclnb.launch.watch import job_states
+
+        jobs = job_states(study.runs_dir)
+    print(status.table(status.study_status(study, jobs, status.study_liveness(study.runs_dir))))
     return 0

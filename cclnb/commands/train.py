@@ -93,6 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     x.add_argument("--knn-k", type=int, default=D.knn_k)
     x.add_argument("--knn-t", type=float, default=D.knn_t)
     x.add_argument("--no-progress", dest="progress", action="store_false")
+    x.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files beside train_log.csv (losses, lr, img/s, "
+                        "per-task accuracies; needs pip install 'cclnb[tensorboard]'): tensorboard --logdir RUN_DIR")
     x.add_argument("--dist-timeout", type=int, default=D.dist_timeout, help="seconds before a dead rank stops the others")
 
     x.add_argument("--method-module", default=D.method_module, metavar="FILE.py|MODULE[:CLASS]",

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from cclnb.errors import CclnbError
 from cclnb.study import papermill_step
+from cclnb.study.console import LiveLines
 from cclnb.study.notebooks import notebook_path
 from cclnb.study.plan import Step, Study
 
@@ -185,7 +186,8 @@ def _run_action(step: Step, index: int, total: int, log: Callable[[str], None]) 
 
 
 def _run_concurrently(pending: list[tuple[int, Step]], study: Study, notebooks_dir: str | Path | None,
-                      log: Callable[[str], None], total: int) -> list[StepFailure]:
+                      log: Callable[[str], None], total: int,
+                      show: Callable[[dict[str, Step]], None] = lambda running: None) -> list[StepFailure]:
     """Run the groups of `pending` (each group's steps in order, the costliest groups first) with
     up to `study.jobs` notebooks at once, each on `study.threads` threads. A failed step drops the rest of its group; the other
     groups finish; returns the failures."""
@@ -213,6 +215,7 @@ def _run_concurrently(pending: list[tuple[int, Step]], study: Study, notebooks_d
             if not queue:
                 del queues[group]
         time.sleep(0.2)
+        show({group: entry[1] for group, entry in running.items()})   # the live line of each running job
         for group, (index, step, proc, tic) in list(running.items()):
             if proc.poll() is None:
                 continue
@@ -243,7 +246,8 @@ def _run_pending(pending: list[tuple[int, Step]], study: Study, notebooks_dir: s
     """The pending steps: with `study.jobs` > 1 all but the report concurrently, then the rest
     (everything with `--jobs 1`) in order in this process, the first failure raised."""
     if study.jobs > 1:
-        failures = _run_concurrently(pending[:-1], study, notebooks_dir, log, total)
+        with LiveLines(study, log) as live:
+            failures = _run_concurrently(pending[:-1], study, notebooks_dir, live.log, total, live.show)
         if failures:
             raise _failed(failures, failures_log)
         pending = pending[-1:]

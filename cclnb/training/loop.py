@@ -94,7 +94,8 @@ class Trainer:
         self.config, self.plan, self.run_dir, self.ctx = config, plan, run_dir, ctx
         self.writes = run_dir is not None and ctx.is_main    # this process owns the run directory
         self.log = runs.TrainLog(run_dir or Path("."), enabled=self.writes,
-                                 columns=runs.log_columns(method_class(config.method).loss_terms))
+                                 columns=runs.log_columns(method_class(config.method).loss_terms),
+                                 tensorboard=config.tensorboard)
         self.evaluator = evaluator
         self.device = ctx.device
         self.seed = int(config.seed)

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from cclnb.errors import CheckpointError, ConfigError
+from cclnb.training.events import EventWriter
 
 def log_columns(loss_terms: Sequence[str] = ()) -> tuple[str, ...]:
     """train_log.csv's columns: position, the total and MoCo losses, one `loss_<term>` per term
@@ -253,8 +254,11 @@ class TrainLog:
     first and the file is then appended to, so the log reads as one uninterrupted run.
     """
 
-    def __init__(self, run_dir: Path, enabled: bool = True, columns: Sequence[str] = log_columns()) -> None:
+    def __init__(self, run_dir: Path, enabled: bool = True, columns: Sequence[str] = log_columns(),
+                 tensorboard: bool = False) -> None:
         self.enabled = enabled
+        # the same rows as TensorBoard scalars (`cclnb.training.events`; imports tensorboard only if asked)
+        self.events = EventWriter(run_dir) if enabled and tensorboard else None
         self.csv_path = Path(run_dir) / "train_log.csv"
         self.text_path = Path(run_dir) / "train.log"
         self.columns = tuple(columns)
@@ -273,6 +277,8 @@ class TrainLog:
         with open(self.csv_path, newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
         kept = [r for r in rows if r.get("global_step") and int(r["global_step"]) <= global_step]
+        if self.events is not None:
+            self.events.purge_after(global_step)
         if len(kept) == len(rows):
             return
         text = io.StringIO()
@@ -286,6 +292,9 @@ class TrainLog:
             return
         with open(self.csv_path, "a", newline="", encoding="utf-8") as handle:
             csv.writer(handle).writerow([_fmt(values.get(c)) for c in self.columns])
+        if self.events is not None:
+            self.events.scalars("train", {c: values.get(c) for c in self.columns if c != "global_step"},
+                                values["global_step"])
 
     def line(self, message: str) -> None:
         if not self.enabled:
