@@ -203,6 +203,9 @@ CATALOGUE = [
     _row("study: output folder not writable",
          lambda t, r: ["study", "--preset", "demo", "--runs-root", under_a_file(t, r), "--reports-root", str(t / "rep")],
          ConfigError.exit_code, r"output folder .*a_file/out/demo is not writable", r"choose another one with --runs-root"),
+    _row("study: a name that is not one folder", lambda t, r: study_cli(t, "--preset", "demo", "--study", "../../escape"),
+         ConfigError.exit_code, r"--study '\.\./\.\./escape': a study name is one folder name under --runs-root and "
+         r"--reports-root", r"letters, digits and \. _ - \(not first\), e\.g\. --study demo-lr0\.05"),
     _row("resume with another configuration",
          lambda t, r: [*FINISHED[:-4], "--method", "CCL", "--n-save", "12", "--resume", str(r)],
          CheckpointError.exit_code, r"cannot resume .*run with a different configuration: method: run has "

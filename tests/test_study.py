@@ -291,3 +291,22 @@ def test_concurrent_jobs_start_the_costliest_runs_first(tmp_path: Path, monkeypa
                         "Finetuning seed 0: task sequence", "Joint seed 0: task sequence",
                         "Finetuning seed 1: task sequence", "Joint seed 1: task sequence"]
     assert study.expected_cost("CCL-no-distill") > study.expected_cost("SimpleReplay") > study.expected_cost("untrained")
+
+
+def test_methods_are_deduplicated_like_seeds(tmp_path: Path) -> None:
+    """`--methods CCL CCL` trained CCL, then failed the duplicate step (exit 6, no report) and replaced
+    the good executed notebook; `--seeds 1 1` was already one seed. Aliases count as their method."""
+    plan = study.plan_study("demo", runs_root=tmp_path, reports_root=tmp_path / "rep",
+                            methods=["CCL", "Finetuning", "CLL", "ccl"], seeds=[1, 1], baseline=False)
+    assert [s.label for s in plan.steps if s.notebook == "task_sequence"] == [
+        "CCL seed 1: task sequence", "Finetuning seed 1: task sequence"]
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a b/c", "..", ".hidden", "a/b", "", "-x"])
+def test_a_study_name_is_one_safe_folder_name(tmp_path: Path, name: str) -> None:
+    """`--study ../../escape` wrote outside --runs-root and --reports-root (runs and report mixed in
+    one folder); `--study "a b/c"` nested folders."""
+    with pytest.raises(ConfigError, match=r"--study .*: a study name is one folder name"):
+        study.plan_study("demo", runs_root=tmp_path / "runs", reports_root=tmp_path / "rep", study=name)
+    assert not (tmp_path / "runs").exists()
+    assert study.plan_study("demo", runs_root=tmp_path, study="demo_lr-0.05").name == "demo_lr-0.05"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -178,9 +179,10 @@ def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root
         params["task_sequence"]["data"] = str(Path(data).resolve())
     if module and Path(module).is_file():
         params["task_sequence"]["method_module"] = str(Path(module).resolve())
-    chosen = [registry.canonical_name(m) for m in (methods or preset.methods)]
+    # one run per method however often it is named (an alias included), as --seeds
+    chosen = list(dict.fromkeys(registry.canonical_name(m) for m in (methods or preset.methods)))
     chosen_seeds = _seeds(seeds, preset)
-    name = study or preset.name
+    name = _study_name(preset.name if study is None else study)
     runs_dir = Path(runs_root).resolve() / name
     report_dir = Path(reports_root).resolve() / name
     records_dir = report_dir / RECORDS_FOLDER
@@ -205,6 +207,19 @@ def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1 (1 runs one notebook at a time), got {jobs}")
     return Study(name, preset, runs_dir, report_dir, steps, jobs, chosen_seeds, tuple(forced))
+
+
+_STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _study_name(name: str) -> str:
+    """`name` if it is one safe folder name: `runs/<study>` and `reports/<study>` must stay inside
+    --runs-root and --reports-root (`../../escape` once wrote runs and report into one folder
+    outside both; `a b/c` nested folders)."""
+    if not _STUDY_NAME.fullmatch(name):
+        raise ConfigError(f"--study {name!r}: a study name is one folder name under --runs-root and "
+                          f"--reports-root: letters, digits and . _ - (not first), e.g. --study demo-lr0.05")
+    return name
 
 
 def _budget_folders(folders: Sequence[str]) -> list[str]:
