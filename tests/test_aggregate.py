@@ -307,7 +307,8 @@ def test_the_budget_trend_says_where_each_gap_heads_and_crosses() -> None:
 
 
 def test_a_method_beyond_the_paper_is_paired_against_finetuning_and_ccl_and_judged_on_forgetting() -> None:
-    top1 = {"Finetuning": [50.0, 51.0, 52.0], "CCL": [51.0, 52.5, 53.0], "MyMethod": [53.0, 54.0, 55.5]}
+    top1 = {"Finetuning": [50.0, 51.0, 52.0], "CCL": [51.0, 52.5, 53.0], "MyMethod": [53.0, 54.0, 55.5],
+            report.UNTRAINED: [40.0, 41.0, 42.0]}    # a baseline row: neither compared nor judged on forgetting
     table = pd.DataFrame([{"method": m, "seed": s, "linear_top1_student": v, "avg_forgetting": 10.0 - v / 10}
                           for m, values in top1.items() for s, v in enumerate(values)])
     pairs = aggregate.comparison_table(table, variants={})

@@ -32,6 +32,8 @@ from typing import Any, Hashable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from cclnb.study.report import BASELINES
+
 PAPER_ORDER = ("Joint", "CCL", "SimpleReplay", "Finetuning")   # best first, as the paper ranks them
 BASELINE = "Finetuning"                                         # paired differences are against it
 HEADLINE = "linear_top1_student"                                # the metric the verdict reads
@@ -286,7 +288,9 @@ def forgetting_verdicts(per_seed: pd.DataFrame, variants: Mapping[str, str] | No
 
 
 def _methods(per_seed: pd.DataFrame) -> list[str]:
-    return list(dict.fromkeys(per_seed["method"])) if "method" in per_seed.columns else []
+    """The trained methods of the table: the untrained baselines are rows, not methods to compare."""
+    found = per_seed["method"] if "method" in per_seed.columns else []
+    return [m for m in dict.fromkeys(found) if m not in BASELINES]
 
 
 def _variants(variants: Mapping[str, str] | None) -> Mapping[str, str]:
