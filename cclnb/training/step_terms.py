@@ -47,6 +47,7 @@ def ccl_step(config: TrainConfig, images: np.ndarray, targets: np.ndarray, devic
     replace its budget (a step in seconds on a CPU)."""
     cfg = dataclasses.replace(config, method="CCL", **(QUICK if quick else {}))
     trainer = Trainer.from_images(cfg, images, targets, device)
+    cfg = trainer.config                          # resolved: CCL's options with their defaults
     trainer.start_task(0)
     for _ in range(cfg.epochs):
         trainer.run_epoch()
