@@ -203,6 +203,9 @@ CATALOGUE = [
     _row("study: output folder not writable",
          lambda t, r: ["study", "--preset", "demo", "--runs-root", under_a_file(t, r), "--reports-root", str(t / "rep")],
          ConfigError.exit_code, r"output folder .*a_file/out/demo is not writable", r"choose another one with --runs-root"),
+    _row("study: data the preset's dataset ignores", lambda t, r: study_cli(t, "--preset", "demo", "-p", "data=/nonexistent.zip"),
+         ConfigError.exit_code, r"-p data=/nonexistent.zip is not read: the study's dataset is 'demo' \(the embedded shapes",
+         r"add -p dataset=auto \(or zip, imagefolder, cifar10, cifar100\), or drop -p data"),
     _row("study: a name that is not one folder", lambda t, r: study_cli(t, "--preset", "demo", "--study", "../../escape"),
          ConfigError.exit_code, r"--study '\.\./\.\./escape': a study name is one folder name under --runs-root and "
          r"--reports-root", r"letters, digits and \. _ - \(not first\), e\.g\. --study demo-lr0\.05"),

@@ -226,3 +226,18 @@ def test_exited_process_without_an_executed_copy_points_at_its_log(tmp_path: Pat
     assert failure.trace == tmp_path / "task_sequence.log"
     assert str(failure).startswith("[1/3] CCL seed 0: task sequence failed in notebooks/task_sequence.ipynb: "
                                    "stopped before the notebook started")
+
+
+def test_data_the_presets_dataset_ignores_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                     no_steps: None) -> None:
+    """The demo fixes dataset=demo (the embedded shapes), which reads no file: `-p data=/nonexistent.zip`
+    trained the whole study on the shapes (369 s, exit 0) and every record said it used that zip."""
+    code, err = _refused(tmp_path, capsys, "--preset", "demo", "-p", "data=/nonexistent.zip")
+    assert code == ConfigError.exit_code and "Traceback" not in err
+    assert "-p data=/nonexistent.zip is not read: the study's dataset is 'demo'" in err
+    assert "add -p dataset=auto" in err and "or drop -p data" in err
+    # the embedded sets themselves are named by data, and a dataset kind that reads files reads it
+    for ok in (["data=demo-digits"], ["data=demo", "dataset=auto"]):
+        plan = study.plan_study("demo", ok, runs_root=tmp_path / "runs", reports_root=tmp_path / "rep",
+                                methods=["Joint"], seeds=[0], baseline=False)
+        preflight.check_study(plan)

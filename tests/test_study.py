@@ -310,3 +310,25 @@ def test_a_study_name_is_one_safe_folder_name(tmp_path: Path, name: str) -> None
         study.plan_study("demo", runs_root=tmp_path / "runs", reports_root=tmp_path / "rep", study=name)
     assert not (tmp_path / "runs").exists()
     assert study.plan_study("demo", runs_root=tmp_path, study="demo_lr-0.05").name == "demo_lr-0.05"
+
+
+def test_a_record_names_the_data_the_run_read(tmp_path: Path) -> None:
+    """config.json and the record carry the identity of the data actually read (here the embedded
+    shapes' name and version), beside the `data` the config asked for; it is provenance, so it
+    never makes two records incomparable."""
+    import torch
+
+    from cclnb import train
+    from cclnb.study.records import write_record
+    from test_trainer import tiny_config
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = train(tiny_config(tmp_path, "CCL"))
+    finally:
+        torch.set_num_threads(threads)
+    shapes = {"kind": "demo", "name": "demo-shapes", "version": "v2"}
+    assert json.loads((run / "config.json").read_text())["data_identity"] == shapes
+    record = json.loads(write_record(run, tmp_path / "records", "x").read_text())
+    assert record["provenance"]["data_identity"] == shapes and "data_identity" not in record["config"]

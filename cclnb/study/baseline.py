@@ -30,6 +30,7 @@ import torch
 
 from cclnb.config import TrainConfig
 from cclnb.data import open_dataset
+from cclnb.data.fingerprint import data_identity
 from cclnb.errors import ConfigError
 from cclnb.study.report import UNTRAINED, UNTRAINED_BN
 from cclnb.training import dist, runs
@@ -88,7 +89,8 @@ def untrained_run(config: TrainConfig, calibrate_bn: bool = False) -> Path:
         calibrate_batchnorm(model.encoder_q.backbone, eval_inputs(config, train_ds, ids), ctx.device,
                             max(256, config.batch_size), size, config.precision, progress=config.progress)
     method = UNTRAINED_BN if calibrate_bn else UNTRAINED
-    runs.write_config(run_dir, {**config.to_dict(), "method": method}, {"world_size": 1})
+    runs.write_config(run_dir, {**config.to_dict(), "method": method},
+                      {"world_size": 1, "data_identity": data_identity(train_ds)})
     save_checkpoint({"model": model.state_dict(), "seed": config.seed,
                      "config": dataclasses.asdict(config)}, runs.checkpoint_path(run_dir))
     evaluate = task_evaluator(config, train_ds, plan, run_dir, ctx)

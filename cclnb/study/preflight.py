@@ -10,8 +10,8 @@ dropping another machine's results from the report.
 
 So `check_study` builds, in this process, every configuration the pending steps would run, from
 the parameters their notebooks would get, and runs the checks those notebooks (and the untrained
-baseline) would run first: `TrainConfig.validate`, the linear evaluation's flags, the device, the
-records, the output folders, the data and its task split. The first problem is raised as one
+baseline) would run first: `TrainConfig.validate`, a `data` the dataset kind would not read,
+the linear evaluation's flags, the device, the records, the output folders, the data and its task split. The first problem is raised as one
 `CclnbError` naming the `-p` parameter or option to change, with the exit code the reliability
 catalogue lists (docs/reliability.md). Nothing is written: writability is probed with a temporary
 file removed at once. What costs nothing comes first; the data, whose index must be read, last.
@@ -39,6 +39,7 @@ def check_study(study: Study, here: bool = True) -> None:
     device and view of the data say nothing about them; each job checks them on its node."""
     pending = [step for step in study.steps if not step.done]
     configs = _training_configs(pending)
+    _check_ignored_data(configs)
     if here:
         _check_device(configs, pending)
     _check_linear_evals(pending)
@@ -86,6 +87,20 @@ def _training_configs(steps: Sequence[Step]) -> list[tuple[Step, TrainConfig]]:
         built.append((step, config))
     _raise_first(refused, "run")
     return built
+
+
+def _check_ignored_data(configs: Sequence[tuple[Step, TrainConfig]]) -> None:
+    """A `data` the dataset kind never reads: the embedded sets (`dataset=demo`, the demo preset's)
+    read no file, so `-p data=/x.zip` trained the whole study on the shapes while every record
+    named /x.zip."""
+    from cclnb.data.source import DEMO_DATA
+
+    for _, config in configs:
+        if config.dataset == "demo" and config.data not in DEMO_DATA:
+            raise ConfigError(f"-p data={config.data} is not read: the study's dataset is 'demo' (the embedded "
+                              f"shapes, or data=demo-digits), which reads no file; to train on {config.data} add "
+                              f"-p dataset=auto (or zip, imagefolder, cifar10, cifar100), or drop -p data; "
+                              f"{_NOTHING_WRITTEN}")
 
 
 def _check_device(configs: Sequence[tuple[Step, TrainConfig]], steps: Sequence[Step]) -> None:

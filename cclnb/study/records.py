@@ -10,7 +10,7 @@ machines: a record written on one machine and committed (or copied) into
 - `final`: the final evaluation of the student (and teacher) with its protocol settings and curve;
 - `accuracy`: every per-task accuracy matrix (`<protocol>_<who>` -> after_task, columns, values);
 - `train_loss`: one row per (task, epoch): mean losses and lr, median img/s, elapsed time;
-- `throughput` and `provenance` (commit, device, versions, start date).
+- `throughput` and `provenance` (commit, device, versions, start date, the data the run read).
 
 Paths in a record are relative to the *run root*, the folder that holds `<study>/<method>/seed<k>`
 (`runs/` by default): `config.run_dir` reads `tin100-32-cpu-w16/CCL/seed0`, and a dataset outside
@@ -40,7 +40,7 @@ from cclnb.training.runs import write_json
 
 FORMAT = "cclnb-record-v1"
 RECORDS_FOLDER = "runs"            # reports/<study>/runs/
-PROVENANCE_FIELDS = ("git_commit", "versions", "hardware", "started", "world_size")
+PROVENANCE_FIELDS = ("git_commit", "versions", "hardware", "started", "world_size", "data_identity")
 LOSS_MEANS = ("loss", "loss_moco", "loss_extra", "loss_distill", "lr")
 # Keys of a lincls/probe result that are not results: local paths and the full flag dump.
 _FINAL_DROP = ("config", "pretrained")
@@ -160,7 +160,9 @@ def make_record(run: report.Run, study: str) -> dict[str, Any]:
                        "hardware": hardware, "versions": run.config.get("versions") or {},
                        "torch": (run.config.get("versions") or {}).get("torch"),
                        "started": run.config.get("started"),
-                       "world_size": run.config.get("world_size")},
+                       "world_size": run.config.get("world_size"),
+                       # the data the run read (cclnb.data.fingerprint); None: trained before it was kept
+                       "data_identity": run.config.get("data_identity")},
     }
 
 

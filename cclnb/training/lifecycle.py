@@ -20,6 +20,7 @@ import torch
 
 from cclnb.config import TrainConfig
 from cclnb.data import ImageDataset, open_dataset
+from cclnb.data.fingerprint import data_identity
 from cclnb.errors import CheckpointError, ConfigError, Interrupted
 from cclnb.training import dist, runs
 from cclnb.training.checkpoint import load_checkpoint
@@ -94,7 +95,8 @@ def start_run(config: TrainConfig, train_ds: ImageDataset, ctx: dist.DistContext
     if ctx.is_main:
         runs.prepare_run_dir(run_dir)
         if checkpoint is None:
-            runs.write_config(run_dir, config.to_dict(), {"world_size": ctx.world_size})
+            runs.write_config(run_dir, config.to_dict(), {"world_size": ctx.world_size,
+                                                          "data_identity": data_identity(train_ds)})
     dist.barrier(ctx)
     return RunStart(config, run_dir, checkpoint)
 
