@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import cclnb
 from cclnb import study
 from cclnb.commands import cli
 from cclnb.config import TrainConfig
 from cclnb.errors import ConfigError
-from cclnb.study import console, records, status
+from cclnb.study import console, explore, records, status
 from cclnb.training import events, runs
 
 from conftest import study_cli
@@ -104,13 +105,19 @@ def _write_rows(run_dir: Path, rows: list[dict[str, str]]) -> None:
 @pytest.fixture(scope="module")
 def demo_study(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """runs/demo of a study of 4 methods over seeds 0-1: Finetuning seed 0 trained for real and
-    recorded; the others fabricated in every state."""
+    recorded (one thread: a second one only contends on a shared CPU); the others fabricated in
+    every state."""
     tmp = tmp_path_factory.mktemp("study")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     plan = study.plan_study("demo", runs_root=tmp / "runs", reports_root=tmp / "reports", methods=METHODS,
                             seeds=[0, 1], baseline=False)
     run_of = {(p.method, p.seed): p for p in status.plan_pairs(plan)}
     done = run_of[("Finetuning", 0)]
-    cclnb.train(_tiny(done.run_dir))
+    try:
+        cclnb.train(_tiny(done.run_dir))
+    finally:
+        torch.set_num_threads(threads)
     records.write_record(done.run_dir, plan.records_dir, plan.name)
     # the record 30 s after the training's end, which is 100 s after the notebook started
     real_end = time.time() - 600
@@ -135,6 +142,8 @@ def demo_study(tmp_path_factory: pytest.TempPathFactory) -> dict:
     runs.write_status(failed, "failed", error="TrainingDiverged: the loss became nan at task 1, epoch 0, step 3")
     stopped = run_of[("SimpleReplay", 0)].run_dir
     shutil.copytree(running, stopped)
+    for method, run_dir in (("CCL", failed), ("SimpleReplay", stopped)):
+        runs.write_json(run_dir / "config.json", {**runs.read_json(run_dir / "config.json"), "method": method})
     _age(stopped, 3600)
     return {"plan": plan, "tmp": tmp, "pairs": run_of, "rows": rows, "half": half}
 
@@ -221,6 +230,30 @@ def test_tensorboard_is_asked_for_only_when_enabled(tmp_path: Path, monkeypatch:
     with pytest.raises(ConfigError, match=r"pip install 'cclnb\[tensorboard\]'"):
         runs.TrainLog(tmp_path, tensorboard=True)
     runs.TrainLog(tmp_path, tensorboard=False)         # never looks for it
+
+
+def test_explore_plots_a_running_study_from_its_csvs(demo_study: dict, tmp_path: Path) -> None:
+    found = explore.pick_study(demo_study["tmp"] / "runs", "demo")
+    log, accuracy = explore.study_curves(found)
+    assert set(log["run"]) == {"Finetuning/seed0", "Finetuning/seed1", "CCL/seed0", "SimpleReplay/seed0"}
+    real = log[log["run"] == "Finetuning/seed0"]
+    # one row per epoch: its closing row (the epoch's mean), 2 tasks x 2 epochs
+    closing = {(int(r["task"]), int(r["epoch"])): float(r["loss_moco"]) for r in demo_study["rows"]}
+    assert list(zip(real["task"], real["epoch"])) == sorted(closing)
+    assert real["loss_moco"].tolist() == pytest.approx([closing[k] for k in sorted(closing)], rel=1e-5)
+    assert accuracy[accuracy["run"] == "Finetuning/seed0"]["after_task"].tolist() == [0, 1]
+    # the running run has trained half: its epochs of the first task only
+    assert log[log["run"] == "Finetuning/seed1"]["task"].tolist() == [0, 0]
+    fig = explore.curves_figure(found)
+    loss_ax, accuracy_ax, _ = fig.axes
+    assert len(loss_ax.lines) == 4 and len(accuracy_ax.lines) == 4
+    assert {t.get_text().split(" (")[0] for t in loss_ax.get_legend().get_texts()} == {"Finetuning", "CCL", "SimpleReplay"}
+    assert "4 of 4 runs have trained" in fig.get_suptitle()
+    # a study whose runs have not logged a row yet: empty axes, and the title says why
+    fresh = tmp_path / "runs" / "fresh" / "CCL" / "seed0"
+    fresh.mkdir(parents=True)
+    (fresh / "config.json").write_text(json.dumps({"method": "CCL", "seed": 0, "eval_each_task": "knn"}))
+    assert "no run has logged a training row yet" in explore.curves_figure(explore.pick_study(tmp_path / "runs")).get_suptitle()
 
 
 # ----------------------------------------------------------------------------- the live console

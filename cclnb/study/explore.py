@@ -18,9 +18,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import seaborn as sns
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from sklearn.decomposition import PCA
 
 from cclnb.config import TrainConfig
@@ -420,3 +422,69 @@ def _keeps_teacher(config: dict) -> bool:
         return registry.method_class(str(config.get("method"))).keeps_teacher
     except CclnbError:
         return False
+
+
+# ----------------------------------------------------------------------------- a running study's curves
+def _read_csv(path: Path) -> pd.DataFrame:
+    """A CSV a running run may be appending to: a torn last line is skipped, an absent file is empty."""
+    try:
+        return pd.read_csv(path, on_bad_lines="skip")
+    except (OSError, pd.errors.EmptyDataError):
+        return pd.DataFrame()
+
+
+def study_curves(study: StudyRuns, protocol: str = "knn") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every run's training log (one row per epoch: the epoch's mean once it ended, its newest row
+    while it runs) and its per-task `protocol` accuracy of the student after each task, as far as
+    the files are written now; both with the run's `run` label, `method` and `seed`."""
+    logs, accuracies = [], []
+    for label, run_dir in study.dirs.items():
+        config = study.configs[label]
+        who = {"run": label, "method": config.get("method"), "seed": config.get("seed")}
+        log = _read_csv(run_dir / "train_log.csv")
+        if not log.empty and {"task", "epoch", "global_step"} <= set(log.columns):
+            logs.append(log.groupby(["task", "epoch"], as_index=False).last().assign(**who))
+        accuracy = _read_csv(runs.accuracy_path(run_dir, protocol, "student"))
+        if not accuracy.empty and "after_task" in accuracy.columns:
+            accuracies.append(accuracy.assign(**who))
+    return (pd.concat(logs, ignore_index=True) if logs else pd.DataFrame(),
+            pd.concat(accuracies, ignore_index=True) if accuracies else pd.DataFrame())
+
+
+def curves_figure(study: StudyRuns, protocol: str | None = None) -> Figure:
+    """A study's curves while it trains, from its CSV files: the MoCo loss and img/s per epoch
+    against the training step, and the per-task `protocol` accuracy (default: the one the runs
+    measure, kNN when both) on all classes after each task; one line per run, a colour per
+    method. Call it again to see the newest epochs; before any has ended, the axes are empty and
+    the title says so."""
+    measured = next(iter(study.configs.values()), {}).get("eval_each_task", "knn")
+    protocol = protocol or ("probe" if measured == "probe" else "knn")
+    log, accuracy = study_curves(study, protocol)
+    methods = list(dict.fromkeys(log["method"])) if not log.empty else []
+    colours = dict(zip(methods, sns.color_palette("deep", len(methods))))
+    fig = Figure(figsize=(15, 3.8), layout="constrained")
+    loss_ax, accuracy_ax, speed_ax = fig.subplots(1, 3)
+    for _, rows in (log.groupby("run", sort=False) if not log.empty else []):
+        method = rows["method"].iloc[0]
+        loss_ax.plot(rows["global_step"], rows["loss_moco"], color=colours[method], lw=1.2, alpha=0.85)
+        speed = rows[rows["img_per_s"] > 0]
+        speed_ax.plot(speed["global_step"], speed["img_per_s"], color=colours[method], lw=1, alpha=0.85)
+    for _, rows in (accuracy.groupby("run", sort=False) if not accuracy.empty else []):
+        accuracy_ax.plot(rows["after_task"], rows["all"], "-o", ms=3, color=colours.get(rows["method"].iloc[0]),
+                         lw=1.2, alpha=0.85)
+    for ax, title, x, y in ((loss_ax, "MoCo loss (epoch mean)", "step", "loss"),
+                            (accuracy_ax, f"{protocol} accuracy of the student, all classes", "after task", "%"),
+                            (speed_ax, "throughput", "step", "img/s")):
+        ax.set_title(title)
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+    if log.empty:
+        fig.suptitle(f"Study {study.name!r}: no run has logged a training row yet; run this again once "
+                     f"its first epoch has passed")
+        return fig
+    loss_ax.legend(handles=[Line2D([], [], color=colours[m], label=f"{m} ({log[log['method'] == m]['run'].nunique()} "
+                                   f"runs)") for m in methods], fontsize=7)
+    fig.suptitle(f"Study {study.name!r} as its files say now: {log['run'].nunique()} of {len(study.dirs)} runs "
+                 f"have trained (one line per run)")
+    return fig
