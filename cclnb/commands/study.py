@@ -86,5 +86,5 @@ def show_status(args: argparse.Namespace) -> int:
         from cclnb.launch.watch import job_states
 
         jobs = job_states(study.runs_dir)
-    print(status.table(status.study_status(study, jobs, status.study_liveness(study.runs_dir))))
+    print(status.table(status.study_status(study, jobs)))
     return 0

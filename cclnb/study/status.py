@@ -145,8 +145,10 @@ class JobInfo:
 
 @dataclass(frozen=True)
 class Liveness:
-    """Whether the study's own process runs (None: no way to tell; then file ages decide) and
-    since when (seconds since the epoch): a run whose files changed after that is one it runs."""
+    """Whether the study's own process runs and since when (seconds since the epoch): a run whose
+    files changed after that is one it runs, an older one a leftover that it resumes in turn. The
+    running study's console knows (alive since it started); `--status` in another terminal has
+    nothing to ask yet (alive None), so there a run's file ages decide (`STALE_S`)."""
 
     alive: bool | None = None
     since: float | None = None
@@ -559,9 +561,3 @@ def table(status: StudyStatus, now: float | None = None) -> str:
         text.append(f"study ends in about {duration(status.eta_s)} (at {end}, --jobs {status.jobs}{report})")
     text += [f"note: {note}" for note in status.notes]
     return "\n".join(text)
-
-
-
-def study_liveness(runs_dir: Path) -> Liveness:
-    """Whether a `cclnb study` process runs the study in `runs_dir` now, and since when."""
-    return Liveness()
