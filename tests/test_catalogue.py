@@ -99,6 +99,16 @@ def under_a_file(tmp: Path, run: Path) -> str:
     return str(blocker / "out")
 
 
+def finished_study(tmp: Path, *argv: str) -> list[str]:
+    """`cclnb study --preset demo --methods Joint --seeds 0 ARGV` over a finished study of those
+    runs (written as the trainer leaves them, `test_rerun.finish`)."""
+    from cclnb import study
+    from test_rerun import finish
+
+    finish(study.plan_study("demo", runs_root=tmp / "runs", reports_root=tmp / "reports", methods=["Joint"], seeds=[0]))
+    return study_cli(tmp, "--preset", "demo", "--methods", "Joint", "--seeds", "0", *argv)
+
+
 def run_copy_with(last_pt: Callable[[Path, Path], None]) -> Callable[[Path, Path], str]:
     """A copy of the finished run's small files, marked interrupted (so --resume would continue),
     whose checkpoints/last.pt is written by `last_pt(path, the finished run's last.pt)`."""
@@ -206,6 +216,11 @@ CATALOGUE = [
     _row("study: data the preset's dataset ignores", lambda t, r: study_cli(t, "--preset", "demo", "-p", "data=/nonexistent.zip"),
          ConfigError.exit_code, r"-p data=/nonexistent.zip is not read: the study's dataset is 'demo' \(the embedded shapes",
          r"add -p dataset=auto \(or zip, imagefolder, cifar10, cifar100\), or drop -p data"),
+    _row("study: a rerun with other parameters", lambda t, r: finished_study(t, "-p", "lr=0.05"),
+         ConfigError.exit_code, r"3 finished runs of study 'demo' were made with other parameters than this command's: "
+         r"Joint seed 0, untrained seed 0, untrained-bn seed 0: lr: they have 0.1, this command 0.05\. Nothing was run",
+         r"give this command's runs another --study NAME; to replace them, add --rerun-changed \(the old runs and "
+         r"their records move to .*runs/demo/\.replaced\)"),
     _row("study: a name that is not one folder", lambda t, r: study_cli(t, "--preset", "demo", "--study", "../../escape"),
          ConfigError.exit_code, r"--study '\.\./\.\./escape': a study name is one folder name under --runs-root and "
          r"--reports-root", r"letters, digits and \. _ - \(not first\), e\.g\. --study demo-lr0\.05"),

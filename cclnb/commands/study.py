@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from cclnb.errors import ConfigError
 from cclnb.launch import options as launch_options
 
 
@@ -46,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="delete the selected methods' runs (for the selected seeds) and train "
                              "them again")
+    parser.add_argument("--rerun-changed", action="store_true",
+                        help="finished runs made with other parameters than this command's are run again "
+                             "with this command's, their old runs and records moved to runs/<study>/.replaced/ "
+                             "(without it the study stops and names the differences)")
     parser.add_argument("--jobs", type=int, metavar="N",
                         help="how many (method, seed) runs proceed at once, each notebook in its own "
                              "process (default: the preset's; 1 = one notebook at a time, output here)")
@@ -64,12 +69,16 @@ def run(args: argparse.Namespace) -> int:
     if args.status:
         return show_status(args)
     if args.launcher != "local":
+        if args.rerun_changed:
+            raise ConfigError(f"--rerun-changed compares and moves runs of a study run here; with --launcher "
+                              f"{args.launcher} use another --study NAME (or --force) instead")
         return launch_options.run(args)
     launch_options.refuse_cluster_options(args)
     study = plan_study(args.preset, args.param, runs_root=args.runs_root,
                        reports_root=args.reports_root, methods=args.methods, study=args.study,
                        force=args.force, jobs=args.jobs, seeds=args.seeds,
-                       baseline=args.baseline, records=args.records, report_only=args.report_only)
+                       baseline=args.baseline, records=args.records, report_only=args.report_only,
+                       rerun_changed=args.rerun_changed)
     run_study(study)
     return 0
 

@@ -54,6 +54,7 @@ class Study:
     jobs: int
     seeds: tuple[int, ...] = (0,)
     forced: tuple[Path, ...] = ()    # run directories --force deletes once the pre-flight has passed
+    rerun_changed: bool = False      # finished runs made with other parameters: run afresh, not refused (study.rerun)
 
     @property
     def threads(self) -> int:
@@ -144,7 +145,7 @@ def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root
                study: str | None = None, force: bool = False, jobs: int | None = None,
                seeds: Sequence[int] | None = None, baseline: bool = True,
                records: Sequence[str | Path] = (), report_only: bool = False,
-               notebooks_dir: str | Path | None = None) -> Study:
+               notebooks_dir: str | Path | None = None, rerun_changed: bool = False) -> Study:
     """Resolve the preset and `-p` overrides into the ordered steps (nothing runs yet).
 
     Seed by seed (so an interrupted study leaves whole seeds): every method's task sequence in
@@ -156,6 +157,8 @@ def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root
     deletes them once its pre-flight has passed (planning changes nothing on disk).
     `report_only` plans only the report (records from other machines, nothing to train).
     `jobs` (default: the preset's) is how many (method, seed) runs proceed at once.
+    `rerun_changed`: `run_study` runs afresh, instead of refusing, the finished runs made with
+    other parameters than these (`cclnb.study.rerun`).
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
     specs = {nb: notebook_parameters(notebook_path(nb, notebooks_dir)) for nb in NOTEBOOKS}
@@ -206,7 +209,7 @@ def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root
     jobs = preset.jobs if jobs is None else jobs
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1 (1 runs one notebook at a time), got {jobs}")
-    return Study(name, preset, runs_dir, report_dir, steps, jobs, chosen_seeds, tuple(forced))
+    return Study(name, preset, runs_dir, report_dir, steps, jobs, chosen_seeds, tuple(forced), rerun_changed)
 
 
 _STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -267,6 +267,18 @@ def _run_pending(pending: list[tuple[int, Step]], study: Study, notebooks_dir: s
         log(f"[{index}/{total}] {step.label}: done in {time.monotonic() - tic:.0f} s")
 
 
+def _make_way(study: Study, changed: dict[str, list[str]], log: Callable[[str], None]) -> None:
+    """Once the pre-flight has passed: --force deletes the runs it names, --rerun-changed moves
+    the changed ones and their records aside."""
+    from cclnb.study.rerun import move_aside
+    from cclnb.training.runs import timestamp
+
+    for run_dir in study.forced:
+        shutil.rmtree(run_dir)
+    for aside in move_aside(study, changed, timestamp()):
+        log(f"--rerun-changed: the old run and its record moved to {aside}")
+
+
 def run_study(study: Study, notebooks_dir: str | Path | None = None,
               log: Callable[[str], None] = print) -> Path:
     """Execute the plan's pending steps and render the report; returns index.html.
@@ -274,16 +286,19 @@ def run_study(study: Study, notebooks_dir: str | Path | None = None,
     With `study.jobs` > 1, up to that many (method, seed) runs proceed at once, each notebook
     in its own papermill process (output in `<notebook>.log` beside its executed copy); else
     every step runs in this process, in order, its output streamed here. The report comes last.
-    First the pre-flight (`cclnb.study.preflight`) checks everything knowable before a step starts, and
-    only then does --force delete the runs it names. A failure raises StudyStepFailed naming the
+    First finished runs are compared with what the command would run (`cclnb.study.rerun`: a
+    difference is refused, or with --rerun-changed run afresh), then the pre-flight
+    (`cclnb.study.preflight`) checks everything knowable before a step starts, and only then does
+    --force delete the runs it names (--rerun-changed move its own aside). A failure raises StudyStepFailed naming the
     step and the file with its traceback (after the concurrent runs have finished; several failures
     are grouped by cause and listed in `runs/<study>/failures.log`).
     """
     from cclnb.study.preflight import check_study
+    from cclnb.study.rerun import compared
 
+    study, changed = compared(study)
     check_study(study)
-    for run_dir in study.forced:
-        shutil.rmtree(run_dir)
+    _make_way(study, changed, log)
     failures_log = study.runs_dir / "failures.log"
     total = len(study.steps)
     numbered = list(enumerate(study.steps, start=1))
