@@ -73,6 +73,22 @@ def test_the_study_end_replays_the_scheduler() -> None:
     assert status.makespan([], [], 3) == 0
 
 
+def test_a_study_with_nothing_finished_projects_its_running_runs(tmp_path: Path) -> None:
+    """Before any (method, seed) has finished, one not started takes what a running one of another
+    method is projected to take (elapsed + left), scaled by the methods' costs; an untrained
+    baseline only evaluates, so it takes the measured evaluations, and nothing before any."""
+    def pair(method: str) -> status.Pair:
+        return status.Pair(method, 0, tmp_path, tmp_path / f"{method}-seed0.json", study.expected_cost(method), 1)
+
+    running = [status.PairStatus("CCL", 0, status.RUNNING, elapsed_s=100.0, eta_s=70.0)]
+    nothing = status._Estimates({}, None)
+    assert nothing.whole(pair("Finetuning"), running) == pytest.approx(170 / study.expected_cost("CCL"))
+    assert nothing.whole(pair("CCL"), running) == 170.0
+    assert nothing.whole(pair("Finetuning")) is None and nothing.whole(pair("untrained"), running) is None
+    evaluated = status._Estimates({"CCL": status._Measured(post_per_encoder=[6.0])}, None)
+    assert evaluated.whole(pair("untrained"), running) == 6.0
+
+
 def test_durations_read_as_a_person_says_them() -> None:
     assert [status.duration(s) for s in (None, 12, 245, 7980, 97200)] == \
         ["?", "12 s", "4 min 05 s", "2 h 13 min", "1 d 3 h"]
@@ -272,7 +288,7 @@ def test_live_lines_redraw_on_a_terminal_and_print_once_per_epoch_otherwise(demo
         live.log("[3/9] CCL seed 1: task sequence ...")
         live.show({"Finetuning seed 1": step})
     text = screen.getvalue()
-    assert text.count("Finetuning seed 1: task") == 3       # drawn, redrawn under the log line, redrawn
+    assert text.count("Finetuning seed 1: task") == 2       # drawn, redrawn under the log line; unchanged: kept
     assert "\x1b[2F\x1b[J" in text and "study: 1/8 done, ends in about" in text
 
 

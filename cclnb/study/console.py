@@ -56,9 +56,11 @@ class LiveLines:
         self._next = now + self.refresh_s
         rows = self._rows(running, now)
         if self.tty:
-            self._clear()
-            self._lines = [line for _, _, line in rows]
-            self._draw()
+            lines = [line for _, _, line in rows]
+            if lines != self._lines or not self._drawn:     # redraw only what changed
+                self._clear()
+                self._lines = lines
+                self._draw()
             return
         for group, position, line in rows:
             if group and self._said.get(group) != position:

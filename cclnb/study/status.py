@@ -390,21 +390,27 @@ class _Estimates:
         profiles = self.measured.get(method, _Measured()).profiles
         return profiles[-1] if profiles else None
 
-    def whole(self, method: str, rows: Sequence[PairStatus] = ()) -> float | None:
-        """A (method, seed) from its start: the method's finished duration, else a running one's
-        elapsed + left, else every other method's finished duration scaled by the costs."""
-        own = _mean(self.measured.get(method, _Measured()).durations)
-        if own is not None:
-            return own
-        projected = [r.elapsed_s + r.eta_s for r in rows if r.method == method and r.state == RUNNING
-                     and r.elapsed_s is not None and r.eta_s is not None]
-        if projected:
-            return _mean(projected)
-        if method in BASELINES:       # seconds, whatever the others took
-            return _mean([d for other in BASELINES for d in self.measured.get(other, _Measured()).durations])
-        scaled = [_mean(m.durations) * expected_cost(method) / expected_cost(other)
-                  for other, m in self.measured.items() if m.durations and other not in BASELINES]
-        return _mean(scaled)
+    def whole(self, pair: Pair, rows: Sequence[PairStatus] = ()) -> float | None:
+        """A (method, seed) from its start: what finished ones of its method took; else a running
+        one's elapsed + time left; else what the other methods took (or, running, are projected to
+        take) scaled by the methods' costs. An untrained baseline only evaluates: the baselines'
+        measured time, else its evaluations at what the trained encoders' took. None: nothing yet."""
+        durations = {m: _mean(v.durations) for m, v in self.measured.items() if v.durations}
+        projected: dict[str, list[float]] = {}
+        for r in rows:
+            if r.state == RUNNING and r.elapsed_s is not None and r.eta_s is not None:
+                projected.setdefault(r.method, []).append(r.elapsed_s + r.eta_s)
+        for other, values in projected.items():
+            durations.setdefault(other, _mean(values))
+        if pair.method in durations:
+            return durations[pair.method]
+        if pair.method in BASELINES:
+            measured = [d for other, d in durations.items() if other in BASELINES]
+            if measured:
+                return _mean(measured)
+            return self.post(pair) if any(m.post_per_encoder for m in self.measured.values()) else None
+        return _mean([d * expected_cost(pair.method) / expected_cost(other) for other, d in durations.items()
+                      if other not in BASELINES and expected_cost(other) > 0])
 
 
 # ----------------------------------------------------------------------------- the study
@@ -431,9 +437,9 @@ def study_status(study: Study, jobs: Mapping[str, JobInfo] | None = None, livene
     estimates = _Estimates(_measure([(p, run) for p, run in pairs if p.record.is_file()]),
                            max(budgets) if budgets else None)
     rows = [pair_status(pair, run, jobs.get(pair.record.stem), liveness, now, estimates) for pair, run in pairs]
-    for row in rows:      # not started: what finished ones took (running ones' projections are known now)
+    for (pair, _), row in zip(pairs, rows):   # not started: what others took (running ones' projections known now)
         if row.state == QUEUED and row.eta_s is None:
-            row.eta_s = estimates.whole(row.method, rows)
+            row.eta_s = estimates.whole(pair, rows)
     running = [row.eta_s for row in rows if row.state == RUNNING]
     waiting = sorted((row for row in rows if row.state in (QUEUED, PREEMPTED)), key=lambda r: -r.cost)
     report_s = _papermill_duration(study.steps[-1].output)
@@ -488,7 +494,7 @@ def pair_status(pair: Pair, run: RunFiles, job: JobInfo | None, liveness: Livene
         left = training_left_s(profile, run.steps(estimates.growth_hint), estimates.reference(pair.method))
         row.eta_s = None if left is None else left + post
     else:                    # its notebook is starting: a whole run, less what has passed
-        whole = estimates.whole(pair.method)
+        whole = estimates.whole(pair)
         row.eta_s = None if whole is None else max(0.0, whole - (now - (run.launched or now)))
     log = next((p for p in (run.path / "task_sequence.log", run.path / "train.log") if p.is_file()), run.path)
     if active:
