@@ -48,3 +48,9 @@ class Interrupted(CclnbError):
     """SIGTERM/SIGINT arrived; a checkpoint was written and the run can be resumed."""
 
     exit_code = 130
+
+
+class StudyBusy(CclnbError):
+    """Another `cclnb study` runs the same study (runs root + name) now; nothing was run."""
+
+    exit_code = 8

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from cclnb.commands import cli
-from cclnb.errors import CheckpointError, ConfigError, DataError
+from cclnb.errors import CheckpointError, ConfigError, DataError, StudyBusy
 from conftest import study_cli, write_image_folder
 from test_slurm import fake_slurm
 
@@ -107,6 +107,27 @@ def finished_study(tmp: Path, *argv: str) -> list[str]:
 
     finish(study.plan_study("demo", runs_root=tmp / "runs", reports_root=tmp / "reports", methods=["Joint"], seeds=[0]))
     return study_cli(tmp, "--preset", "demo", "--methods", "Joint", "--seeds", "0", *argv)
+
+
+_HELD: list = []   # study locks held by this process for the rows that need a running study
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_held_locks():
+    yield
+    while _HELD:
+        _HELD.pop().__exit__(None, None, None)
+
+
+def running_study(tmp: Path, *argv: str) -> list[str]:
+    """`cclnb study --preset demo ARGV` while this process holds the study's lock, as a running
+    `cclnb study` of it does."""
+    from cclnb.study.lock import study_lock
+
+    held = study_lock(tmp / "runs" / "demo", lambda line: None)
+    held.__enter__()
+    _HELD.append(held)
+    return study_cli(tmp, "--preset", "demo", *argv)
 
 
 def run_copy_with(last_pt: Callable[[Path, Path], None]) -> Callable[[Path, Path], str]:
@@ -221,6 +242,9 @@ CATALOGUE = [
          r"Joint seed 0, untrained seed 0, untrained-bn seed 0: lr: they have 0.1, this command 0.05\. Nothing was run",
          r"give this command's runs another --study NAME; to replace them, add --rerun-changed \(the old runs and "
          r"their records move to .*runs/demo/\.replaced\)"),
+    _row("study: a second command on a running study", lambda t, r: running_study(t, "--methods", "Joint", "--seeds", "0"),
+         StudyBusy.exit_code, r"study 'demo' is running: PID \d+ on host \S+ \(started .*\) holds .*runs/demo/study\.lock",
+         r"wait for it to end, or stop it first \(cclnb study \.\.\. --status shows where it stands\); nothing was run"),
     _row("study: a name that is not one folder", lambda t, r: study_cli(t, "--preset", "demo", "--study", "../../escape"),
          ConfigError.exit_code, r"--study '\.\./\.\./escape': a study name is one folder name under --runs-root and "
          r"--reports-root", r"letters, digits and \. _ - \(not first\), e\.g\. --study demo-lr0\.05"),

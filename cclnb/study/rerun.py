@@ -160,4 +160,3 @@ def move_aside(study: Study, groups: Mapping[str, Any], stamp: str) -> list[Path
             shutil.move(str(record), str(aside / "record.json"))
         moved.append(aside)
     return moved
-

@@ -288,27 +288,30 @@ def run_study(study: Study, notebooks_dir: str | Path | None = None,
     every step runs in this process, in order, its output streamed here. The report comes last.
     First finished runs are compared with what the command would run (`cclnb.study.rerun`: a
     difference is refused, or with --rerun-changed run afresh), then the pre-flight
-    (`cclnb.study.preflight`) checks everything knowable before a step starts, and only then does
-    --force delete the runs it names (--rerun-changed move its own aside). A failure raises StudyStepFailed naming the
+    (`cclnb.study.preflight`) checks everything knowable before a step starts; only then, under the
+    study's lock (`cclnb.study.lock`: a second command on a running study refuses), does --force
+    delete the runs it names (--rerun-changed move its own aside). A failure raises StudyStepFailed naming the
     step and the file with its traceback (after the concurrent runs have finished; several failures
     are grouped by cause and listed in `runs/<study>/failures.log`).
     """
     from cclnb.study.preflight import check_study
+    from cclnb.study.lock import study_lock
     from cclnb.study.rerun import compared
 
     study, changed = compared(study)
     check_study(study)
-    _make_way(study, changed, log)
-    failures_log = study.runs_dir / "failures.log"
-    total = len(study.steps)
-    numbered = list(enumerate(study.steps, start=1))
-    started = time.monotonic()
-    for index, step in numbered:
-        if step.done:
-            log(f"[{index}/{total}] {step.label}: already complete, skipped ({step.output.parent})")
-    pending = [(i, s) for i, s in numbered if not s.done]
-    with pinned_threads(study.preset.threads):
-        _run_pending(pending, study, notebooks_dir, log, total, failures_log)
-    html = render_html(study.steps[-1].output, study.html)
-    log(f"study {study.name!r} finished in {time.monotonic() - started:.0f} s; report: {html}")
-    return html
+    with study_lock(study.runs_dir, log):   # one command per study (cclnb.study.lock)
+        _make_way(study, changed, log)
+        failures_log = study.runs_dir / "failures.log"
+        total = len(study.steps)
+        numbered = list(enumerate(study.steps, start=1))
+        started = time.monotonic()
+        for index, step in numbered:
+            if step.done:
+                log(f"[{index}/{total}] {step.label}: already complete, skipped ({step.output.parent})")
+        pending = [(i, s) for i, s in numbered if not s.done]
+        with pinned_threads(study.preset.threads):
+            _run_pending(pending, study, notebooks_dir, log, total, failures_log)
+        html = render_html(study.steps[-1].output, study.html)
+        log(f"study {study.name!r} finished in {time.monotonic() - started:.0f} s; report: {html}")
+        return html
