@@ -15,6 +15,7 @@ import torch
 from cclnb.commands.cli import main
 from cclnb.config import TrainConfig
 from cclnb.errors import ConfigError, Interrupted
+from cclnb.study.records import write_record
 from cclnb.training.loop import _loss_sums
 from cclnb.training.methods import registry
 from test_trainer import load_ckpt, one_thread  # noqa: F401  (fixture re-used)
@@ -86,6 +87,8 @@ def test_a_method_from_a_file_trains_its_module_under_its_option_and_logs_its_te
     assert len(last["optimizer"]["param_groups"]) == 2          # the encoder, then the head
     assert not torch.equal(first["method_modules"]["head"]["weight"], last["method_modules"]["head"]["weight"])
     assert "trainable parameters: encoder" in (run / "train.log").read_text()
+    record = json.loads(write_record(run, tmp_path / "records", "plugin").read_text())
+    assert record["train_loss"]["columns"][3:6] == ["loss", "loss_moco", "loss_head"]   # its term, by name
 
 
 def test_a_method_from_a_file_resumes_bit_identically(tmp_path, plugin, monkeypatch, one_thread):

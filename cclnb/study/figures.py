@@ -122,8 +122,9 @@ def _task_starts(log: pd.DataFrame) -> list[int]:
 
 
 def plot_loss_curves(runs: Sequence[Run], smooth: int = 5) -> Figure:
-    """Training loss per method (total and its MoCo / extra-queue / distillation parts; the mean
-    over seeds at each logged step), task boundaries dashed, smoothed by a rolling mean over
+    """Training loss per method (total, MoCo and each term the method logs under its own name:
+    CCL's extra queue and distillation, CaSSLe's distillation, ...; the mean over seeds at each
+    logged step), task boundaries dashed, smoothed by a rolling mean over
     `smooth` logged points, and the chance level ln(K+1) of the MoCo loss as a red dotted line:
     a MoCo loss that stays at that line means the encoder learned nothing."""
     groups = [(label, members) for label, members in group_runs(runs)
@@ -131,12 +132,10 @@ def plot_loss_curves(runs: Sequence[Run], smooth: int = 5) -> Figure:
     if not groups:
         raise DataError("none of the runs has a train_log.csv with rows yet")
     fig, axes = _panel_grid(len(groups))
-    parts = [("loss", "total"), ("loss_moco", "MoCo"), ("loss_extra", "extra queue"),
-             ("loss_distill", "distillation")]
     for (label, members), ax in zip(groups, axes):
         log = (pd.concat([r.train_log for r in members if not r.train_log.empty])
                .groupby("global_step", as_index=False).mean(numeric_only=True))
-        for column, name in parts:
+        for column, name in loss_parts(log.columns):
             if column in log and log[column].notna().any() and (column == "loss" or log[column].abs().sum() > 0):
                 ax.plot(log["global_step"], log[column].rolling(smooth, min_periods=1).mean(),
                         label=name, lw=1.2)
@@ -152,6 +151,17 @@ def plot_loss_curves(runs: Sequence[Run], smooth: int = 5) -> Figure:
         ax.legend(fontsize=7)
     fig.suptitle("Training loss (red dotted: ln(K+1), what a MoCo loss that learns nothing stays at)")
     return fig
+
+
+# How the report names the loss columns CCL logs; any other `loss_<term>` is shown as its term.
+LOSS_NAMES = {"loss": "total", "loss_moco": "MoCo", "loss_extra": "extra queue", "loss_distill": "distillation"}
+
+
+def loss_parts(columns: Sequence[str]) -> list[tuple[str, str]]:
+    """(column, legend name) of every loss column of a train log: the total, MoCo's, then each
+    term the method declared (`Method.loss_terms`), in the log's order."""
+    return [(c, LOSS_NAMES.get(c, c.removeprefix("loss_"))) for c in columns
+            if c == "loss" or c.startswith("loss_")]
 
 
 def plot_throughput(runs: Sequence[Run]) -> Figure:

@@ -34,7 +34,6 @@ from cclnb.training.runs import write_json
 FORMAT = "cclnb-record-v1"
 RECORDS_FOLDER = "runs"            # reports/<study>/runs/
 PROVENANCE_FIELDS = ("git_commit", "versions", "hardware", "started", "world_size")
-LOSS_MEANS = ("loss", "loss_moco", "loss_extra", "loss_distill", "lr")
 # Keys of a lincls/probe result that are not results: local paths and the full flag dump.
 _FINAL_DROP = ("config", "pretrained")
 _FINAL_SETTINGS = ("lr", "batch_size", "schedule", "precision", "subset_per_class", "momentum", "wd")
@@ -76,14 +75,16 @@ class Record:
 def _train_loss_summary(log: pd.DataFrame) -> pd.DataFrame:
     """One row per (task, epoch) of a train_log.csv: the mean of the logged losses and lr, the
     median img/s, the last global step and elapsed time."""
+    # the loss columns the run logged (total, MoCo, the method's terms) and the lr
+    means = [c for c in log.columns if c == "loss" or c.startswith("loss_")] + ["lr"]
     if log.empty:
-        return pd.DataFrame(columns=["task", "epoch", "global_step", *LOSS_MEANS, "img_per_s", "time_s"])
+        return pd.DataFrame(columns=["task", "epoch", "global_step", *means, "img_per_s", "time_s"])
     grouped = log.groupby(["task", "epoch"], sort=True)
-    summary = grouped[list(LOSS_MEANS)].mean()
+    summary = grouped[means].mean()
     summary["global_step"] = grouped["global_step"].max()
     summary["img_per_s"] = grouped["img_per_s"].median()
     summary["time_s"] = grouped["time_s"].max()
-    return summary.reset_index()[["task", "epoch", "global_step", *LOSS_MEANS, "img_per_s", "time_s"]]
+    return summary.reset_index()[["task", "epoch", "global_step", *means, "img_per_s", "time_s"]]
 
 
 def _final(result: dict[str, Any]) -> dict[str, Any]:
