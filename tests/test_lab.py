@@ -196,3 +196,35 @@ def test_explore_notebook_runs_in_jupyterlab(browser, lab: tuple[str, str, Path]
     assert browser.save_screenshot(str(shot)), "the browser could not save a screenshot"
     if os.environ.get("CCLNB_LAB_SCREENSHOT"):
         shutil.copyfile(shot, os.environ["CCLNB_LAB_SCREENSHOT"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_gallery_opens_in_the_browser_and_links_every_study(browser) -> None:
+    """reports/index.html as a reader opens it: one row per committed study, every link reaching a
+    report page that exists, the budget axis drawn; the main study's page opens with its figure
+    above the verdict and says what it shows and cannot show."""
+    from urllib.parse import unquote, urlparse
+
+    from selenium.webdriver.common.by import By
+
+    reports = REPO / "reports"
+    studies = {p.parent.parent.name for p in reports.glob("*/runs/*-seed*.json")}
+    browser.get((reports / "index.html").as_uri())
+    rows = browser.find_elements(By.CSS_SELECTOR, "#studies tbody tr")
+    assert len(rows) == len(studies) > 0
+    links = [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "#studies a")]
+    assert sorted(Path(unquote(urlparse(h).path)).parent.name for h in links) == sorted(studies)
+    assert all(Path(unquote(urlparse(h).path)).is_file() for h in links)
+    axes = browser.find_elements(By.CSS_SELECTOR, "figure img")
+    assert axes and all(browser.execute_script("return arguments[0].naturalWidth", img) > 0 for img in axes)
+
+    next(a for a in browser.find_elements(By.CSS_SELECTOR, "#studies a")
+         if a.get_attribute("href").endswith("/tin100-32-cpu-w16/index.html")).click()
+    headings = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "h1, h2")]
+    at = {prefix: next(i for i, h in enumerate(headings) if h.startswith(prefix))
+          for prefix in ("Verdict", "What this shows, and what it cannot")}
+    assert at["Verdict"] < at["What this shows, and what it cannot"]
+    verdict = browser.find_element(By.XPATH, "//h2[starts-with(normalize-space(.), 'Verdict')]")
+    first_image = browser.find_element(By.CSS_SELECTOR, "img")
+    assert first_image.location["y"] < verdict.location["y"], "the page opens with its figure"

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import pandas as pd
 
 from cclnb.errors import ConfigError, DataError
-from cclnb.study import aggregate, findings, gallery, records, report
+from cclnb.study import aggregate, gallery, records, report
 from cclnb.training.runs import _atomic_write_text
 
 BLOCK = re.compile(r"(?P<open><!-- cclnb:(?P<kind>[a-z]+) (?P<args>[^>]*?) -->\n)(?P<body>.*?)(?P<close><!-- /cclnb -->)",
