@@ -11,10 +11,12 @@ times are estimated from.
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import json
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from cclnb.commands import cli
 from cclnb.config import TrainConfig
 from cclnb.errors import ConfigError
 from cclnb.study import console, explore, records, status
+from cclnb.study.lock import LOCK_FILE
 from cclnb.training import events, runs
 
 from conftest import study_cli
@@ -216,6 +219,42 @@ def test_cli_status_shows_every_state_and_writes_nothing(demo_study: dict, capsy
     for state in ("done", "running (training)", "queued", "failed", "preempted (training)"):
         assert state in out, out
     assert "study ends in about" in out and "--jobs 2" in out
+
+
+def test_the_study_lock_says_whether_the_study_runs(demo_study: dict, capsys: pytest.CaptureFixture,
+                                                   tmp_path: Path) -> None:
+    """`--status` asks the lock `cclnb study` holds (cclnb.study.lock) by the holder it names,
+    never taking it; with the holder alive since a minute ago, the run whose files changed since
+    is running and the hour-old one preempted (resumed when a slot frees)."""
+    import subprocess
+    import sys
+
+    lock = tmp_path / LOCK_FILE
+    assert status.study_liveness(tmp_path) == status.Liveness()        # no lock: nobody to ask
+    lock.write_text("")
+    assert status.study_liveness(tmp_path).alive is False               # released
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    started = (datetime.datetime.now() - datetime.timedelta(seconds=60)).isoformat(timespec="seconds")
+    holder = {"pid": int(ended.stdout), "host": socket.gethostname(), "started": started, "command": "cclnb study"}
+    lock.write_text(json.dumps(holder))
+    assert status.study_liveness(tmp_path).alive is False               # its process has ended
+    lock.write_text(json.dumps({**holder, "host": "elsewhere"}))
+    assert status.study_liveness(tmp_path).alive is None                # another host: not checked
+    lock.write_text(json.dumps({**holder, "pid": os.getpid()}))
+    alive = status.study_liveness(tmp_path)
+    assert alive.alive is True and alive.since == pytest.approx(time.time() - 60, abs=2)
+
+    runs_dir = demo_study["plan"].runs_dir
+    shutil.copy(lock, runs_dir / LOCK_FILE)
+    try:
+        argv = study_cli(demo_study["tmp"], "--preset", "demo", "--methods", *METHODS, "--seeds", "0", "1",
+                         "--no-baseline", "--status")
+        assert cli.main(argv) == 0
+    finally:
+        (runs_dir / LOCK_FILE).unlink()
+    out = capsys.readouterr().out
+    assert f"held by PID {os.getpid()} on {socket.gethostname()}" in out and ": running" in out
+    assert "running (training)" in out and "the study resumes it when a slot frees" in out
 
 
 def test_event_files_hold_the_csv_numbers(demo_study: dict) -> None:

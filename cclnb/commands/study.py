@@ -95,5 +95,5 @@ def show_status(args: argparse.Namespace) -> int:
         from cclnb.launch.watch import job_states
 
         jobs = job_states(study.runs_dir)
-    print(status.table(status.study_status(study, jobs)))
+    print(status.table(status.study_status(study, jobs, status.study_liveness(study.runs_dir))))
     return 0

@@ -27,11 +27,13 @@ import datetime as _dt
 import json
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from cclnb.study.lock import LOCK_FILE
 from cclnb.study.plan import Study, expected_cost
 from cclnb.study.report import BASELINES
 
@@ -147,8 +149,9 @@ class JobInfo:
 class Liveness:
     """Whether the study's own process runs and since when (seconds since the epoch): a run whose
     files changed after that is one it runs, an older one a leftover that it resumes in turn. The
-    running study's console knows (alive since it started); `--status` in another terminal has
-    nothing to ask yet (alive None), so there a run's file ages decide (`STALE_S`)."""
+    running study's console knows (alive since it started); `--status` in another terminal asks
+    the study's lock (`study_liveness`); where nobody can tell (alive None: a study started by a
+    cclnb without the lock, or whose lock names another host) a run's file ages decide (`STALE_S`)."""
 
     alive: bool | None = None
     since: float | None = None
@@ -195,6 +198,36 @@ class RunFiles:
         entries = entries_per_task(self.known_entries, self.n_tasks, growth or 0)
         return None if entries is None else total_steps(entries, int(self.config["batch_size"]),
                                                         int(self.config["epochs"]))
+
+
+def study_liveness(runs_dir: Path) -> Liveness:
+    """Whether a `cclnb study` holds the study's lock (`runs/<study>/study.lock`, `cclnb.study.lock`)
+    now, from the holder it names: its PID alive on this host. Reads only: taking the kernel lock,
+    even for a moment, could make a study starting at that moment refuse to run."""
+    try:
+        text = (Path(runs_dir) / LOCK_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        return Liveness()                     # no lock file: a study of a cclnb before the lock, or none yet
+    try:
+        holder = json.loads(text) if text else {}
+    except ValueError:
+        holder = {}
+    if not isinstance(holder, dict) or not holder:
+        return Liveness(False)                # released: its holder ended normally
+    try:
+        since = _dt.datetime.fromisoformat(str(holder.get("started"))).timestamp()
+    except ValueError:
+        since = None
+    who = f"PID {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+    if holder.get("host") != socket.gethostname():
+        return Liveness(None, since, who)     # another host's process: file ages decide
+    try:
+        os.kill(int(holder.get("pid")), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return Liveness(False, since, who)
+    except PermissionError:                   # someone else's process, alive
+        pass
+    return Liveness(True, since, who)
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -557,8 +590,9 @@ def table(status: StudyStatus, now: float | None = None) -> str:
     text = [f"study {status.name!r}: " + ", ".join(f"{sum(r.state == s for r in status.rows)} {s}"
                                                    for s in STATES if any(r.state == s for r in status.rows))]
     if status.liveness.holder:
-        text.append(f"  its process: {status.liveness.holder}"
-                    + ("" if status.liveness.alive else " (not running)"))
+        said = {True: "running", False: "ended without releasing the study's lock",
+                None: "on another host, so not checked: the runs' file ages decide"}[status.liveness.alive]
+        text.append(f"  held by {status.liveness.holder}: {said}")
     for row in [header, *lines]:
         text.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
     if status.eta_s is not None:
