@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 from sklearn.decomposition import PCA
 
 from cclnb.config import TrainConfig
@@ -472,8 +473,10 @@ def curves_figure(study: StudyRuns, protocol: str | None = None) -> Figure:
     for _, rows in (accuracy.groupby("run", sort=False) if not accuracy.empty else []):
         accuracy_ax.plot(rows["after_task"], rows["all"], "-o", ms=3, color=colours.get(rows["method"].iloc[0]),
                          lw=1.2, alpha=0.85)
+    accuracy_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    name = {"knn": "kNN", "probe": "probe"}.get(protocol, protocol)
     for ax, title, x, y in ((loss_ax, "MoCo loss (epoch mean)", "step", "loss"),
-                            (accuracy_ax, f"{protocol} accuracy of the student, all classes", "after task", "%"),
+                            (accuracy_ax, f"{name} accuracy of the student, all classes", "after task", "%"),
                             (speed_ax, "throughput", "step", "img/s")):
         ax.set_title(title)
         ax.set_xlabel(x)
@@ -485,6 +488,6 @@ def curves_figure(study: StudyRuns, protocol: str | None = None) -> Figure:
         return fig
     loss_ax.legend(handles=[Line2D([], [], color=colours[m], label=f"{m} ({log[log['method'] == m]['run'].nunique()} "
                                    f"runs)") for m in methods], fontsize=7)
-    fig.suptitle(f"Study {study.name!r} as its files say now: {log['run'].nunique()} of {len(study.dirs)} runs "
-                 f"have trained (one line per run)")
+    fig.suptitle(f"Study {study.name!r} as its files say now: {log['run'].nunique()} runs have trained so far "
+                 f"(one line per run)")
     return fig
