@@ -14,7 +14,7 @@ import torch
 
 from cclnb.commands.cli import main
 from cclnb.config import TrainConfig
-from cclnb.errors import ConfigError, Interrupted
+from cclnb.errors import CheckpointError, ConfigError, Interrupted
 from cclnb.study.records import write_record
 from cclnb.training.loop import _loss_sums
 from cclnb.training.methods import registry
@@ -188,3 +188,20 @@ def test_a_checkpoint_from_before_named_loss_terms_resumes_its_epoch_mean() -> N
     assert _loss_sums(([5.0, 4.0, 0.0, 0.0], 3), ("total", "moco")) == ([5.0, 4.0], 3)
     assert _loss_sums(([5.0, 4.0, 0.5, 0.5], 3), ("total", "moco", "extra", "distill")) == ([5.0, 4.0, 0.5, 0.5], 3)
     assert _loss_sums(None, ("total", "moco")) is None
+
+
+def test_a_checkpoint_of_the_earlier_format_loads_into_todays_trainer(tmp_path) -> None:
+    """Before the method API a checkpoint had no `method_modules` and four loss sums whatever the
+    method; today's trainer of the same method loads it, and a method with modules refuses it."""
+    from test_methods import make_trainer
+
+    trainer, _ = make_trainer(tmp_path, "Finetuning")
+    state = trainer.state()
+    del state["method_modules"]
+    state["epoch_losses"] = ([6.0, 5.5, 0.0, 0.0], 3)
+    again, _ = make_trainer(tmp_path, "Finetuning")
+    again.load(state)
+    assert again.epoch_losses == ([6.0, 5.5], 3)
+    cassle, _ = make_trainer(tmp_path, "CaSSLe")
+    with pytest.raises(CheckpointError, match=r"method modules \[\].*trains \['predictor'\]"):
+        cassle.load(state)
