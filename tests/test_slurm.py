@@ -1,10 +1,15 @@
-"""`cclnb study --launcher slurm|submitit-local`: the study as one submitit job per (method, seed).
+"""`cclnb study --launcher slurm|submitit-local`: the study as submitit jobs per (method, seed).
+
+Against a real one-node SLURM where ../shared/tools/slurm-single-node.sh can start one (marked
+`slurm`, skipped with the reason elsewhere): the demo grid with dependent evaluation jobs, one
+training preempted and requeued, records equal to a local study's.
 
 Without a cluster: the batch script is generated (a dry run, and what submitit's SlurmExecutor
 writes, compared), the checks made before submission run against a fake `sinfo`, training under
 torchrun runs on the CPU with 2 processes and is stopped and resumed, and submitit's local
-executor runs a small demo grid as jobs end to end, one of them stopped by the warning signal
-SLURM sends before a time limit and requeued: its records equal a local `cclnb study`'s. The bad
+executor runs a small demo grid as training jobs and dependent evaluation jobs end to end, one
+training stopped by the warning signal SLURM sends before a time limit and requeued, one evaluation
+job killed and resubmitted alone: the records equal a local `cclnb study`'s. The bad
 inputs refused before submission are rows of tests/test_catalogue.py.
 """
 
@@ -17,10 +22,11 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import psutil
 import pytest
@@ -146,8 +152,9 @@ def test_dry_run_shows_the_batch_script_and_submits_nothing(tmp_path: Path, caps
                    "--cpus-per-task", "32", "--mem-gb", "64", "--time", "2:00:00", "--account", "lab",
                    "--sbatch", "constraint=a100", "--setup", "module load cuda/12.4",
                    "-p", "bn_groups=4", "-p", "key_bn_groups=4", "-p", "device=cuda", "-p", "linear_eval.device=cuda")
-    assert out.count("#!/bin/bash") == 2 and "=== CCL seed 0: job script ===" in out
-    script = out.split("=== CCL seed 0: job script ===")[1]
+    # 4 GPUs per training job: the evaluations get 1-GPU jobs of their own, after the training
+    assert out.count("#!/bin/bash") == 4 and "layout: separate" in out
+    script, evaluation = out.split("=== CCL seed 0: training job script ===")[1].split("=== CCL seed 0: evaluation job")
     for line in ["#SBATCH --gpus-per-node=4", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1",
                  "#SBATCH --cpus-per-task=32", "#SBATCH --mem=64GB", "#SBATCH --time=120",
                  "#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --constraint=a100",
@@ -159,10 +166,24 @@ def test_dry_run_shows_the_batch_script_and_submits_nothing(tmp_path: Path, caps
                  # the job: submitit runs the pickled StudyJob with this interpreter
                  f"-u -m submitit.core._submit {tmp_path / 'runs' / 'demo' / 'slurm'}"]:
         assert line in script, line
-    assert "it runs, in order: task sequence; linear eval (student); linear eval (teacher); record" in script
+    assert "it runs, in order: task sequence\n" in script and "--dependency" not in script
+    for line in ["#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=16GB",
+                 "#SBATCH --dependency=afterok:TRAINING_JOB_ID", "#SBATCH --kill-on-invalid-dep=yes",
+                 "#SBATCH --job-name=cclnb-demo-CCL-seed0-eval", "#SBATCH --time=120", "#SBATCH --partition=gpu",
+                 "it runs, in order: linear eval (student); linear eval (teacher); record"]:
+        assert line in evaluation, line
+    assert "torch.distributed.run" not in evaluation
     assert "4 processes under torchrun" in out and "nothing submitted" in out
+    assert "no throughputs are known for preset 'demo'" in out                 # no cost without rates
     assert not (tmp_path / "runs" / "demo" / "slurm" / cluster.MANIFEST).exists()
     assert not (tmp_path / "runs" / "demo" / "CCL").exists()
+
+    # --eval-job with-training: one job per pair runs every step, as before issue 42
+    inline = _dry_run(tmp_path, capsys, "--methods", "CCL", "--gpus-per-node", "4", "--partition", "gpu",
+                      "--eval-job", "with-training", "-p", "bn_groups=4", "-p", "key_bn_groups=4",
+                      "-p", "device=cuda", "-p", "linear_eval.device=cuda")
+    assert inline.count("#!/bin/bash") == 1 and "=== CCL seed 0: job script ===" in inline
+    assert "it runs, in order: task sequence; linear eval (student); linear eval (teacher); record" in inline
 
     # two nodes: a static rendezvous at node 0; the CPU demo trains in one process, in the kernel
     two = _dry_run(tmp_path, capsys, "--methods", "Joint", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu",
@@ -184,6 +205,10 @@ def test_the_dry_run_script_is_what_submitit_writes(tmp_path: Path, monkeypatch:
     assert executor._submitit_command_str == backend.command
     assert (executor._make_submission_file_text(backend.command, "uid")
             == backend.script("cclnb-demo-CCL-seed0", allocation))
+    evaluation = backend.executor("cclnb-demo-CCL-seed0-eval", allocation.evaluation_only(), "1234", "evaluate")
+    text = evaluation._make_submission_file_text(backend.command, "uid")
+    assert text == backend.script("cclnb-demo-CCL-seed0-eval", allocation.evaluation_only(), "1234", "evaluate")
+    assert "#SBATCH --dependency=afterok:1234" in text and "#SBATCH --gpus-per-node=1" in text
 
 
 # ----------------------------------------------------------------------------- torchrun
@@ -260,28 +285,60 @@ def results(record: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _job_log(tmp: Path, key: str) -> str:
-    entry = cluster.read_manifest(tmp / "runs" / "demo" / "submitit-local")[key]
+def _job_log(tmp: Path, key: str, launcher: str = "submitit-local") -> str:
+    entry = cluster.read_manifest(tmp / "runs" / "demo" / launcher)[key]
     return "".join(Path(p).read_text() for p in (entry.log, entry.errors) if Path(p).is_file())
+
+
+@pytest.fixture(scope="module")
+def local_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small demo grid (METHODS, seed 0) run by a local `cclnb study`, once per module: the
+    records every launcher's jobs must equal. Returns its root (runs/, reports/)."""
+    root = tmp_path_factory.mktemp("local")
+    local = study.plan_study("demo", SMALL, runs_root=root / "runs", methods=METHODS,
+                             reports_root=root / "reports", seeds=[0], baseline=False, jobs=2)
+    study.run_study(local, log=lambda _: None)
+    logs = [p.read_text() for p in (root / "runs" / "demo").glob("*/seed0/task_sequence.log")]
+    assert len(logs) == 2 and all("Executing Cell 1" in log and "TCP" not in log for log in logs)
+    return root
+
+
+def assert_records_equal(local_root: Path, jobs_root: Path) -> None:
+    for method in METHODS:
+        name = f"{method}-seed0.json"
+        ran_here, ran_as_job = (json.loads((root / "reports" / "demo" / "runs" / name).read_text())
+                                for root in (local_root, jobs_root))
+        differing = sorted(k for k in {**ran_here["config"], **ran_as_job["config"]}
+                           if ran_here["config"].get(k) != ran_as_job["config"].get(k) and k != "run_dir")
+        assert results(ran_as_job) == results(ran_here), (method, "config differs in", differing)
+        assert ran_as_job["final"]["student"]["top1"] > 0
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_local_executor_jobs_equal_a_local_study_and_resume_after_the_time_limit_warning(tmp_path: Path) -> None:
+def test_local_executor_jobs_equal_a_local_study_and_resume_after_the_time_limit_warning(
+        tmp_path: Path, capsys: pytest.CaptureFixture, local_study: Path) -> None:
+    """Training and evaluation as dependent jobs (`--eval-job separate`): CCL's training job is
+    stopped by the time-limit warning and resumes; Finetuning's evaluation job is killed, and the
+    same command again submits only that evaluation. The records equal a local study's."""
     # Two CPUs per job where the local study gives each notebook one: the demo pins one thread
     # (Preset.threads), so a job must compute exactly as the local study does.
     threads = 2
-    local = study.plan_study("demo", SMALL, runs_root=tmp_path / "local" / "runs", methods=METHODS,
-                             reports_root=tmp_path / "local" / "reports", seeds=[0], baseline=False, jobs=2)
-    study.run_study(local, log=lambda _: None)
-    logs = [p.read_text() for p in (tmp_path / "local" / "runs" / "demo").glob("*/seed0/task_sequence.log")]
-    assert len(logs) == 2 and all("Executing Cell 1" in log and "TCP" not in log for log in logs)
-
     jobs = tmp_path / "jobs"
-    argv = study_argv(jobs, "--methods", *METHODS, "--launcher", "submitit-local", "--cpus-per-task", str(threads))
-    assert cli.main(argv) == 0                                   # submits both and returns
-    manifest = cluster.read_manifest(jobs / "runs" / "demo" / "submitit-local")
-    assert sorted(manifest) == ["CCL-seed0", "Finetuning-seed0"]
+    argv = study_argv(jobs, "--methods", *METHODS, "--launcher", "submitit-local", "--cpus-per-task", str(threads),
+                      "--eval-job", "separate")
+    assert cli.main(argv) == 0                                   # submits the four jobs and returns
+    folder = jobs / "runs" / "demo" / "submitit-local"
+    manifest = cluster.read_manifest(folder)
+    assert sorted(manifest) == ["CCL-seed0", "CCL-seed0.evaluation", "Finetuning-seed0", "Finetuning-seed0.evaluation"]
+    assert [manifest[k].phase for k in sorted(manifest)] == ["train", "evaluate"] * 2
+
+    # Finetuning's evaluation job killed while it waits for its training (the local executor's afterok)
+    killed = psutil.Process(int(manifest["Finetuning-seed0.evaluation"].job_id))
+    _when(lambda: bool(killed.children()), 120, "the evaluation job's task to start")
+    for process in [*killed.children(recursive=True), killed]:
+        process.kill()
+    killed.wait(30)
 
     # the warning SLURM sends before a time limit (submitit's USR2), to CCL's job while it trains
     ccl = jobs / "runs" / "demo" / "CCL" / "seed0"
@@ -289,19 +346,61 @@ def test_local_executor_jobs_equal_a_local_study_and_resume_after_the_time_limit
     [task] = psutil.Process(int(manifest["CCL-seed0"].job_id)).children()
     task.send_signal(job.preemption_signal())
 
-    # the same command again submits nothing: it waits for both jobs and renders the report
+    # the same command again submits only Finetuning's evaluation, waits for every job, reports
+    capsys.readouterr()
     assert cli.main([*argv, "--wait"]) == 0, _job_log(jobs, "CCL-seed0")
-    assert cluster.read_manifest(jobs / "runs" / "demo" / "submitit-local") == manifest
+    out = capsys.readouterr().out
+    assert "1 of 2 (method, seed) to submit with --launcher submitit-local (1 job(s))" in out, out
+    again = cluster.read_manifest(folder)
+    assert {k: v for k, v in again.items() if k != "Finetuning-seed0.evaluation"} == {
+        k: v for k, v in manifest.items() if k != "Finetuning-seed0.evaluation"}
+    assert again["Finetuning-seed0.evaluation"].job_id != manifest["Finetuning-seed0.evaluation"].job_id
+    trained = (jobs / "runs" / "demo" / "Finetuning" / "seed0" / "train.log").read_text()
+    assert "resumed" not in trained and trained.count("task 1 epoch 1:") == 1      # trained once
     log = _job_log(jobs, "CCL-seed0")
     assert "Calling checkpoint method" in log and "Requeued job" in log
     assert "resumed at task" in (ccl / "train.log").read_text()
     assert (jobs / "reports" / "demo" / "index.html").is_file()
-    for method in METHODS:
-        name = f"{method}-seed0.json"
-        ran_here, ran_as_job = (json.loads((root / "reports" / "demo" / "runs" / name).read_text())
-                                for root in (tmp_path / "local", jobs))
-        assert results(ran_as_job) == results(ran_here), method
-        assert ran_as_job["final"]["student"]["top1"] > 0
+    assert_records_equal(local_study, jobs)
+
+
+@pytest.mark.slow
+def test_a_requeued_evaluation_job_continues_its_linear_evaluation_exactly(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped evaluation job leaves `lincls_<who>.pt` from its last finished epoch; requeued, it
+    passes that state to the notebook (`resume`), and the evaluation ends as an uninterrupted one."""
+    import cclnb.evaluate.lincls as lincls
+    from test_lincls import _checkpoint
+
+    ckpt = tmp_path / "ckpt.pt"
+    _checkpoint(ckpt)
+    argv = ["lincls", "--data", "demo", "--pretrained", str(ckpt), "-a", "resnet18", "--stem", "imagenet",
+            "--subset-per-class", "4", "--epochs", "2", "--schedule", "1", "-b", "16", "--lr", "1",
+            "--device", "cpu", "--precision", "fp32", "--no-progress"]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    stopped.mkdir()
+    save = lincls.write_atomically
+
+    def keep_first_epoch(state: dict, path: Path, what: str) -> None:   # what a stop in epoch 2 leaves
+        save(state, path, what)
+        if state["epoch"] == 1:
+            shutil.copy(path, stopped / "lincls_student.pt")
+
+    monkeypatch.setattr(lincls, "write_atomically", keep_first_epoch)
+    assert cli.main([*argv, "--out", str(full)]) == 0
+    monkeypatch.undo()
+
+    steps = [study.Step("X seed 0: linear eval (student)", "linear_eval", stopped / "linear_eval_student.ipynb",
+                        {"run_dir": str(stopped), "who": "student"}),
+             study.Step("X seed 0: linear eval (teacher)", "linear_eval", stopped / "linear_eval_teacher.ipynb",
+                        {"run_dir": str(stopped), "who": "teacher"})]
+    job.resume_linear_evals(steps)
+    assert steps[0].parameters["resume"] == str(stopped / "lincls_student.pt")
+    assert "resume" not in steps[1].parameters                        # no state: it starts from epoch 0
+    assert cli.main([*argv, "--out", str(stopped), "--resume", steps[0].parameters["resume"]]) == 0
+    resumed, uninterrupted = (json.loads((d / "lincls_student.json").read_text()) for d in (stopped, full))
+    assert len(uninterrupted["curve"]) == 2
+    assert resumed["curve"] == uninterrupted["curve"] and resumed["top1"] == uninterrupted["top1"]
 
 
 @pytest.mark.slow
@@ -331,3 +430,71 @@ def test_a_failed_job_is_listed_and_a_finished_record_is_left_alone(tmp_path: Pa
     assert cli.main(study_argv(tmp_path, "--methods", *METHODS, "--launcher", "submitit-local",
                                "--report-only", params=[*SMALL, "ccl_k=100000"])) == 0
     assert "missing: CCL seed 0 (job" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- a real scheduler
+SLURM_SCRIPT = REPO.parent / "shared" / "tools" / "slurm-single-node.sh"
+
+
+def _sinfo_answers() -> bool:
+    """Whether a SLURM controller answers here with a node ready for jobs."""
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        done = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20)
+    except (subprocess.SubprocessError, OSError):
+        return False
+    return done.returncode == 0 and bool(re.search(r"^(idle|mix|alloc)", done.stdout, re.M))
+
+
+@pytest.fixture(scope="module")
+def real_slurm() -> Iterator[None]:
+    """A one-node SLURM cluster on this machine (Debian's slurm-wlm and munge, started by
+    ../shared/tools/slurm-single-node.sh as root, partition `debug`), stopped after the module
+    when this fixture started it; the test is skipped, saying why, where that cannot run."""
+    if _sinfo_answers():
+        yield
+        return
+    if not SLURM_SCRIPT.is_file():
+        pytest.skip(f"no real SLURM: {SLURM_SCRIPT} (beside the checkout, in ../shared/tools) is not here")
+    if os.geteuid() != 0:
+        pytest.skip(f"no real SLURM: {SLURM_SCRIPT.name} installs and starts SLURM as root; run the tests as root")
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        pytest.skip("no real SLURM: slurm-wlm is not installed and there is no apt-get to install it")
+    started = subprocess.run(["bash", str(SLURM_SCRIPT), "start"], capture_output=True, text=True, timeout=600)
+    if started.returncode != 0:
+        tail = (started.stdout + started.stderr).strip().splitlines()[-3:]
+        pytest.skip(f"no real SLURM: {SLURM_SCRIPT.name} start exited {started.returncode}: {' | '.join(tail)}")
+    try:
+        yield
+    finally:
+        subprocess.run(["bash", str(SLURM_SCRIPT), "stop"], capture_output=True, timeout=120)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_real_slurm_dependent_jobs_and_a_preempted_training_equal_a_local_study(
+        tmp_path: Path, local_study: Path, real_slurm: None) -> None:
+    """What a new user does on a cluster, against a real scheduler: the demo grid as training
+    jobs and 1-GPU-style evaluation jobs held by `afterok`; CCL's training preempted as SLURM does
+    it (USR2 to every process of the job), requeued and resumed; the records equal a local study's."""
+    jobs = tmp_path / "jobs"
+    argv = study_argv(jobs, "--methods", *METHODS, "--launcher", "slurm", "--partition", "debug",
+                      "--assume-shared-fs", "--eval-job", "separate", "--cpus-per-task", "1", "--mem-gb", "2")
+    assert cli.main(argv) == 0
+    manifest = cluster.read_manifest(jobs / "runs" / "demo" / "slurm")
+    assert sorted(manifest) == ["CCL-seed0", "CCL-seed0.evaluation", "Finetuning-seed0", "Finetuning-seed0.evaluation"]
+    reason = subprocess.run(["squeue", "-h", "-j", manifest["CCL-seed0.evaluation"].job_id, "-o", "%r"],
+                            capture_output=True, text=True, timeout=60).stdout
+    assert "Dependency" in reason, reason                          # held until its training succeeded
+
+    ccl = jobs / "runs" / "demo" / "CCL" / "seed0"
+    _when(lambda: _state(ccl) == "running", 900, "CCL to train", lambda: _job_log(jobs, "CCL-seed0", "slurm"))
+    subprocess.run(["scancel", "--signal=USR2", "--full", manifest["CCL-seed0"].job_id], check=True, timeout=60)
+
+    assert cli.main([*argv, "--wait"]) == 0, _job_log(jobs, "CCL-seed0", "slurm")
+    assert cluster.read_manifest(jobs / "runs" / "demo" / "slurm") == manifest      # nothing resubmitted
+    assert "Requeued job" in _job_log(jobs, "CCL-seed0", "slurm")
+    assert "resumed at task" in (ccl / "train.log").read_text()
+    assert_records_equal(local_study, jobs)

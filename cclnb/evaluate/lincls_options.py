@@ -94,7 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # linear_eval.ipynb's parameters that are `cclnb lincls` flags of the same meaning
 NOTEBOOK_FLAGS = {"run_dir": "--pretrained", "protocol": "--protocol", "epochs": "--epochs", "batch_size": "-b",
-                  "lr": "--lr", "device": "--device", "precision": "--precision", "seed": "--seed", "workers": "-j"}
+                  "lr": "--lr", "device": "--device", "precision": "--precision", "seed": "--seed", "workers": "-j",
+                  "resume": "--resume"}
 
 
 def notebook_args(parameters: Mapping[str, Any]) -> argparse.Namespace:

@@ -13,6 +13,14 @@ local study, a cluster study never reruns a pair that has one, even if its run d
 elsewhere) or when its run directory is complete (its record is then written here). A pair whose
 job is still queued or running is watched, not submitted again. `--force` resubmits the selected
 pairs from scratch, and refuses while one of their jobs is still queued or running.
+
+Where the evaluations run (`--eval-job`, default: the layout with fewer allocated GPU-hours by
+`cclnb.launch.cost`): `separate` submits a pair that trains as two jobs, the training on the
+whole allocation and the linear evaluations with the record on one GPU, the second depending on
+the first (`afterok`); a pair whose training is complete but has no record gets only its
+evaluation job, so a failed or killed evaluation never costs a retraining. `with-training` runs
+every step in one job. The manifest keeps the training (or only) job under the record's name and
+the evaluation job under `<record name>.evaluation`.
 """
 
 from __future__ import annotations
@@ -29,15 +37,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import psutil
 import submitit
 from submitit.core.utils import JobPaths, pickle_load
 
 from cclnb import study
 from cclnb.errors import ConfigError, DataError
+from cclnb.launch import cost
 from cclnb.launch import resources as res
 from cclnb.launch import torchrun
-from cclnb.launch.job import StudyJob
+from cclnb.launch.job import StudyJob, local_job_alive
 from cclnb.study import records
 from cclnb.training import runs
 
@@ -69,6 +77,21 @@ class Pair:
     def key(self) -> str:
         return self.record.stem            # "CCL-seed0", the record's name
 
+    @property
+    def eval_key(self) -> str:
+        """The manifest's name of its evaluation job (when it has one of its own)."""
+        return f"{self.key}.evaluation"
+
+    @property
+    def trains(self) -> bool:
+        return self.steps[0].notebook == "task_sequence"
+
+    def training_complete(self) -> bool:
+        """Whether its run directory says the training is complete, now (the plan's `done` is
+        as it was when the command started)."""
+        status = runs.read_status(Path(self.steps[0].parameters["run_dir"])) or {}
+        return self.trains and status.get("state") == "complete"
+
     def resources(self, allocation: res.Resources) -> res.Resources:
         """The job's allocation: the study's, or one GPU's share for a pair that never trains."""
         return allocation if self.steps[0].notebook == "task_sequence" else allocation.evaluation_only()
@@ -95,6 +118,31 @@ class Submitted:
     log: str
     errors: str
     submitted: str
+    phase: str = "all"     # which of the pair's steps it runs (`cclnb.launch.job.PHASES`)
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """A job to submit: which pair, which of its steps (`phase`), on what; `after`: the id of a
+    queued or running training job it must follow (None: none, or the one submitted with it)."""
+
+    pair: Pair
+    phase: str
+    resources: res.Resources
+    after: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.pair.eval_key if self.phase == "evaluate" else self.pair.key
+
+    @property
+    def name_suffix(self) -> str:
+        return "-eval" if self.phase == "evaluate" else ""
+
+    @property
+    def steps(self) -> list[study.Step]:
+        steps = self.pair.steps
+        return {"all": steps, "train": steps[:1], "evaluate": steps[1:]}[self.phase]
 
 
 def read_manifest(folder: Path) -> dict[str, Submitted]:
@@ -121,25 +169,29 @@ class Backend:
         """What submitit runs for a job (its `_submit` entry point with this folder)."""
         return f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(self.folder))}"
 
-    def script(self, job_name: str, resources: res.Resources) -> str:
+    def script(self, job_name: str, resources: res.Resources, after: str | None = None, phase: str = "all") -> str:
         raise NotImplementedError
 
-    def executor(self, job_name: str, resources: res.Resources) -> submitit.Executor:
+    def executor(self, job_name: str, resources: res.Resources, after: str | None = None,
+                 phase: str = "all") -> submitit.Executor:
         raise NotImplementedError
 
     def active(self, job_ids: list[str]) -> set[str]:
         raise NotImplementedError
 
-    def submit(self, job: StudyJob, job_name: str) -> submitit.Job:
+    def submit(self, job: StudyJob, job_name: str, after: str | None = None) -> submitit.Job:
+        """Submit `job`; `after`: the id of the job whose success it waits for."""
         try:
-            return self.executor(job_name, job.resources).submit(job)
+            return self.executor(job_name, job.resources, after, job.phase).submit(job)
         except (RuntimeError, subprocess.SubprocessError, OSError) as error:   # FailedJobError, no srun, ...
             raise ConfigError(f"the {self.name} submission of {job_name} failed: {error}; the jobs "
                               f"submitted before it are in {self.folder / MANIFEST}. Fix the cause and "
                               f"run the same command again (it submits only what is missing)") from error
 
 
-def _training_line(resources: res.Resources) -> str:
+def _training_line(resources: res.Resources, phase: str = "all") -> str:
+    if phase == "evaluate":
+        return "# evaluation: the linear evaluations and the record, each in one process"
     if not resources.uses_torchrun:
         return "# training: one process, in the task-sequence notebook's kernel"
     args = resources.torchrun_args(0, "<node 0 of the allocation>", "<20000 + job id % 20000>")
@@ -152,27 +204,33 @@ class SlurmBackend(Backend):
     name = "slurm"
     poll_s = 30.0
 
-    def parameters(self, job_name: str, r: res.Resources) -> dict[str, Any]:
-        """submitit's SlurmExecutor parameters: the same dict writes the dry run's script."""
+    def parameters(self, job_name: str, r: res.Resources, after: str | None = None,
+                   phase: str = "all") -> dict[str, Any]:
+        """submitit's SlurmExecutor parameters: the same dict writes the dry run's script. `after`:
+        start only once that job has succeeded, and be cancelled if it fails (else the job
+        would wait forever, and so would `--wait`)."""
         memory = f"{int(r.mem_gb)}GB" if r.mem_gb == int(r.mem_gb) else f"{int(r.mem_gb * 1024)}MB"
+        dependency = {"dependency": f"afterok:{after}", "kill_on_invalid_dep": "yes"} if after else {}
         params: dict[str, Any] = {
             "job_name": job_name, "time": r.time_min, "nodes": r.nodes, "ntasks_per_node": 1,
             "cpus_per_task": r.cpus_per_task, "mem": memory, "signal_delay_s": SIGNAL_DELAY_S,
-            "setup": [*r.setup, _training_line(r)],
+            "setup": [*r.setup, _training_line(r, phase)],
             # the submitting shell's environment (the venv, CCLNB_CACHE, ...) and working directory
-            "additional_parameters": {"export": "ALL", "chdir": str(Path.cwd()), **dict(r.sbatch)}}
+            "additional_parameters": {"export": "ALL", "chdir": str(Path.cwd()), **dependency, **dict(r.sbatch)}}
         optional = {"gpus_per_node": r.gpus_per_node or None, "partition": r.partition, "account": r.account}
         params.update({k: v for k, v in optional.items() if v is not None})
         return params
 
-    def script(self, job_name: str, resources: res.Resources) -> str:
+    def script(self, job_name: str, resources: res.Resources, after: str | None = None, phase: str = "all") -> str:
         from submitit.slurm.slurm import _make_sbatch_string   # what SlurmExecutor writes
 
-        return _make_sbatch_string(command=self.command, folder=self.folder, **self.parameters(job_name, resources))
+        return _make_sbatch_string(command=self.command, folder=self.folder,
+                                   **self.parameters(job_name, resources, after, phase))
 
-    def executor(self, job_name: str, resources: res.Resources) -> submitit.Executor:
+    def executor(self, job_name: str, resources: res.Resources, after: str | None = None,
+                 phase: str = "all") -> submitit.Executor:
         executor = submitit.SlurmExecutor(folder=self.folder, max_num_timeout=resources.max_requeues)
-        executor.update_parameters(**self.parameters(job_name, resources))
+        executor.update_parameters(**self.parameters(job_name, resources, after, phase))
         return executor
 
     def active(self, job_ids: list[str]) -> set[str]:
@@ -192,13 +250,21 @@ class LocalBackend(Backend):
     name = "submitit-local"
     poll_s = 1.0
 
-    def script(self, job_name: str, resources: res.Resources) -> str:
+    def script(self, job_name: str, resources: res.Resources, after: str | None = None, phase: str = "all") -> str:
+        waits = [f"# it waits for job {after} to end, and evaluates only if that training completed"] if after else []
         return "\n".join([f"# {job_name}: submitit's local executor runs no batch script; it starts",
                           f"#   {self.command}",
                           f"# as a process of this machine (time limit {resources.time_min} min, "
-                          f"warning {SIGNAL_DELAY_S} s before it)", *resources.setup, _training_line(resources)])
+                          f"warning {SIGNAL_DELAY_S} s before it)", *waits, *resources.setup,
+                          _training_line(resources, phase)])
 
-    def executor(self, job_name: str, r: res.Resources) -> submitit.Executor:
+    def submit(self, job: StudyJob, job_name: str, after: str | None = None) -> submitit.Job:
+        """The local executor knows no dependencies: the job itself waits for `after`'s process."""
+        job.after_local = after
+        return super().submit(job, job_name)
+
+    def executor(self, job_name: str, r: res.Resources, after: str | None = None,
+                 phase: str = "all") -> submitit.Executor:
         executor = submitit.LocalExecutor(folder=self.folder, max_num_timeout=r.max_requeues)
         executor.update_parameters(timeout_min=r.time_min, gpus_per_node=r.gpus_per_node, tasks_per_node=1,
                                    signal_delay_s=SIGNAL_DELAY_S, **({"setup": list(r.setup)} if r.setup else {}))
@@ -206,15 +272,7 @@ class LocalBackend(Backend):
 
     def active(self, job_ids: list[str]) -> set[str]:
         """A local job's id is its controller's pid: active while that process runs."""
-        alive = set()
-        for job_id in job_ids:
-            try:
-                process = psutil.Process(int(job_id))
-                if "submitit.local._local" in " ".join(process.cmdline()) and process.status() != psutil.STATUS_ZOMBIE:
-                    alive.add(job_id)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-                continue
-        return alive
+        return {job_id for job_id in job_ids if local_job_alive(job_id)}
 
 
 # ----------------------------------------------------------------------------- the command
@@ -248,8 +306,16 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
                               "--wait and --force")
         report(plan_args, pairs, backend, log)
         return 0
+    rates = cost.parse_throughputs(args.throughput, plan.preset.name)
     note = check(args, plan, resources, devices)
-    return submit(args, plan_args, plan, backend, resources, log, note)
+    layout = args.eval_job or cost.choose_layout(resources.world_size)
+    chosen = "--eval-job" if args.eval_job else "the default: fewer allocated GPU-hours"
+    where = ("the linear evaluations and the record of each trained pair in a 1-GPU job after its training job"
+             if layout == "separate" else "every step of a pair in one job")
+    note = "\n".join(filter(None, [note, f"layout: {layout} ({chosen}): {where}",
+                                   cost.describe(plan, resources.nodes * resources.gpus_per_node, rates)
+                                   if args.dry_run else None]))
+    return submit(args, plan_args, plan, backend, resources, log, note, layout)
 
 
 def check(args: argparse.Namespace, plan: study.Study, resources: res.Resources,
@@ -282,21 +348,29 @@ def check(args: argparse.Namespace, plan: study.Study, resources: res.Resources,
 
 
 def submit(args: argparse.Namespace, plan_args: dict[str, Any], plan: study.Study, backend: Backend,
-           resources: res.Resources, log: Callable[[str], None], note: str | None) -> int:
+           resources: res.Resources, log: Callable[[str], None], note: str | None,
+           layout: str = "with-training") -> int:
     """Submit what is unfinished and not already queued (with --force, after deleting its run
-    directories); then wait and report, if asked."""
+    directories); then wait and report, if asked. `layout`: where the evaluations run (`cost.LAYOUTS`)."""
     name, pairs = plan.name, pairs_of(plan)
     manifest = read_manifest(backend.folder)
-    queued = backend.active([manifest[p.key].job_id for p in pairs if p.key in manifest])
-    watched = [p for p in pairs if p.key in manifest and manifest[p.key].job_id in queued]
+    queued = backend.active([manifest[k].job_id for p in pairs for k in (p.key, p.eval_key) if k in manifest])
+
+    def active(key: str) -> bool:
+        return key in manifest and manifest[key].job_id in queued
+
+    watched = [p for p in pairs if active(p.key) or active(p.eval_key)]
     if args.force and watched:
         raise ConfigError("--force would delete the run directories of " + ", ".join(
-            f"{p.group} (job {manifest[p.key].job_id})" for p in watched) + " while their jobs are queued or "
-            "running; cancel them first (scancel ID) or drop --force")
-    todo: list[Pair] = []
+            f"{p.group} (job {manifest[p.key if active(p.key) else p.eval_key].job_id})" for p in watched)
+            + " while their jobs are queued or running; cancel them first (scancel ID) or drop --force")
+    todo: list[PlannedJob] = []
     for pair in pairs:
-        if pair in watched:
-            log(f"{pair.group}: already queued or running as job {manifest[pair.key].job_id} (not submitted again)")
+        split = layout == "separate" and pair.trains
+        training_queued = active(pair.key) and manifest[pair.key].phase == "train"
+        if active(pair.eval_key) or (active(pair.key) and not (split and training_queued)):
+            job_id = manifest[pair.eval_key if active(pair.eval_key) else pair.key].job_id
+            log(f"{pair.group}: already queued or running as job {job_id} (not submitted again)")
         elif pair.record.is_file() and not args.force:
             log(f"{pair.group}: finished, record {pair.record} (not submitted)")
         elif pair.trained:
@@ -304,38 +378,61 @@ def submit(args: argparse.Namespace, plan_args: dict[str, Any], plan: study.Stud
                 pair.steps[-1].action()
             log(f"{pair.group}: finished in {pair.steps[0].output.parent}; record "
                 f"{'would be ' if args.dry_run else ''}written here: {pair.record}")
+        elif split and (pair.steps[0].done or training_queued):
+            after = manifest[pair.key].job_id if training_queued else None
+            todo.append(PlannedJob(pair, "evaluate", resources.evaluation_only(), after))
+            log(f"{pair.group}: " + (f"its training job {after} is queued or running; its evaluation job is "
+                                     f"submitted after it" if after else
+                                     f"trained in {pair.steps[0].output.parent}; only its evaluation is submitted"))
+        elif split:
+            todo += [PlannedJob(pair, "train", resources), PlannedJob(pair, "evaluate", resources.evaluation_only())]
         else:
-            todo.append(pair)
-    log(f"{len(todo)} of {len(pairs)} (method, seed) to submit with --launcher {backend.name}; each job: "
-        f"{resources.describe()}")
+            todo.append(PlannedJob(pair, "all", pair.resources(resources)))
+    log(f"{len({job.pair.key for job in todo})} of {len(pairs)} (method, seed) to submit with --launcher "
+        f"{backend.name} ({len(todo)} job(s)); each training job: {resources.describe()}")
     if resources.evaluation_only() != resources:
-        log(f"the untrained baselines only evaluate: {resources.evaluation_only().describe()}")
+        what = "the evaluation jobs and " if layout == "separate" else ""
+        log(f"{what}the untrained baselines only evaluate: {resources.evaluation_only().describe()}")
     if note:
         log(note)
     if args.force and todo:
         log(f"--force: their run directories {'would be' if args.dry_run else 'were'} deleted; they train "
             f"from the start")
     if args.dry_run:
-        for pair in todo:
-            log(f"\n=== {pair.group}: job script ===\n{backend.script(job_name(name, pair), pair.resources(resources))}\n"
-                f"# it runs, in order: " + "; ".join(step.label.split(": ", 1)[1] for step in pair.steps))
+        for planned in todo:
+            after = planned.after or ("TRAINING_JOB_ID" if planned.phase == "evaluate" else None)
+            named = " (TRAINING_JOB_ID: the id its training job gets)" if after == "TRAINING_JOB_ID" else ""
+            log(f"\n=== {planned.pair.group}: {_what(planned.phase)} script{named} ===\n"
+                f"{backend.script(job_name(name, planned), planned.resources, after, planned.phase)}\n"
+                f"# it runs, in order: " + "; ".join(step.label.split(": ", 1)[1] for step in planned.steps))
         log(f"\ndry run: nothing submitted ({name}: {len(todo)} job(s) would be)")
         return 0
     for run_dir in plan.forced:          # planned as if empty: deleted only now, after every check
         shutil.rmtree(run_dir)
-    for pair in todo:
-        job = backend.submit(StudyJob({**plan_args, "seeds": [pair.seed]}, pair.group, pair.resources(resources),
-                                      GRACE_S), job_name(name, pair))
-        manifest[pair.key] = Submitted(str(job.job_id), str(job.paths.stdout), str(job.paths.stderr),
-                                       datetime.datetime.now().isoformat(timespec="seconds"))
+    pending: dict[str, tuple[Pair, str]] = {manifest[k].job_id: (p, manifest[k].phase) for p in watched
+                                            for k in (p.key, p.eval_key) if active(k)}
+    submitted_now: dict[str, str] = {}
+    for planned in todo:
+        pair = planned.pair
+        after = planned.after
+        if planned.phase == "evaluate" and after is None:
+            after = submitted_now.get(pair.key)    # the training job submitted just before it
+        job = backend.submit(StudyJob({**plan_args, "seeds": [pair.seed]}, pair.group, planned.resources,
+                                      GRACE_S, planned.phase), job_name(name, planned), after)
+        if planned.phase != "evaluate":
+            manifest.pop(pair.eval_key, None)     # an earlier evaluation job belongs to an earlier training
+        manifest[planned.key] = Submitted(str(job.job_id), str(job.paths.stdout), str(job.paths.stderr),
+                                          datetime.datetime.now().isoformat(timespec="seconds"), planned.phase)
+        submitted_now[planned.key] = str(job.job_id)
+        pending[str(job.job_id)] = (pair, planned.phase)
         write_manifest(backend.folder, manifest)
-        log(f"{pair.group}: job {job.job_id}, log {job.paths.stdout} (errors: {job.paths.stderr}); "
-            f"notebook logs in {pair.steps[0].output.parent}")
+        log(f"{pair.group}: {_what(planned.phase)} {job.job_id}" + (f" (after job {after})" if after else "")
+            + f", log {job.paths.stdout} (errors: {job.paths.stderr}); notebook logs in {pair.steps[0].output.parent}")
     if not args.wait:
         log("to watch them: the same command with --wait; to render the report from the records that "
             "exist: the same command with --report-only")
         return 0
-    wait([*watched, *todo], manifest, backend, log)
+    wait(pending, backend, log)
     missing = report(plan_args, pairs, backend, log)
     if missing:
         failures = [study.StepFailure(f"{m['method']} seed {m['seed']}", f"job {m['job']}", m["error"], Path(m["log"]))
@@ -346,21 +443,31 @@ def submit(args: argparse.Namespace, plan_args: dict[str, Any], plan: study.Stud
     return 0
 
 
-def job_name(study_name: str, pair: Pair) -> str:
-    return f"cclnb-{study_name}-{pair.key}"
+def _what(phase: str) -> str:
+    return {"all": "job", "train": "training job", "evaluate": "evaluation job"}[phase]
 
 
-def wait(pairs: list[Pair], manifest: dict[str, Submitted], backend: Backend, log: Callable[[str], None]) -> None:
-    """Poll until none of the pairs' jobs is queued or running, saying when each ends."""
-    pending = {manifest[p.key].job_id: p for p in pairs}
+def job_name(study_name: str, planned: PlannedJob) -> str:
+    return f"cclnb-{study_name}-{planned.pair.key}{planned.name_suffix}"
+
+
+def wait(pending: dict[str, tuple[Pair, str]], backend: Backend, log: Callable[[str], None]) -> None:
+    """Poll until none of the jobs `pending` (id -> its pair and phase) is queued or running,
+    saying when each ends."""
+    pending = dict(pending)
     log(f"waiting for {len(pending)} job(s) (every {backend.poll_s:.0f} s) ...")
     while pending:
         time.sleep(backend.poll_s)
         still = backend.active(list(pending))
         for job_id in [j for j in pending if j not in still]:
-            pair = pending.pop(job_id)
-            outcome = "record written" if pair.record.is_file() else "no record: it failed"
-            log(f"{pair.group}: job {job_id} ended, {outcome}")
+            pair, phase = pending.pop(job_id)
+            if pair.record.is_file():
+                outcome = "record written"
+            elif phase == "train":
+                outcome = "trained" if pair.training_complete() else "the training failed"
+            else:
+                outcome = "no record: it failed"
+            log(f"{pair.group}: {_what(phase)} {job_id} ended, {outcome}")
 
 
 def last_error_line(backend: Backend, entry: Submitted) -> str:
@@ -385,13 +492,17 @@ def last_error_line(backend: Backend, entry: Submitted) -> str:
 
 
 def missing_pairs(pairs: list[Pair], backend: Backend) -> list[dict[str, Any]]:
-    """Every pair without a record, with its job, log and the error's last line."""
+    """Every pair without a record, with its job, log and the error's last line: the evaluation
+    job's once the training is complete, else the training (or only) job's."""
     manifest = read_manifest(backend.folder)
     absent = [p for p in pairs if not p.record.is_file()]
-    queued = backend.active([manifest[p.key].job_id for p in absent if p.key in manifest])
+    queued = backend.active([manifest[k].job_id for p in absent for k in (p.key, p.eval_key) if k in manifest])
     found = []
     for pair in absent:
-        entry = manifest.get(pair.key)
+        training, evaluation = manifest.get(pair.key), manifest.get(pair.eval_key)
+        entry = evaluation if evaluation is not None and (training is None or pair.training_complete()) else training
+        if any(e is not None and e.job_id in queued for e in (training, evaluation)):
+            entry = next(e for e in (evaluation, training) if e is not None and e.job_id in queued)
         if entry is None:
             error = f"never submitted with --launcher {backend.name}"
         elif entry.job_id in queued:

@@ -17,6 +17,14 @@ the trainer finishes its step, saves `last.pt` and stops, and submitit requeues 
 resumes on its next start. A linear evaluation or an
 untrained baseline has nothing to save and is killed; it runs again from its start.
 
+Phases. A (method, seed) that trains is, by default on an allocation of several GPUs, two jobs
+(`cclnb.launch.cost.choose_layout`): phase `train` runs the task sequence on the whole allocation
+(its per-task evaluation on every rank), and phase `evaluate` runs the linear evaluations and the
+record on one GPU once the training job has succeeded (SLURM's `afterok` dependency; under
+submitit's local executor, which has none, the evaluation job waits for the training job's
+process, `after_local`). Phase `all` runs every step in one job. A requeued evaluation job
+continues each linear evaluation from its last finished epoch (`lincls_<who>.pt`).
+
 Several nodes: task 0 (node 0) runs the notebooks; the task-sequence notebook starts torchrun with
 node rank 0. Every other node's task only joins that training: it builds the same TrainConfig
 from the same plan (`cclnb.study.train_config`) and starts torchrun with its own node rank.
@@ -27,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import psutil
@@ -39,6 +48,7 @@ from cclnb.launch.resources import Resources
 from cclnb.study import run as study_run
 
 POLL_S = 1.0
+PHASES = ("all", "train", "evaluate")
 
 
 def preemption_signal() -> signal.Signals:
@@ -60,16 +70,49 @@ def master_port(job_id: str) -> int:
     return 20000 + int(digits) % 20000
 
 
+def local_job_alive(job_id: str) -> bool:
+    """Whether submitit's local executor still runs job `job_id` (its controller's pid)."""
+    try:
+        process = psutil.Process(int(job_id))
+        return ("submitit.local._local" in " ".join(process.cmdline())
+                and process.status() != psutil.STATUS_ZOMBIE)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+
+
+def resume_linear_evals(steps: list[study.Step]) -> None:
+    """Let every unfinished linear-evaluation notebook among `steps` continue from the state its
+    stopped run saved after its last finished epoch (`lincls_<who>.pt`, written atomically), as
+    a requeued job must: the lincls protocol is hours at 224 px, and a rerun repeats it exactly
+    (each epoch's order and augmentation are drawn from the seed and the epoch alone)."""
+    for step in steps:
+        if step.notebook != "linear_eval" or step.action is not None or step.done:
+            continue
+        state = Path(step.parameters["run_dir"]) / f"lincls_{step.parameters['who']}.pt"
+        if state.is_file():
+            step.parameters["resume"] = str(state)
+
+
 class StudyJob(submitit.helpers.Checkpointable):
     """The group `group` ("CCL seed 0") of the plan that `plan` (plan_study's keyword
     arguments) describes, run with `resources`; `grace_s`: how long a stopped training may take
-    to save before it is killed (less than the warning's lead on the time limit)."""
+    to save before it is killed (less than the warning's lead on the time limit); `phase`: which
+    of its steps this job runs (`PHASES`, see the module docstring); `after_local`: the local
+    executor's training job an evaluation job waits for."""
 
-    def __init__(self, plan: dict[str, Any], group: str, resources: Resources, grace_s: float) -> None:
+    phase = "all"                  # class defaults: a job pickled before phases existed runs it all
+    after_local: str | None = None
+
+    def __init__(self, plan: dict[str, Any], group: str, resources: Resources, grace_s: float,
+                 phase: str = "all", after_local: str | None = None) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         self.plan = plan
         self.group = group
         self.resources = resources
         self.grace_s = grace_s
+        self.phase = phase
+        self.after_local = after_local
         self._running: tuple[study.Step, Any] | None = None   # the notebook running now
 
     def __getstate__(self) -> dict[str, Any]:
@@ -90,14 +133,22 @@ class StudyJob(submitit.helpers.Checkpointable):
         from cclnb.study.preflight import check_study
 
         env = submitit.JobEnvironment()
+        while self.after_local is not None and local_job_alive(self.after_local):
+            time.sleep(POLL_S)     # the local executor's stand-in for SLURM's afterok
         plan = self.planned()
         steps = plan.steps[:-1]
         if env.global_rank > 0:
             return self._join_training(steps[0], env)
+        if self.phase == "evaluate" and not steps[0].done:
+            raise ConfigError(f"{self.group}: its training is not complete ({steps[0].output.parent}/status.json), "
+                              f"so there is nothing to evaluate; the training job failed or was cancelled (its "
+                              f"log says why). Run the same command again: it resubmits the training")
         check_study(plan)          # on this node: its GPUs and its view of the data
+        steps = {"all": steps, "train": steps[:1], "evaluate": steps[1:]}[self.phase]
         if self.resources.uses_torchrun and steps[0].notebook == "task_sequence":
             steps[0].parameters["torchrun_args"] = self.resources.torchrun_args(
                 0, env.hostnames[0], master_port(env.job_id))
+        resume_linear_evals(steps)
         total = len(steps)
         with study_run.pinned_threads(plan.preset.threads):   # a preset's pinned threads hold here too
             for index, step in enumerate(steps, start=1):
@@ -108,7 +159,7 @@ class StudyJob(submitit.helpers.Checkpointable):
                            else self._run_notebook(step, index, total, log))
                 if failure is not None:
                     raise study_run._failed([failure], plan.runs_dir / "failures.log")
-        return f"{self.group}: complete"
+        return f"{self.group}: {'trained' if self.phase == 'train' else 'complete'}"
 
     def _run_notebook(self, step: study.Step, index: int, total: int,
                       log: Callable[[str], None]) -> study.StepFailure | None:
@@ -132,7 +183,7 @@ class StudyJob(submitit.helpers.Checkpointable):
 
     def _join_training(self, first: study.Step, env: submitit.JobEnvironment) -> str:
         """Node > 0 of a multi-node job: train this node's share of the task sequence."""
-        if first.notebook != "task_sequence" or first.done:
+        if first.notebook != "task_sequence" or first.done or self.phase == "evaluate":
             return f"{self.group}: nothing to train on node {env.node}"
         signal.signal(preemption_signal(), signal.SIG_IGN)   # task 0 decides; torchrun inherits this
         args = self.resources.torchrun_args(env.node, env.hostnames[0], master_port(env.job_id))

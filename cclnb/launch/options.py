@@ -15,7 +15,9 @@ LAUNCHERS = ("local", "slurm", "submitit-local")
 CLUSTER_OPTIONS = {"nodes": "--nodes", "gpus_per_node": "--gpus-per-node", "cpus_per_task": "--cpus-per-task",
                    "mem_gb": "--mem-gb", "time": "--time", "partition": "--partition", "account": "--account",
                    "sbatch": "--sbatch", "setup": "--setup", "max_requeues": "--max-requeues",
-                   "wait": "--wait", "dry_run": "--dry-run", "assume_shared_fs": "--assume-shared-fs"}
+                   "wait": "--wait", "dry_run": "--dry-run", "assume_shared_fs": "--assume-shared-fs",
+                   "eval_job": "--eval-job", "throughput": "--throughput"}
+EVAL_JOBS = ("separate", "with-training")     # cclnb.launch.cost.LAYOUTS, without importing it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +48,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--wait", action="store_true",
                        help="wait for the jobs, then render the report from the records")
     group.add_argument("--dry-run", action="store_true",
-                       help="print the job scripts and what each job runs; submit nothing")
+                       help="print the job scripts, what each job runs and the estimated GPU-hours by phase "
+                            "(cclnb.launch.cost); submit nothing")
+    group.add_argument("--eval-job", choices=EVAL_JOBS, default=None,
+                       help="separate: the linear evaluations and the record of a pair that trains run in a "
+                            "1-GPU job after its training job succeeded (afterok); with-training: in the "
+                            "training job. Default: the one with fewer allocated GPU-hours (separate when a "
+                            "training job holds more than one GPU)")
+    group.add_argument("--throughput", action="append", default=[], metavar="KIND=IMG_S",
+                       help="images per second per GPU that you measured, for --dry-run's cost estimate: "
+                            "train (a MoCo step), train_teacher (a CCL step), features (per-task evaluation), "
+                            "lincls (linear evaluation); a value or LOW-HIGH (repeatable; default: "
+                            "../shared/anchors.md's where the preset has them)")
     group.add_argument("--assume-shared-fs", action="store_true",
                        help="skip the check that --runs-root and --reports-root are on storage the "
                             "compute nodes share")

@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ("task_sequence", "linear_eval", "report")
 # Parameters the runner sets for every step; -p cannot override them (use the CLI options).
 RUNNER_PARAMETERS = {"task_sequence": {"method", "run_dir", "resume", "seed"},
-                     "linear_eval": {"run_dir", "who", "seed"},
+                     "linear_eval": {"run_dir", "who", "seed", "resume"},
                      "report": {"records", "out_dir", "study"}}
 RUNNER_OPTIONS = {"seed": "--seeds", "records": "--records"}  # the option to use instead of -p
 
