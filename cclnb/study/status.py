@@ -12,8 +12,9 @@ one has gone so far), else its own seconds per step since the previous task bega
 steps from its second task on, and the per-task evaluation, are in that window) times the steps
 left. Steps left come from the task sizes the trainer logs when a task starts ("task t: N images +
 R replayed") and, for tasks not yet started, from the replay budget a replay method keeps per
-task. A (method, seed) not yet started takes what a finished one of the method took, else what
-the others took scaled by `step_cost`. The study's end replays the scheduler: runs in progress
+task. A (method, seed) not yet started takes what a finished one of the method took, else what a
+running one is projected to take, else the other methods' times scaled by their `step_cost`
+(`expected_cost`). The study's end replays the scheduler: runs in progress
 hold their slots, the others start longest first (`cclnb.study.plan.expected_cost`) as
 `cclnb.study.run` starts them, with `--jobs` slots; then the report. The arithmetic is in pure
 functions (`entries_per_task`, `total_steps`, `cumulative_profile`, `training_left_s`, `makespan`)
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import functools
 import json
 import os
 import re
@@ -137,7 +139,7 @@ def makespan(running_left: Sequence[float], queued: Sequence[float], jobs: int) 
 # ----------------------------------------------------------------------------- reading a run
 @dataclass(frozen=True)
 class JobInfo:
-    """A (method, seed)'s cluster job (`cclnb.launch.cluster.job_states` fills it)."""
+    """A (method, seed)'s cluster job (`cclnb.launch.watch.job_states` fills it)."""
 
     launcher: str      # slurm | submitit-local
     job_id: str
@@ -173,8 +175,9 @@ class RunFiles:
     status_mtime: float | None
     resumed: bool
 
-    @property
+    @functools.cached_property
     def profile(self) -> list[tuple[int, float, int]]:
+        """(global_step, training seconds, task) per log row (`cumulative_profile`)."""
         return cumulative_profile((int(r["global_step"]), float(r["time_s"]), int(r["task"]))
                                   for r in self.rows if r.get("global_step") and r.get("time_s"))
 
