@@ -97,6 +97,10 @@ def test_findings_count_runs_above_baselines_and_split_pairs_by_the_rule(tmp_pat
     shows, cannot = findings.shows_and_cannot(flat, [])
     assert any(line.startswith("Joint > Finetuning (the continual penalty): not resolved") for line in cannot)
     assert any("without a resolved continual penalty" in line for line in cannot)
+    one_seed = flat[(flat["seed"] == 0) & (flat["method"] != "Joint")]     # Finetuning 50 against 40
+    shows, cannot = findings.shows_and_cannot(one_seed, [])
+    assert shows[0] == "1 of 1 trained runs end above the untrained encoder as built of their seed (+10.00 points)."
+    assert "1 seed per method, and the rule needs at least 2 paired seeds" in cannot[-1]
     page = findings.findings_markdown(flat, [], notes="# A title\n\nWritten once: why.")
     assert page.endswith("Written once: why.") and "# A title" not in page
 

@@ -80,8 +80,10 @@ def against_baselines(table: pd.DataFrame, metric: str = aggregate.HEADLINE) -> 
         if margin.empty:
             continue
         above = int((margin > 0).sum())
+        by = (f"{margin.min():+.2f} to {margin.max():+.2f}" if margin.min() != margin.max()
+              else f"{margin.min():+.2f}")
         lines.append(f"{above} of {len(margin)} trained runs end above the {BASELINE_NAMES[base]} of their "
-                     f"seed ({margin.min():+.2f} to {margin.max():+.2f} points).")
+                     f"seed ({by} points).")
     return lines
 
 
@@ -125,7 +127,8 @@ def shows_and_cannot(table: pd.DataFrame, configs: Sequence[Mapping[str, Any]],
         low, high = int(seeds.min()), int(seeds.max())
         count = f"{low} to {high} seeds" if low != high else f"{low} seed{'s' * (low != 1)}"
         cannot.append(f"Beyond these seeds: {count} per method, so each call rests on a standard deviation "
-                      f"of that many numbers.")
+                      f"of that many numbers." if low >= 2 else
+                      f"Any gap between methods: {count} per method, and the rule needs at least 2 paired seeds.")
     if configs and not any(matches_paper_setting(dict(c)) for c in configs):
         first = configs[0]
         cannot.append(f"The paper's absolute numbers: this study is {data_label(first)}, "
