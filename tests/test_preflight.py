@@ -166,7 +166,7 @@ class _Exited:
         return self.returncode
 
 
-def _failing_notebook(step: study.Step, notebooks_dir: object, threads: int) -> _Exited:
+def _failing_notebook(step: study.Step, notebooks_dir: object, threads: int, **popen: object) -> _Exited:
     """Leave what papermill leaves when cell 3 raises: the executed copy with the error output."""
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f"cell {i}") for i in range(4)])
     nb.cells[3].execution_count = 2

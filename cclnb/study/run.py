@@ -25,6 +25,7 @@ from cclnb.study import papermill_step
 from cclnb.study.console import LiveLines
 from cclnb.study.notebooks import notebook_path
 from cclnb.study.plan import Step, Study
+from cclnb.study.stopping import StudyStop
 
 class StudyStepFailed(CclnbError):
     """Steps of the study raised; each `StepFailure` names the file that holds its traceback."""
@@ -141,7 +142,7 @@ def _launch(step: Step, notebooks_dir: str | Path | None, threads: int, **popen:
     params_file.write_text(json.dumps(step.parameters, indent=1))
     command = [sys.executable, "-m", "cclnb.study.papermill_step",
                str(notebook_path(step.notebook, notebooks_dir)), str(step.output), str(params_file)]
-    env = {"OMP_NUM_THREADS": str(threads), **os.environ}
+    env = {"OMP_NUM_THREADS": str(threads), **os.environ, papermill_step.PARENT_ENV: str(os.getpid())}
     with open(step.output.with_suffix(".log"), "w", encoding="utf-8") as log:  # the child keeps its copy
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, **popen)
 
@@ -187,10 +188,14 @@ def _run_action(step: Step, index: int, total: int, log: Callable[[str], None]) 
 
 def _run_concurrently(pending: list[tuple[int, Step]], study: Study, notebooks_dir: str | Path | None,
                       log: Callable[[str], None], total: int,
-                      show: Callable[[dict[str, Step]], None] = lambda running: None) -> list[StepFailure]:
+                      show: Callable[[dict[str, Step]], None] = lambda running: None,
+                      stop: StudyStop | None = None) -> list[StepFailure]:
     """Run the groups of `pending` (each group's steps in order, the costliest groups first) with
-    up to `study.jobs` notebooks at once, each on `study.threads` threads. A failed step drops the rest of its group; the other
-    groups finish; returns the failures."""
+    up to `study.jobs` notebooks at once, each on `study.threads` threads, in a session of its own.
+    A failed step drops the rest of its group; the other groups finish; returns the failures. Once
+    `stop` is requested nothing more starts and the running notebooks are awaited, each one that
+    ends then counted as interrupted, not failed."""
+    stop = stop or StudyStop()
     queues: dict[str, list[tuple[int, Step]]] = {}
     for index, step in sorted(pending, key=lambda item: -item[1].cost):   # stable: groups keep their order
         queues.setdefault(step.group, []).append((index, step))
@@ -198,6 +203,8 @@ def _run_concurrently(pending: list[tuple[int, Step]], study: Study, notebooks_d
     running: dict[str, tuple[int, Step, subprocess.Popen, float]] = {}
     failures: list[StepFailure] = []
     while queues or running:
+        if stop.requested:
+            queues.clear()
         for group in [g for g in queues if g not in running]:
             if len(running) >= jobs:   # in-process steps take a slot too: the CPU is shared
                 break
@@ -211,16 +218,22 @@ def _run_concurrently(pending: list[tuple[int, Step]], study: Study, notebooks_d
             if queue and len(running) < jobs:
                 index, step = queue.pop(0)
                 log(f"[{index}/{total}] {step.label} ... (log {step.output.with_suffix('.log')})")
-                running[group] = (index, step, _launch(step, notebooks_dir, threads), time.monotonic())
+                process = _launch(step, notebooks_dir, threads, start_new_session=True)
+                stop.children.add(process)
+                running[group] = (index, step, process, time.monotonic())
             if not queue:
                 del queues[group]
         time.sleep(0.2)
         show({group: entry[1] for group, entry in running.items()})   # the live line of each running job
+        stop.escalate()
         for group, (index, step, proc, tic) in list(running.items()):
             if proc.poll() is None:
                 continue
             del running[group]
-            if proc.returncode == 0:
+            stop.children.discard(proc)
+            if proc.returncode != 0 and stop.requested:
+                stop.interrupted.append((index, step))
+            elif proc.returncode == 0:
                 log(f"[{index}/{total}] {step.label}: done in {time.monotonic() - tic:.0f} s")
             else:
                 failures.append(_subprocess_failure(step, index, total))
@@ -242,16 +255,19 @@ def render_html(executed: Path, html: Path) -> Path:
 
 
 def _run_pending(pending: list[tuple[int, Step]], study: Study, notebooks_dir: str | Path | None,
-                 log: Callable[[str], None], total: int, failures_log: Path) -> None:
+                 log: Callable[[str], None], total: int, failures_log: Path, stop: StudyStop) -> None:
     """The pending steps: with `study.jobs` > 1 all but the report concurrently, then the rest
-    (everything with `--jobs 1`) in order in this process, the first failure raised."""
+    (everything with `--jobs 1`) in order in this process, the first failure raised; once `stop`
+    is requested, nothing more (the step it interrupted is in `stop.interrupted`)."""
     if study.jobs > 1:
         with LiveLines(study, log) as live:
-            failures = _run_concurrently(pending[:-1], study, notebooks_dir, live.log, total, live.show)
+            failures = _run_concurrently(pending[:-1], study, notebooks_dir, live.log, total, live.show, stop)
         if failures:
             raise _failed(failures, failures_log)
         pending = pending[-1:]
     for index, step in pending:
+        if stop.requested:
+            return
         if step.action is not None:
             failure = _run_action(step, index, total, log)
             if failure is not None:
@@ -262,6 +278,9 @@ def _run_pending(pending: list[tuple[int, Step]], study: Study, notebooks_dir: s
         try:
             execute_step(step, notebooks_dir)
         except _StepError as error:
+            if stop.requested:
+                stop.interrupted.append((index, step))
+                return
             raise _failed([_notebook_failure(step, index, total, *error.args)],
                           failures_log) from error.__cause__
         log(f"[{index}/{total}] {step.label}: done in {time.monotonic() - tic:.0f} s")
@@ -292,7 +311,9 @@ def run_study(study: Study, notebooks_dir: str | Path | None = None,
     study's lock (`cclnb.study.lock`: a second command on a running study refuses), does --force
     delete the runs it names (--rerun-changed move its own aside). A failure raises StudyStepFailed naming the
     step and the file with its traceback (after the concurrent runs have finished; several failures
-    are grouped by cause and listed in `runs/<study>/failures.log`).
+    are grouped by cause and listed in `runs/<study>/failures.log`). SIGINT (Ctrl-C) or SIGTERM
+    stops every running step, a training where it can save (`cclnb.study.stopping`), and raises
+    Interrupted naming them; the same command continues.
     """
     from cclnb.study.preflight import check_study
     from cclnb.study.lock import study_lock
@@ -300,7 +321,7 @@ def run_study(study: Study, notebooks_dir: str | Path | None = None,
 
     study, changed = compared(study)
     check_study(study)
-    with study_lock(study.runs_dir, log):   # one command per study (cclnb.study.lock)
+    with study_lock(study.runs_dir, log), StudyStop() as stop:   # one command per study; Ctrl-C stops it cleanly
         _make_way(study, changed, log)
         failures_log = study.runs_dir / "failures.log"
         total = len(study.steps)
@@ -311,7 +332,9 @@ def run_study(study: Study, notebooks_dir: str | Path | None = None,
                 log(f"[{index}/{total}] {step.label}: already complete, skipped ({step.output.parent})")
         pending = [(i, s) for i, s in numbered if not s.done]
         with pinned_threads(study.preset.threads):
-            _run_pending(pending, study, notebooks_dir, log, total, failures_log)
+            _run_pending(pending, study, notebooks_dir, log, total, failures_log, stop)
+        if stop.requested:
+            raise stop.error(study, total, log)
         html = render_html(study.steps[-1].output, study.html)
         log(f"study {study.name!r} finished in {time.monotonic() - started:.0f} s; report: {html}")
         return html
