@@ -90,6 +90,11 @@ def test_a_study_with_nothing_finished_projects_its_running_runs(tmp_path: Path)
     assert nothing.whole(pair("Finetuning")) is None and nothing.whole(pair("untrained"), running) is None
     evaluated = status._Estimates({"CCL": status._Measured(post_per_encoder=[6.0])}, None)
     assert evaluated.whole(pair("untrained"), running) == 6.0
+    # a study that has not started: no total, and the note says what is missing
+    fresh = status.study_status(study.plan_study("demo", runs_root=tmp_path / "runs", reports_root=tmp_path / "rep",
+                                                 methods=["CCL", "Finetuning"], seeds=[0], baseline=False))
+    assert fresh.eta_s is None and {r.state for r in fresh.rows} == {"queued"}
+    assert "no total yet: nothing measured to estimate CCL, Finetuning from" in fresh.notes[0]
 
 
 def test_durations_read_as_a_person_says_them() -> None:

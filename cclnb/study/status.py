@@ -484,9 +484,10 @@ def study_status(study: Study, jobs: Mapping[str, JobInfo] | None = None, livene
     if jobs:
         notes.append("cluster study: each (method, seed) is a job and its scheduler decides when the "
                      "queued ones start, so no total is given")
-    elif any(v is None for v in running) or any(r.eta_s is None for r in waiting):
-        notes.append("no total yet: a (method, seed) has nothing measured to go on (no run of its method, "
-                     "nor of any other, has finished, and it has logged no steps)")
+    elif any(r.eta_s is None for r in rows if r.state in (RUNNING, QUEUED, PREEMPTED)):
+        unknown = dict.fromkeys(r.method for r in rows if r.state in (RUNNING, QUEUED, PREEMPTED) and r.eta_s is None)
+        notes.append(f"no total yet: nothing measured to estimate {', '.join(unknown)} from (the first "
+                     f"(method, seed) to finish its evaluations gives it)")
     elif running or waiting or not study.html.is_file():
         eta = makespan(running, [r.eta_s for r in waiting], study.jobs) + (report_s or 0.0)
         if report_s is None:
