@@ -221,6 +221,8 @@ CATALOGUE = [
     _row("unknown notebook parameter",
          lambda t, r: ["study", "--preset", "demo", "-p", "epochz=1", "--runs-root", str(t / "runs")],
          ConfigError.exit_code, r"unknown parameter 'epochz'", r"valid names are .*epochs"),
+    _row("study: a parameter of the wrong type", lambda t, r: study_cli(t, "--preset", "demo", "-p", "lr=fast"),
+         ConfigError.exit_code, r"-p lr='fast': expected float", r"\(the preset demo has 0\.1\)"),
     _row("study: parameter out of range", lambda t, r: study_cli(t, "--preset", "demo", "-p", "epochs=0"),
          ConfigError.exit_code, r"Finetuning seed 0: task sequence \(and 17 more runs\): --epochs must be >= 1, got 0",
          r"-p epochs=.*checked before any step started; nothing was written"),

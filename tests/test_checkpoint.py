@@ -233,3 +233,15 @@ def test_a_trainer_checkpoint_names_no_python_global(tmp_path) -> None:
         path = tmp_path / "run" / "checkpoints" / name
         assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
         assert load_checkpoint(path)["task"] == 1
+
+
+def test_a_failed_first_save_does_not_claim_a_previous_file(tmp_path, monkeypatch) -> None:
+    """The message said "the previous file is intact" when there was none."""
+    def disk_full(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint({"epoch": 1, "w": torch.zeros(3)}, tmp_path / "last.pt")
+    assert "previous file" not in str(info.value) and "nothing was written" in str(info.value)
+    assert os.listdir(tmp_path) == []

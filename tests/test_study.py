@@ -332,3 +332,39 @@ def test_a_record_names_the_data_the_run_read(tmp_path: Path) -> None:
     assert json.loads((run / "config.json").read_text())["data_identity"] == shapes
     record = json.loads(write_record(run, tmp_path / "records", "x").read_text())
     assert record["provenance"]["data_identity"] == shapes and "data_identity" not in record["config"]
+
+
+def test_a_record_cut_mid_string_is_named_in_plain_words(tmp_path: Path) -> None:
+    """The message read "(Unterminated string starting at at line 1)"."""
+    from cclnb.study.records import read_record
+
+    cut = tmp_path / "CCL-seed0.json"
+    cut.write_text('{"format": "cclnb-rec')
+    with pytest.raises(DataError) as info:
+        read_record(cut)
+    assert "at at" not in str(info.value)
+    assert "is not valid JSON (Unterminated string starting at: line 1 column 12 (char 11))" in str(info.value)
+
+
+def test_a_mistyped_value_quotes_the_value_the_preset_sets(tmp_path: Path) -> None:
+    """`-p lr=fast` on the demo quoted the notebook's default (0.03) where the demo runs at 0.1."""
+    with pytest.raises(ConfigError, match=r"-p lr='fast': expected float \(the preset demo has 0\.1\)"):
+        study.plan_study("demo", ["lr=fast"], runs_root=tmp_path)
+    with pytest.raises(ConfigError, match=r"-p moco_dim='x': expected int \(default 128\)"):   # not set by the demo
+        study.plan_study("demo", ["moco_dim=x"], runs_root=tmp_path)
+
+
+def test_records_left_out_of_the_averages_are_said_on_the_terminal(tmp_path: Path) -> None:
+    """It was said only on the report page."""
+    from cclnb.study import run as study_run
+    from test_aggregate import fixture_record, write_records
+
+    other = fixture_record("Finetuning", 2, 50.0)
+    other["config"]["lr"] = 0.5
+    folder = write_records(tmp_path / "runs", fixture_record("Finetuning", 0, 50.0),
+                           fixture_record("Finetuning", 1, 51.0), other)
+    lines: list[str] = []
+    study_run.say_left_out([folder], lines.append)
+    assert len(lines) == 1 and lines[0].startswith(
+        f"left out of the averages (see the report): {folder / 'Finetuning-seed2.json'} (Finetuning seed 2): ")
+    assert "lr" in lines[0]

@@ -11,9 +11,12 @@ import ast
 import json
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from cclnb.errors import ConfigError
+
+if TYPE_CHECKING:       # presets imports this module
+    from cclnb.study.presets import Preset
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ("task_sequence", "linear_eval", "report")
@@ -71,8 +74,9 @@ def _declared_type(spec: Mapping[str, Any]) -> tuple[type | None, bool]:
     return (None, True) if default is None else (type(default), False)
 
 
-def parse_value(name: str, raw: str, spec: Mapping[str, Any]) -> Any:
-    """Convert the text of `-p name=raw` to the type of the parameter's default."""
+def parse_value(name: str, raw: str, spec: Mapping[str, Any], now: str | None = None) -> Any:
+    """Convert the text of `-p name=raw` to the type of the parameter's default; `now`: what the
+    study sets it to, for the error ("the preset demo has 0.1"; default: the notebook's default)."""
     kind, optional = _declared_type(spec)
     text = raw.strip()
     if optional and text.lower() in ("none", "null"):
@@ -98,17 +102,19 @@ def parse_value(name: str, raw: str, spec: Mapping[str, Any]) -> Any:
             return value
     except (ValueError, SyntaxError, json.JSONDecodeError):
         expected = f"{kind.__name__}{' or None' if optional else ''}"
-        raise ConfigError(f"-p {name}={raw!r}: expected {expected} (default {spec.get('default')})")
+        said = now or f"default {spec.get('default')}"
+        raise ConfigError(f"-p {name}={raw!r}: expected {expected} ({said})")
     return _literal(text)  # untyped default None: a Python literal, else the text itself
 
 
-def split_overrides(pairs: Sequence[str], specs: Mapping[str, Mapping[str, Mapping[str, Any]]]
-                    ) -> dict[str, dict[str, Any]]:
+def split_overrides(pairs: Sequence[str], specs: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                    preset: Preset | None = None) -> dict[str, dict[str, Any]]:
     """Route `name=value` pairs to the notebooks that declare `name`, typed from the defaults.
 
     An unprefixed name goes to the first notebook (task_sequence, linear_eval, report) that has
     it, so `-p epochs=5` means pretraining epochs; `linear_eval.epochs=30` targets one notebook.
-    Unknown names are a ConfigError listing every valid name: papermill would only warn.
+    Unknown names are a ConfigError listing every valid name: papermill would only warn. A value of
+    the wrong type quotes what `preset` sets the name to, else the notebook's default.
     """
     routed: dict[str, dict[str, Any]] = {nb: {} for nb in specs}
     for pair in pairs:
@@ -130,5 +136,7 @@ def split_overrides(pairs: Sequence[str], specs: Mapping[str, Mapping[str, Mappi
             option = RUNNER_OPTIONS.get(name, "--methods, --runs-root, --reports-root or --study")
             raise ConfigError(f"-p {key}: `{name}` is set by the study runner for each step; use "
                               f"{option} instead")
-        routed[target][name] = parse_value(key, raw, specs[target][name])
+        values = preset.parameters(target) if preset is not None else {}
+        now = f"the preset {preset.name} has {values[name]!r}" if name in values else None
+        routed[target][name] = parse_value(key, raw, specs[target][name], now)
     return routed

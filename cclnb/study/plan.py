@@ -168,7 +168,7 @@ def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root
     # A method's options are task-sequence parameters too (they reach the notebook in `extra`)
     options = registry.option_specs()
     specs_with_options = {**specs, "task_sequence": {**options, **specs["task_sequence"]}}
-    routed = split_overrides(overrides, specs_with_options)
+    routed = split_overrides(overrides, specs_with_options, preset)
     params = {nb: {**preset.parameters(nb), **routed[nb]} for nb in NOTEBOOKS}
     check_preset(preset, specs_with_options)
     params["task_sequence"] = _options_into_extra(params["task_sequence"], options)

@@ -187,7 +187,7 @@ def _read_raw(file: Path) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise DataError(f"{file} is not valid JSON ({error.msg} at line {error.lineno}); restore it "
+        raise DataError(f"{file} is not valid JSON ({error}); restore it "
                         f"from git or delete it and run that (method, seed) again") from error
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise DataError(f"{file} is not a cclnb study record (no \"format\": {FORMAT!r}); keep only "

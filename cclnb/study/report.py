@@ -73,7 +73,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise DataError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}); the run "
+        raise DataError(f"{path} is not valid JSON ({error}); the run "
                         f"that wrote it was probably killed mid-write: re-run that step") from error
 
 

@@ -286,6 +286,16 @@ def _run_pending(pending: list[tuple[int, Step]], study: Study, notebooks_dir: s
         log(f"[{index}/{total}] {step.label}: done in {time.monotonic() - tic:.0f} s")
 
 
+def say_left_out(folders: Sequence[str | Path], log: Callable[[str], None]) -> None:
+    """Each record the report leaves out of its averages, and why: said on its page, and here,
+    since the page is not where a terminal user looks first."""
+    from cclnb.study.records import study_results
+
+    for refusal in study_results(folders).refused:
+        log(f"left out of the averages (see the report): {refusal.key} ({refusal.group} seed {refusal.seed}): "
+            f"{refusal.reason}")
+
+
 def _make_way(study: Study, changed: dict[str, list[str]], log: Callable[[str], None]) -> None:
     """Once the pre-flight has passed: --force deletes the runs it names, --rerun-changed moves
     the changed ones and their records aside."""
@@ -336,5 +346,6 @@ def run_study(study: Study, notebooks_dir: str | Path | None = None,
         if stop.requested:
             raise stop.error(study, total, log)
         html = render_html(study.steps[-1].output, study.html)
+        say_left_out(study.steps[-1].parameters["records"], log)
         log(f"study {study.name!r} finished in {time.monotonic() - started:.0f} s; report: {html}")
         return html

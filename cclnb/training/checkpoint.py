@@ -78,6 +78,7 @@ def _replace_atomically(dst: Path, fill: Callable[[Path], None], what: str) -> N
     zip writer reports it only as "unexpected pos ..." (a RuntimeError), which says nothing to a reader.
     """
     tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
+    existed = dst.exists()
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         fill(tmp)
@@ -88,7 +89,8 @@ def _replace_atomically(dst: Path, fill: Callable[[Path], None], what: str) -> N
         free = _free_bytes(dst.parent) if dst.parent.exists() else None
         space = f"{free / 2**20:.0f} MiB free there" if free is not None else "free space unknown"
         raise CheckpointError(f"could not write {what} {dst}: {cause} ({space}); free disk space or "
-                              f"choose a writable --run-dir (the previous file is intact)") from e
+                              f"choose a writable --run-dir "
+                              f"({'the previous file is intact' if existed else 'nothing was written'})") from e
     finally:
         with contextlib.suppress(OSError):  # gone already, or its folder never existed
             tmp.unlink(missing_ok=True)
