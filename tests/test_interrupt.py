@@ -71,6 +71,24 @@ def test_a_signal_stops_every_running_step_and_says_how_to_go_on(tmp_path: Path,
     assert not (tmp_path / "runs" / "demo" / "Joint").exists() and not plan.html.exists()
 
 
+def test_an_interrupted_step_says_where_it_goes_on(tmp_path: Path) -> None:
+    from cclnb.study.stopping import interrupted_line
+
+    run_dir = tmp_path / "CCL" / "seed0"
+    step = study.Step("CCL seed 0: task sequence", "task_sequence", run_dir / "task_sequence.ipynb",
+                      {"run_dir": str(run_dir)})
+    assert interrupted_line(step, 7, 58) == "[7/58] CCL seed 0: task sequence: interrupted; it runs again from its start"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    (run_dir / "status.json").write_text(json.dumps({"state": "failed"}))      # stopped before it trained
+    assert interrupted_line(step, 7, 58).endswith(f"interrupted; it resumes from {run_dir / 'checkpoints' / 'last.pt'}")
+    (run_dir / "status.json").write_text(json.dumps({"state": "interrupted", "task": 1, "epoch": 0, "step": 3,
+                                                     "n_tasks": 5}))
+    assert interrupted_line(step, 7, 58) == (
+        f"[7/58] CCL seed 0: task sequence: interrupted; its training saved its state at task 2/5, epoch 1, step 3 "
+        f"in {run_dir / 'checkpoints' / 'last.pt'} and resumes there")
+
+
 # ----------------------------------------------------------------------------- tiny real studies
 # Two runs at once, each a few dozen steps: long enough to be stopped mid-training, seconds each.
 TINY = ["subset_per_class=24", "n_tasks=2", "epochs=3", "batch_size=16", "bn_groups=2", "key_bn_groups=2",
@@ -150,7 +168,7 @@ def test_ctrl_c_then_the_same_command_equals_an_uninterrupted_study(tmp_path: Pa
     for method in METHODS:
         run_dir = cut / "runs" / "demo" / method / "seed0"
         assert _state(run_dir) == "interrupted"
-        assert f"{method} seed 0: task sequence: interrupted; its training saved task 0, epoch" in out
+        assert f"{method} seed 0: task sequence: interrupted; its training saved its state at task 1/2, epoch" in out
         assert f"in {run_dir / 'checkpoints' / 'last.pt'} and resumes there" in out
     assert not any((cut / "reports" / "demo" / "runs").glob("*.json"))
 

@@ -111,8 +111,10 @@ def interrupted_line(step: Step, index: int, total: int) -> str:
         except (OSError, ValueError):
             status = {}
         if status.get("state") == "interrupted" and last.is_file():
-            return (f"{head}; its training saved task {status.get('task')}, epoch {status.get('epoch')}, "
-                    f"step {status.get('step')} in {last} and resumes there")
+            # counted from 1, as the study's console counts them (the trainer's own message counts from 0)
+            where = (f"task {status.get('task', 0) + 1}/{status.get('n_tasks', '?')}, epoch {status.get('epoch', 0) + 1}, "
+                     f"step {status.get('step')}")
+            return f"{head}; its training saved its state at {where} in {last} and resumes there"
         if last.is_file():
             return f"{head}; it resumes from {last}"
     return f"{head}; it runs again from its start"
