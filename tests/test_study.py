@@ -25,7 +25,9 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 @pytest.fixture(scope="module")
 def specs() -> dict[str, dict]:
-    return {nb: study.notebook_parameters(study.notebook_path(nb)) for nb in study.NOTEBOOKS}
+    from cclnb.study.plan import study_specs
+
+    return study_specs()      # the notebooks' parameters cells, and the methods' options
 
 
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
@@ -55,7 +57,7 @@ def test_every_preset_names_only_declared_parameters(specs: dict) -> None:
 
 
 def test_check_preset_rejects_an_undeclared_name(specs: dict) -> None:
-    bad = study.Preset("bad", "", task_sequence={"epoch": 1}, linear_eval={})
+    bad = study.Preset("bad", "", task_sequence={"epoch": 1}, linear_eval={}, methods=("Finetuning",))
     with pytest.raises(ConfigError, match=r"\['epoch'\].*task_sequence.ipynb"):
         study.check_preset(bad, specs)
 

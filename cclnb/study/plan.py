@@ -161,17 +161,14 @@ def plan_study(preset: str | Preset, overrides: Sequence[str] = (), *, runs_root
     other parameters than these (`cclnb.study.rerun`).
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    specs = {nb: notebook_parameters(notebook_path(nb, notebooks_dir)) for nb in NOTEBOOKS}
     module = _method_module(overrides, preset)
     if module:
         registry.load(module)
-    # A method's options are task-sequence parameters too (they reach the notebook in `extra`)
-    options = registry.option_specs()
-    specs_with_options = {**specs, "task_sequence": {**options, **specs["task_sequence"]}}
-    routed = split_overrides(overrides, specs_with_options, preset)
+    specs = study_specs(notebooks_dir)
+    routed = split_overrides(overrides, specs, preset)
     params = {nb: {**preset.parameters(nb), **routed[nb]} for nb in NOTEBOOKS}
-    check_preset(preset, specs_with_options)
-    params["task_sequence"] = _options_into_extra(params["task_sequence"], options)
+    check_preset(preset, specs)
+    params["task_sequence"] = _options_into_extra(params["task_sequence"], registry.option_specs())
     data = params["task_sequence"].get("data")
     if data is None:
         raise ConfigError(f"preset {preset.name!r} needs its data: pass -p data=PATH "
@@ -278,6 +275,14 @@ def expected_cost(method: str) -> float:
     if method in BASELINES:
         return 0.0
     return registry.method_class(method).step_cost
+
+
+def study_specs(notebooks_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """What `-p` and a preset may set, per notebook: each notebook's parameters cell, and for the
+    task sequence also every registered method's options (they reach the notebook in `extra`)."""
+    specs = {nb: notebook_parameters(notebook_path(nb, notebooks_dir)) for nb in NOTEBOOKS}
+    specs["task_sequence"] = {**registry.option_specs(), **specs["task_sequence"]}
+    return specs
 
 
 def _method_module(overrides: Sequence[str], preset: Preset) -> str | None:
