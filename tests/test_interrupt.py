@@ -71,6 +71,33 @@ def test_a_signal_stops_every_running_step_and_says_how_to_go_on(tmp_path: Path,
     assert not (tmp_path / "runs" / "demo" / "Joint").exists() and not plan.html.exists()
 
 
+def test_with_one_job_a_signal_interrupts_the_notebook_running_in_the_study(tmp_path: Path, monkeypatch) -> None:
+    """`--jobs 1` runs each notebook in the study's own process, its kernel a child of the study:
+    the signal reaches that kernel through `papermill_step.signal_kernels` (SIGINT: the training
+    saves and stops; a second signal: SIGKILL)."""
+    from cclnb.study import papermill_step
+
+    sent: list[int] = []
+    monkeypatch.setattr(papermill_step, "signal_kernels", lambda sig: sent.append(sig) or 1)
+
+    def execute_step(step: study.Step, notebooks_dir: object = None) -> None:
+        os.kill(os.getpid(), signal.SIGINT)       # Ctrl-C while the first notebook runs
+        deadline = time.monotonic() + 30
+        while not sent and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise study_run._StepError("cell 5 (In [3]: `run_dir = ...`)", "Interrupted: stopped by a signal")
+
+    monkeypatch.setattr(study_run, "execute_step", execute_step)
+    monkeypatch.setattr(study_run, "_run_action", lambda *a: pytest.fail("a step started after the signal"))
+    plan = study.plan_study("demo", runs_root=tmp_path / "runs", reports_root=tmp_path / "reports",
+                            methods=["Joint"], seeds=[0], baseline=False, jobs=1)
+    lines: list[str] = []
+    with pytest.raises(Interrupted, match=r"stopped by SIGINT: 1 running step was interrupted"):
+        study.run_study(plan, log=lines.append)
+    assert sent == [signal.SIGINT]
+    assert lines[-1] == "[1/4] Joint seed 0: task sequence: interrupted; it runs again from its start"
+
+
 def test_an_interrupted_step_says_where_it_goes_on(tmp_path: Path) -> None:
     from cclnb.study.stopping import interrupted_line
 
