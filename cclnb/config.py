@@ -26,6 +26,9 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # budget's middle ground); `auto` = cifar for images <= 64 px, else imagenet.
 STEMS = ("auto", "cifar", "cifar_pool", "imagenet")
 STEM_DOWNSAMPLING = {"cifar": 1, "cifar_pool": 2, "imagenet": 4}   # input side / first block's side
+LOADERS = ("auto", "tensor", "workers", "decode")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")   # torch.compile's `mode`
+GROUPED_BN = ("reshape", "strided")     # how the per-GPU BatchNorm groups are normalized (cclnb.training.bn)
 
 
 def resolve_stem(stem: str, small_images: bool | None) -> str:
@@ -84,9 +87,14 @@ class TrainConfig:
     order_seed: int = 1                     # class-order seed; 1 = the authors' order
     device: str = "auto"                    # auto | cpu | cuda
     precision: str = "auto"                 # auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs) | fp32 | bf16
-    loader: str = "auto"                    # auto | tensor (uint8 batches, batched aug) | workers
+    loader: str = "auto"                    # auto | tensor (uint8 batches, batched aug) | workers | decode (JPEG files decoded on the device per batch, cclnb.data.jpeg)
+    # Speed options (docs/performance.md). prefetch changes the GPU random stream (every batch
+    # draws from its own generator), so records with and without it are not averaged.
+    prefetch: bool = False                  # build the next batch on a second CUDA stream while the step runs (CUDA, tensor/decode loaders)
+    grouped_bn: str = "reshape"             # per-GPU BatchNorm groups: reshape (one batch_norm over the batch reshaped into channels) | strided (a strided view: no layout copies)
     channels_last: bool = True
     compile: bool = False                   # torch.compile the encoders
+    compile_mode: str = "default"           # with compile: torch.compile's mode, default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
     deterministic: bool = False             # deterministic algorithms (CPU tests of exact resume)
     run_dir: str | None = None
     save_every: int = 0                     # extra checkpoint every N epochs (0: end of task only)
@@ -131,7 +139,12 @@ class TrainConfig:
             (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}"),
             (self.precision in ("auto", "fp32", "bf16"),
              f"--precision must be auto, fp32 or bf16, got {self.precision!r}"),
-            (self.loader in ("auto", "tensor", "workers"), f"--loader must be auto, tensor or workers, got {self.loader!r}"),
+            (self.loader in LOADERS, f"--loader must be one of {', '.join(LOADERS)}, got {self.loader!r}"),
+            (self.grouped_bn in GROUPED_BN, f"--grouped-bn must be one of {', '.join(GROUPED_BN)}, got {self.grouped_bn!r}"),
+            (self.compile_mode in COMPILE_MODES,
+             f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}"),
+            (self.compile or self.compile_mode == "default",
+             f"--compile-mode {self.compile_mode} is a mode of torch.compile: add --compile (or drop the mode)"),
             (self.eval_each_task in ("knn", "probe", "both", "none"),
              f"--eval-each-task must be knn, probe, both or none, got {self.eval_each_task!r}"),
             (self.stem in STEMS, f"--stem must be one of {', '.join(STEMS)}, got {self.stem!r}"),

@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import typing
 
-from cclnb.config import ARCHS, STEMS, TrainConfig
+from cclnb.config import ARCHS, COMPILE_MODES, GROUPED_BN, LOADERS, STEMS, TrainConfig
 from cclnb.errors import ConfigError
 
 D = TrainConfig()
@@ -72,9 +72,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     x.add_argument("--precision", default=D.precision, choices=("auto", "fp32", "bf16"),
                    help="auto (default): bf16 autocast where native (CUDA, CPUs with AVX512-BF16 or AMX), "
                         "else fp32; the run's config.json records the resolved choice")
-    x.add_argument("--loader", default=D.loader, choices=("auto", "tensor", "workers"))
+    x.add_argument("--loader", default=D.loader, choices=LOADERS,
+                   help="auto (default: tensor for <= 64 px data, else workers), tensor (uint8 on the device, "
+                        "batched augmentation), workers (the authors' PIL + DataLoader), decode (JPEG files "
+                        "decoded on the device per batch, views cropped from the full-resolution image)")
+    x.add_argument("--prefetch", action="store_true",
+                   help="CUDA: build the next batch on a second stream while the step runs; every batch draws "
+                        "from its own generator (another random stream than without it; docs/performance.md)")
+    x.add_argument("--grouped-bn", default=D.grouped_bn, choices=GROUPED_BN,
+                   help="how the per-GPU BatchNorm groups are normalized: reshape (default) or strided (the same "
+                        "statistics on a strided view, no channels_last copies)")
     x.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     x.add_argument("--compile", action="store_true", help="torch.compile the query encoder")
+    x.add_argument("--compile-mode", default=D.compile_mode, choices=COMPILE_MODES,
+                   help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs)")
     x.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resume tests)")
     x.add_argument("--run-dir", default=D.run_dir, help="default runs/<method>-<dataset>-<time>")
     x.add_argument("--save-every", type=int, default=D.save_every, help="also checkpoint every N epochs")

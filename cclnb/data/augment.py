@@ -82,12 +82,16 @@ def _resize_then_center(image_size: int) -> list[Callable]:
     return [T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)]
 
 
+def anchor_geometry(image_size: int, small_images: bool) -> list[Callable]:
+    """The anchor view's resize (and crop), for PIL images or image tensors alike."""
+    _check_size(image_size)
+    return [T.Resize((image_size, image_size))] if small_images else _resize_then_center(image_size)
+
+
 def anchor_transform(image_size: int, small_images: bool) -> Callable[[Image.Image], Tensor]:
     """CCL's anchor view: un-augmented. Small images are only resized to `image_size` (a no-op
     at native size: centre-cropping a 32 px image to 28 px would throw away 23% of it)."""
-    _check_size(image_size)
-    geometry = [T.Resize((image_size, image_size))] if small_images else _resize_then_center(image_size)
-    return T.Compose(geometry + [T.ToTensor(), _normalize()])
+    return T.Compose(anchor_geometry(image_size, small_images) + [T.ToTensor(), _normalize()])
 
 
 def eval_transform(image_size: int, small_images: bool) -> Callable[[Image.Image], Tensor]:
@@ -167,36 +171,56 @@ def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.G
     return torch.rand(shape, generator=generator, device=device).mul_(high - low).add_(low)
 
 
-def sample_crop_boxes(n: int, height: int, width: int, scale: tuple[float, float],
+def _fallback_size(height: int | Tensor, width: int | Tensor, ratio: tuple[float, float]
+                   ) -> tuple[int | Tensor, int | Tensor]:
+    """RandomResizedCrop's centre-crop fallback (w, h) when no try fits: the whole image, cut to
+    the nearest allowed aspect ratio. Per sample for (n,) int64 sizes, in the same float64
+    arithmetic and round-half-to-even as Python's `round`."""
+    if not isinstance(height, Tensor):
+        in_ratio = width / height
+        if in_ratio < min(ratio):
+            return width, int(round(width / min(ratio)))
+        if in_ratio > max(ratio):
+            return int(round(height * max(ratio))), height
+        return width, height
+    in_ratio = width.double() / height.double()
+    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    fw = torch.where(wide, torch.round(height.double() * max(ratio)).long(), width)
+    fh = torch.where(narrow, torch.round(width.double() / min(ratio)).long(), height)
+    return fw, fh
+
+
+def sample_crop_boxes(n: int, height: int | Tensor, width: int | Tensor, scale: tuple[float, float],
                       ratio: tuple[float, float], generator: torch.Generator | None = None,
                       device: torch.device | str = "cpu") -> Tensor:
     """`n` RandomResizedCrop boxes (top, left, h, w) as an (n, 4) int64 tensor.
 
     Vectorized `RandomResizedCrop.get_params`: ten candidate (area, log-ratio) draws per sample,
     rounded the same way (round half to even, like Python's round), the first that fits is kept,
-    and samples where none fits get torchvision's centre-crop fallback."""
+    and samples where none fits get torchvision's centre-crop fallback. `height` and `width` are
+    one image size, or (n,) int64 tensors of every sample's own size (images of different sizes,
+    `cclnb.data.jpeg`); the same draws then give each sample the box its own size gives."""
     device = torch.device(device)
-    area = height * width
+    if isinstance(height, Tensor):
+        height, width = height.to(device, torch.int64), width.to(device, torch.int64)
+        tries_h, tries_w = height.view(n, 1), width.view(n, 1)
+    else:
+        tries_h, tries_w = height, width
+    area = tries_h * tries_w
     target_area = area * _uniform((n, CROP_TRIES), scale[0], scale[1], generator, device)
     log_r = _uniform((n, CROP_TRIES), math.log(ratio[0]), math.log(ratio[1]), generator, device)
     aspect = torch.exp(log_r)
     w = torch.round(torch.sqrt(target_area * aspect)).long()
     h = torch.round(torch.sqrt(target_area / aspect)).long()
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    ok = (w > 0) & (w <= tries_w) & (h > 0) & (h <= tries_h)
     first = torch.argmax(ok.int(), dim=1, keepdim=True)          # first valid try (0 if none)
     w = w.gather(1, first).squeeze(1)
     h = h.gather(1, first).squeeze(1)
     found = ok.any(dim=1)
 
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fw, fh = int(round(height * max(ratio))), height
-    else:
-        fw, fh = width, height
-    w = torch.where(found, w, torch.full_like(w, fw))
-    h = torch.where(found, h, torch.full_like(h, fh))
+    fw, fh = _fallback_size(height, width, ratio)
+    w = torch.where(found, w, fw if isinstance(fw, Tensor) else torch.full_like(w, fw))
+    h = torch.where(found, h, fh if isinstance(fh, Tensor) else torch.full_like(h, fh))
     # randint(0, H - h + 1) drawn as floor(U * (H - h + 1)): uniform over the same integers.
     top = (torch.rand(n, generator=generator, device=device) * (height - h + 1)).long()
     left = (torch.rand(n, generator=generator, device=device) * (width - w + 1)).long()
@@ -368,9 +392,10 @@ class BatchMoCoV2Augment(torch.nn.Module):
         self.gray_p, self.blur_p, self.flip_p = gray_p, blur_p, flip_p
         self.kernel_size = blur_kernel_size(image_size)
 
-    def sample_params(self, n: int, height: int, width: int, generator: torch.Generator | None = None,
-                      device: torch.device | str = "cpu") -> MoCoV2Params:
-        """Draw the parameters of `n` samples (on the generator's device when one is given)."""
+    def sample_params(self, n: int, height: int | Tensor, width: int | Tensor,
+                      generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> MoCoV2Params:
+        """Draw the parameters of `n` samples (on the generator's device when one is given); the
+        image size is one for all, or (n,) tensors of each sample's own (see `sample_crop_boxes`)."""
         device = generator.device if generator is not None else torch.device(device)
         bri, con, sat, hue = self.jitter
         lows = torch.tensor([1 - bri, 1 - con, 1 - sat, -hue], device=device)
@@ -392,11 +417,16 @@ class BatchMoCoV2Augment(torch.nn.Module):
         into the crop's sampling grid)."""
         x = to_nchw_uint8(images_uint8).float().div_(255.0)
         p = params.to(x.device)
-        x = crop_resize_flip(x, p.boxes, p.flip, self.image_size)
-        x = color_jitter(x, p.factors, p.order, p.jitter)
-        x = grayscale(x, p.gray)
+        return self.colour(crop_resize_flip(x, p.boxes, p.flip, self.image_size), p)
+
+    def colour(self, x: Tensor, params: MoCoV2Params) -> Tensor:
+        """The steps after the crop (jitter, grayscale, blur, normalization) on (B, 3, S, S) views
+        in [0, 1], already cropped, resized and flipped (by `apply`, or per image from the full
+        resolution by `cclnb.data.jpeg`), with `params` on their device."""
+        x = color_jitter(x, params.factors, params.order, params.jitter)
+        x = grayscale(x, params.gray)
         if self.blur:
-            x = gaussian_blur(x, p.sigma, self.kernel_size, p.blur)
+            x = gaussian_blur(x, params.sigma, self.kernel_size, params.blur)
         return normalize_float(x)
 
     def forward(self, images_uint8: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -11,6 +11,12 @@ Two feeders produce the views of a batch (q, k, anchor):
 * `TensorFeeder` (images <= 64 px): the uint8 images live on the training device; a batch is an
   index, augmented there by `BatchMoCoV2Augment`. No worker processes, no start-up stall.
 * `WorkerFeeder` (large images): the authors' path, torchvision transforms in DataLoader workers.
+
+Two more wrap or replace them on request: `cclnb.data.prefetch.PrefetchFeeder` (the next batch
+augmented on a side CUDA stream while the step runs) and `cclnb.data.jpeg.DecodeFeeder` (JPEG
+files decoded on the training device per batch). Both draw each batch's random parameters from a
+generator of its own step (`step_generator`), so building batches ahead of the step cannot
+change which numbers a step gets, and a resumed epoch rebuilds the same batches.
 """
 
 from __future__ import annotations
@@ -74,6 +80,16 @@ def epoch_order(n_entries: int, seed: int, task: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, task, epoch]).permutation(n_entries)
 
 
+def step_generator(generator: torch.Generator, step: int, device: torch.device | str | None = None
+                   ) -> torch.Generator:
+    """A generator of batch `step` alone, on `device` (default: `generator`'s), seeded by
+    (`generator.initial_seed()`, step). The epoch's generator is seeded by (seed, task, epoch,
+    rank) and its initial seed survives `set_state`, so a batch's draws depend only on those
+    numbers and the step: not on how many batches were built before it, nor on when."""
+    seed = int(np.random.default_rng([generator.initial_seed(), step]).integers(2**62))
+    return torch.Generator(device=generator.device if device is None else device).manual_seed(seed)
+
+
 def rank_positions(order: np.ndarray, step: int, batch_size: int, rank: int, world: int) -> np.ndarray:
     """Entry positions of `rank`'s slice of global batch `step` (batch_size is the global size)."""
     local = batch_size // world
@@ -113,24 +129,40 @@ class TensorFeeder:
         self.images = torch.from_numpy(np.ascontiguousarray(images_uint8)).to(device)
         self.row = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, dtype=np.int64)
         self.row[ids] = np.arange(len(ids))
-        self.device = device
+        self.device = self.draw_device = device     # its random parameters are drawn on the device
         self.augment = BatchMoCoV2Augment(image_size, blur)
         self.image_size, self.small_images = image_size, small_images
+        # Host arrays go up through pinned memory without waiting for the device when set (the
+        # prefetching wrapper sets it on CUDA): the same values, no host-device sync per batch.
+        self.pinned = False
+
+    def _upload(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.pinned:
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
 
     def _rows(self, ids: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(self.row[ids]).to(self.device)
+        return self._upload(self.row[ids])
+
+    def batch_at(self, entries: tuple[np.ndarray, np.ndarray], order: np.ndarray, step: int,
+                 batch_size: int, rank: int, world: int, generator: torch.Generator) -> Batch:
+        """Batch `step` of the epoch (this rank's share), augmented with `generator`'s draws."""
+        ids, is_old = entries
+        pos = rank_positions(order, step, batch_size, rank, world)
+        images = self.images[self._rows(ids[pos])]
+        old_host, old_all = old_flags(is_old, order, step, batch_size, rank, world)
+        return Batch(q=self.augment(images, generator), k=self.augment(images, generator),
+                     anchor=anchor_uint8(images, self.image_size, self.small_images),
+                     is_old=self._upload(old_host),
+                     ids=torch.from_numpy(ids[pos]), old_host=old_host, old_all_host=old_all)
 
     def batches(self, entries: tuple[np.ndarray, np.ndarray], order: np.ndarray, batch_size: int,
                 rank: int, world: int, start_step: int, generator: torch.Generator) -> Iterator[Batch]:
-        ids, is_old = entries
-        for step in range(start_step, steps_per_epoch(len(ids), batch_size)):
-            pos = rank_positions(order, step, batch_size, rank, world)
-            images = self.images[self._rows(ids[pos])]
-            old_host, old_all = old_flags(is_old, order, step, batch_size, rank, world)
-            yield Batch(q=self.augment(images, generator), k=self.augment(images, generator),
-                        anchor=anchor_uint8(images, self.image_size, self.small_images),
-                        is_old=torch.from_numpy(old_host).to(self.device),
-                        ids=torch.from_numpy(ids[pos]), old_host=old_host, old_all_host=old_all)
+        """The epoch's batches from `start_step` on, every draw from the one `generator` in step
+        order (a mid-epoch checkpoint saves its state between steps)."""
+        for step in range(start_step, steps_per_epoch(len(entries[0]), batch_size)):
+            yield self.batch_at(entries, order, step, batch_size, rank, world, generator)
 
     def views(self, ids: np.ndarray, n_views: int, batch_size: int,
               generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

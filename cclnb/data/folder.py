@@ -80,6 +80,10 @@ class FileDataset(ImageDataset):
         """The encoded bytes of sample `i`."""
         raise NotImplementedError
 
+    def read_bytes(self, i: int) -> bytes:
+        """The encoded file of sample `i`, undecoded (the device decoder's input, `cclnb.data.jpeg`)."""
+        return self._read(i)
+
     def describe(self, i: int) -> str:
         return f"{self.location}/{self.files[i]}"
 

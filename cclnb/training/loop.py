@@ -32,13 +32,15 @@ from cclnb.config import TrainConfig
 from cclnb.data import load_uint8
 from cclnb.data.batches import (Batch, TensorFeeder, WorkerFeeder, check_batch, epoch_entries, epoch_order,
                                 steps_per_epoch)
+from cclnb.data.jpeg import DecodeFeeder
+from cclnb.data.prefetch import PrefetchFeeder, check_prefetch
 from cclnb.errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
 from cclnb.training import dist, runs
 from cclnb.training.checkpoint import publish_copy, rng_state, save_checkpoint, set_rng_state
 from cclnb.training.lifecycle import StopFlag
 from cclnb.training.losses import at_least_fp32, info_nce_from_logits, info_nce_logits
 from cclnb.training.methods import Method, StepOutputs, TrainerEnv, get_method, method_class, resolve
-from cclnb.training.models import MoCo, grouped_forward
+from cclnb.training.models import MoCo, grouped_forward, set_grouped_bn
 from cclnb.training.plan import TaskPlan, plan_tasks, resolve_config
 from cclnb.training.precision import autocast
 
@@ -108,9 +110,11 @@ class Trainer:
                           config.small_images, config.stem, config.width).to(self.device)
         if self.device.type == "cuda" and config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        set_grouped_bn(self.model, config.grouped_bn)    # the key encoder and teachers copy it
         self.model.copy_query_to_key()
         self._broadcast_model()
-        self.encode_q = torch.compile(self.model.encoder_q) if config.compile else self.model.encoder_q
+        self.encode_q = (torch.compile(self.model.encoder_q, mode=config.compile_mode) if config.compile
+                         else self.model.encoder_q)
         self.feeder = self._make_feeder(images_source)
         self.bn_groups = groups_per_rank(config.bn_groups, ctx.world_size, "--bn-groups")
         self.key_bn_groups = groups_per_rank(config.key_bn_groups, ctx.world_size, "--key-bn-groups")
@@ -302,15 +306,21 @@ class Trainer:
         return ids
 
     # ------------------------------------------------------------------ set-up
-    def _make_feeder(self, images_source) -> TensorFeeder | WorkerFeeder:
+    def _make_feeder(self, images_source) -> TensorFeeder | WorkerFeeder | DecodeFeeder | PrefetchFeeder:
         cfg, small = self.config, self.config.small_images
         blur = not small
+        if cfg.prefetch:
+            check_prefetch(cfg.loader, self.device)
         if cfg.loader == "tensor":
             ids = self.plan.all_ids
             images = (images_source[ids] if isinstance(images_source, np.ndarray) else
                       load_uint8(images_source, ids=ids, progress=cfg.progress and self.ctx.is_main))
-            return TensorFeeder(images, ids, cfg.image_size, blur, small, self.device)
-        return WorkerFeeder(images_source, cfg.image_size, blur, small, cfg.workers, self.device)
+            feeder = TensorFeeder(images, ids, cfg.image_size, blur, small, self.device)
+        elif cfg.loader == "decode":
+            feeder = DecodeFeeder(images_source, cfg.image_size, blur, small, self.device)
+        else:
+            return WorkerFeeder(images_source, cfg.image_size, blur, small, cfg.workers, self.device)
+        return PrefetchFeeder(feeder, self.device, cfg.channels_last) if cfg.prefetch else feeder
 
     def _prepare_method_modules(self) -> dict[str, torch.nn.Module]:
         """The method's trainable modules on the training device (channels_last like the model
@@ -502,6 +512,8 @@ class Trainer:
         (default: the current epoch's) draws the key shuffle.
         """
         cfg, model, ctx = self.config, self.model, self.ctx
+        if cfg.compile and cfg.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()   # a new step: last step's graph outputs may be reused
         generator = generator if generator is not None else self.epoch_generator()
         batch = self.method.before_step(self.task, batch, generator)
         if self.device.type == "cuda" and cfg.channels_last:

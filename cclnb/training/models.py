@@ -25,8 +25,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from cclnb.config import ARCHS, STEMS, resolve_stem
+from cclnb.config import ARCHS, GROUPED_BN, STEMS, resolve_stem
 from cclnb.errors import ConfigError
+from cclnb.training.bn import strided_grouped_batch_norm
 
 _OUT_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
 _B, _N = torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck
@@ -50,6 +51,7 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
 
     groups: int = 1
     update_stats: bool = True
+    strided: bool = False       # normalize on a strided view, no layout copies (cclnb.training.bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         groups = self.groups
@@ -62,6 +64,10 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
                 f"a batch size divisible by --bn-groups / --key-bn-groups (now {groups}) or set it to 1")
         stats = self.update_stats and self.track_running_stats and self.running_mean is not None
         factor = self._average_factor() if stats else 0.0
+        if self.strided:
+            return strided_grouped_batch_norm(x, groups, self.weight, self.bias,
+                                              self.running_mean if stats else None,
+                                              self.running_var if stats else None, factor, self.eps)
         mean = self.running_mean.repeat(groups) if stats else None
         var = self.running_var.repeat(groups) if stats else None
         weight = self.weight.repeat(groups) if self.affine else None
@@ -83,6 +89,19 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
         if self.momentum is None:
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
+
+
+def set_grouped_bn(module: nn.Module, impl: str) -> nn.Module:
+    """Every `GroupedBatchNorm2d` of `module` normalizes its groups by `impl`: "reshape" (one
+    `batch_norm` over the batch reshaped into channels, the default) or "strided" (reductions over
+    a strided view: the same numbers without layout copies, `cclnb.training.bn`). Copies made
+    later (the key encoder, a teacher) keep the choice."""
+    if impl not in GROUPED_BN:
+        raise ConfigError(f"--grouped-bn must be one of {', '.join(GROUPED_BN)}, got {impl!r}")
+    for m in module.modules():
+        if isinstance(m, GroupedBatchNorm2d):
+            m.strided = impl == "strided"
+    return module
 
 
 @contextlib.contextmanager
