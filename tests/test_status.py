@@ -197,8 +197,15 @@ def test_every_state_with_its_position_and_time_left(demo_study: dict) -> None:
     assert rows[("Joint", 0)].eta_s == pytest.approx(130 * study.expected_cost("Joint") / study.expected_cost("Finetuning"))
     assert rows[("CCL", 1)].eta_s == pytest.approx(130 * study.expected_cost("CCL"))
     waiting = sorted((r for r in result.rows if r.state in ("queued", "preempted")), key=lambda r: -r.cost)
-    assert result.eta_s == pytest.approx(status.makespan([running.eta_s], [r.eta_s for r in waiting], plan.jobs))
+    assert result.eta_s == pytest.approx(status.makespan([running.eta_s], [r.eta_s for r in waiting], plan.jobs)
+                                         + status.REPORT_S)    # no earlier render of the report to time
     assert any("failed" in note for note in result.notes)
+    # every (method, seed) done: the report renders, from the last record on
+    finished = study.plan_study("demo", runs_root=demo_study["tmp"] / "runs", reports_root=demo_study["tmp"] / "reports",
+                                methods=["Finetuning"], seeds=[0], baseline=False)
+    recorded = pairs[("Finetuning", 0)].record.stat().st_mtime
+    assert status.study_status(finished, now=recorded + 20).eta_s == pytest.approx(status.REPORT_S - 20)
+    assert status.study_status(finished, liveness=status.Liveness(False), now=recorded + 20).eta_s == status.REPORT_S
 
 
 def test_a_live_study_owns_only_the_runs_it_touched(demo_study: dict) -> None:
