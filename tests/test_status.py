@@ -341,6 +341,13 @@ def test_live_lines_redraw_on_a_terminal_and_print_once_per_epoch_otherwise(demo
     text = screen.getvalue()
     assert text.count("Finetuning seed 1: task") == 2       # drawn, redrawn under the log line; unchanged: kept
     assert "\x1b[2F\x1b[J" in text and "study: 1/8 done, ends in about" in text
+    # the other phases of a job: its kernel starting, its training just ended, a linear evaluation
+    row = status.PairStatus("CCL", 0, status.RUNNING, phase="evaluating", task=4, n_tasks=5, loss_moco=3.5, eta_s=25)
+    assert console.job_line("CCL seed 0", step, row) == "CCL seed 0: training done, 25 s left"
+    assert console.job_line("CCL seed 0", step, status.PairStatus("CCL", 0, status.RUNNING, phase="starting")) == \
+        "CCL seed 0: starting, ? left"
+    evaluation = next(s for s in plan.steps if s.group == "Finetuning seed 1" and s.notebook == "linear_eval")
+    assert console.job_line("Finetuning seed 1", evaluation, row) == "Finetuning seed 1: linear eval (student), 25 s left"
 
 
 # ----------------------------------------------------------------------------- cluster jobs

@@ -96,17 +96,19 @@ class LiveLines:
 
 
 def job_line(group: str, step: Step, row: status.PairStatus) -> str:
-    """"CCL seed 0: task 3/5 epoch 2/4, loss_moco 3.912, 212 img/s, 1 min 20 s left"."""
-    if step.notebook != "task_sequence" or row.phase == "evaluating":
-        where = step.label.split(": ", 1)[-1]           # "linear eval (student)"
-    elif row.task is None:
-        where = "starting"
-    else:
+    """"CCL seed 0: task 3/5 epoch 2/4, loss_moco 3.912, 212 img/s, 1 min 20 s left"; a step after
+    the training reads "CCL seed 0: linear eval (student), 25 s left"."""
+    training = step.notebook == "task_sequence" and row.phase == "training" and row.task is not None
+    if training:
         where = f"task {status.counted(row.task, row.n_tasks)} epoch {status.counted(row.epoch, row.epochs)}"
+    elif step.notebook == "task_sequence":      # its kernel starting, or its training just ended
+        where = "training done" if row.phase == "evaluating" else "starting"
+    else:
+        where = step.label.split(": ", 1)[-1]           # "linear eval (student)"
     parts = [f"{group}: {where}"]
-    if row.loss_moco is not None and step.notebook == "task_sequence":
+    if training and row.loss_moco is not None:
         parts.append(f"loss_moco {row.loss_moco:.3f}")
-    if row.img_per_s is not None and step.notebook == "task_sequence":
+    if training and row.img_per_s is not None:
         parts.append(f"{row.img_per_s:.0f} img/s")
     parts.append(f"{status.duration(row.eta_s)} left")
     return ", ".join(parts)
