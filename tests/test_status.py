@@ -291,6 +291,29 @@ def test_event_files_hold_the_csv_numbers(demo_study: dict) -> None:
         assert written == [(int(r["after_task"]), pytest.approx(float(r[name]), abs=1e-4)) for r in matrix]
 
 
+def test_a_resumed_log_shows_the_redone_steps_once(tmp_path: Path) -> None:
+    """A resume drops the CSV rows after its checkpoint and logs those steps again; its event
+    writer starts there (TensorBoard's purge_step), so the curves, like the CSV, hold each step once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def log_steps(log: runs.TrainLog, steps: range, scale: float) -> None:
+        for step in steps:
+            log.row({"task": 0, "epoch": 0, "step": step, "global_step": step, "loss": scale * step,
+                     "loss_moco": 1.0, "lr": 0.1, "img_per_s": 10.0, "time_s": float(step)})
+        log.events.close()
+
+    log_steps(runs.TrainLog(tmp_path, tensorboard=True), range(1, 5), 1.0)
+    resumed = runs.TrainLog(tmp_path, tensorboard=True)
+    resumed.discard_after(2)                       # the checkpoint was at step 2
+    log_steps(resumed, range(3, 5), 10.0)
+    accumulator = EventAccumulator(str(tmp_path))
+    accumulator.Reload()
+    curve = [(e.step, e.value) for e in accumulator.Scalars("train/loss")]
+    with open(tmp_path / "train_log.csv") as handle:
+        logged = [(int(r["global_step"]), float(r["loss"])) for r in csv.DictReader(handle)]
+    assert curve == logged == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
 def test_tensorboard_is_asked_for_only_when_enabled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert runs.TrainLog(tmp_path).events is None
     monkeypatch.setattr(events.importlib.util, "find_spec", lambda name: None)
