@@ -213,7 +213,7 @@ CATALOGUE = [
          ConfigError.exit_code, r"keeps n_save \* C/n = 60 distinct images .* task 0 has only 50",
          r"lower --n-save to at most 10 or drop --replay-without-replacement"),
     _row("unknown method", lambda t, r: ["train", "--data", "demo", "--method", "MoCo"],
-         2, r"argument --method: invalid choice: 'MoCo'", r"choose from .*'CCL'.*'SimpleReplay'"),
+         ConfigError.exit_code, r"unknown method 'MoCo'", r"choose one of Finetuning, SimpleReplay, CCL.*--method-module"),
     _row("unknown architecture", lambda t, r: ["train", "--data", "demo", "-a", "resnet9"],
          2, r"argument -a/--arch: invalid choice: 'resnet9'", r"choose from 'resnet18'"),
     _row("unknown architecture (lincls)", lambda t, r: ["lincls", "--data", "demo", "-a", "vgg16"],
