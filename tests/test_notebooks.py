@@ -117,7 +117,8 @@ def test_study_notebooks_end_to_end(tmp_path: Path) -> None:
     result = json.loads((run_dir / "lincls_student.json").read_text())
     assert result["epochs"] == 1 and len(result["curve"]) == 1 and _images(nb) == 1
 
-    # exploration of the study just run, static: task split, views, replay picks, embedding
+    # exploration of the study just run, static: its curves (63db7f0), task split, views, replay
+    # picks, embedding
     nb = _run("explore", tmp_path / "explore.ipynb", runs_root=str(tmp_path / "runs"), interactive=False,
               n_views=2, max_points=200)
-    assert _images(nb) == 5  # + one CCL step term by term (00a2c42)
+    assert _images(nb) == 6  # + one CCL step term by term (00a2c42)
