@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# One device call that answers every GPU question of issues 6 and 7, in order of cost:
+# One device call that answers every GPU question of issues 6, 7 and 39, in this order:
 #   1. environment (GPU, versions), the uint8 cache of the sub100 zip;
 #   2. the GPU-only tests;
-#   3. `cclnb bench` at 32 px (ResNet-18, batch 512; with where a step's time goes) and 224 px
-#      (ResNet-50, batch 256), then the 32 px rows under torch.compile;
-#   4. if time is left, the tin100-32 study (4 methods, 10 tasks, SEEDS, the fast probe at the end) with epochs
+#   3. `cclnb bench` at 32 px (ResNet-18, batch 512): every speed option's row (--prefetch,
+#      --grouped-bn strided, plain BatchNorm as the bound) and where a step's time goes;
+#   4. `cclnb bench` at 224 px (ResNet-50, batch 256): the authors' row, the uint8 fast path, the
+#      device JPEG decoder (--loader decode, with and without --prefetch), the ceiling; first batch;
+#   5. if time is left, the 32 px ceiling and fast path under torch.compile, then under
+#      torch.compile's reduce-overhead mode (CUDA graphs), each its own run and table;
+#   6. if time is left, the tin100-32 study (4 methods, 10 tasks, SEEDS, the fast probe at the end) with epochs
 #      per task chosen from step 3's measured throughput so that it ends inside DEADLINE (the
 #      arithmetic is written to $OUT/plan.md), then the report.
-# Every step has its own timeout and a failure does not stop the later steps; at the end the logs
-# and the study's records are packed, so that at most 8 files lie under $OUT (what comes back).
+# Every step has its own timeout and a failure does not stop the later steps; each bench table is
+# rewritten after every cell, so a timeout keeps the cells measured. At the end the logs and the
+# study's records are packed, so that at most 8 files lie under $OUT (what comes back).
+# The expected numbers of every row are in docs/performance.md ("Expected in the next GPU call").
 #
 # Run from the repository root on the device machine, with the data and wheels carried. The zip
 # (52 MB) and the tracked tree (14 MB) together pass the 64 MiB a call may carry; xz shrinks the
@@ -53,17 +59,20 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 if [ "${REHEARSAL:-0}" = 1 ]; then       # CPU rehearsal: same steps, toy sizes
-  DEV=cpu; BENCH32="--batch-size 16 --steps 2 --warmup 1 --workers 1"
-  BENCH224="--batch-size 4 --steps 1 --warmup 1 --workers 1"
+  # the bench at an eighth of the width in fp32: every row's code path, at a cost these cores can pay
+  DEV=cpu; BENCH32="--batch-size 8 --steps 1 --warmup 1 --workers 1 --width 8 --precision fp32"
+  BENCH224="--batch-size 4 --steps 1 --warmup 1 --workers 1 --width 8 --precision fp32"
   # an eighth of the width and 2 tasks: the per-task kNN of a full-width ResNet-18 over the 5,000
   # val images alone takes minutes on 2 CPU cores, which no rehearsal budget holds
   STUDY_EXTRA="-p subset_per_class=3 -p batch_size=16 -p bn_groups=2 -p key_bn_groups=2 -p device=cpu -p precision=fp32 -p linear_eval.device=cpu -p linear_eval.precision=fp32 -p width=8 -p n_tasks=2 --jobs 2"
-  T32=300; T224=300; TCOMPILE=120; STUDY_TIMEOUT=420; DEADLINE=1800; SEEDS=${REHEARSAL_SEEDS:-0 1}
+  T32=900; T224=600; TCOMPILE=120; STUDY_TIMEOUT=420; DEADLINE=3000; SEEDS=${REHEARSAL_SEEDS:-0 1}
 else
   # 224 px: the authors' row decodes and resizes the JPEGs on 16 workers, ~32 s a cell (first session)
   DEV=cuda; BENCH32="--steps 50 --workers 16"; BENCH224="--steps 15 --workers 16"
-  STUDY_EXTRA=""; T32=150; T224=150; TCOMPILE=180; STUDY_TIMEOUT=
+  STUDY_EXTRA=""; T32=200; T224=200; TCOMPILE=180; STUDY_TIMEOUT=
 fi
+ROWS32=authors,fast,prefetch,prefetch-strided,ceiling,strided,plain-bn
+ROWS224=authors,fast,decode,decode-prefetch,ceiling
 MIN_STUDY=${MIN_STUDY:-150}   # fewer seconds left than this: no study (kernel starts and kNN alone take ~120 s)
 
 log "1. environment"
@@ -77,24 +86,28 @@ if [ "$DEV" = cuda ]; then
   log "gpu tests exit $?: $(tail -1 "$OUT/gpu_tests.log")"
 fi
 
-log "3. benchmarks"
-timeout $T32 $PY -m cclnb bench --device $DEV --data "$DATA" $BENCH32 --profile --out "$OUT/bench-32px.md" \
-  > "$OUT/bench.log" 2>&1
+log "3. bench 32 px: every option's row and the profile"
+timeout $T32 $PY -m cclnb bench --device $DEV --data "$DATA" $BENCH32 --rows $ROWS32 --profile \
+  --out "$OUT/bench-32px.md" > "$OUT/bench.log" 2>&1
 log "bench 32 px exit $?"
+log "4. bench 224 px: authors, fast path, device decode, ceiling"
 timeout $T224 $PY -m cclnb bench --device $DEV --data "$DATA" --arch resnet50 --image-size 224 \
-  --batch-size 256 $BENCH224 --out "$OUT/bench-224px.md" >> "$OUT/bench.log" 2>&1
+  --batch-size 256 $BENCH224 --rows $ROWS224 --out "$OUT/bench-224px.md" >> "$OUT/bench.log" 2>&1
 log "bench 224 px exit $?"
-# its own run and file: a compile that overruns must not cost the eager table above
-T=$(left); [ $T -lt $TCOMPILE ] && TCOMPILE=$T
-if [ $TCOMPILE -ge 30 ]; then
-  timeout $TCOMPILE $PY -m cclnb bench --device $DEV --data "$DATA" $BENCH32 --compile \
-    --out "$OUT/bench-32px-compile.md" >> "$OUT/bench.log" 2>&1
-  log "bench 32 px compile exit $?"
-else
-  log "bench 32 px compile skipped: ${TCOMPILE}s left"
-fi
+log "5. compiled rows, if time is left"
+# each mode its own run and file: a compile that overruns must not cost the eager tables above
+for MODE in default reduce-overhead; do
+  T=$(left); [ $T -lt $TCOMPILE ] && T_MODE=$T || T_MODE=$TCOMPILE
+  if [ $T_MODE -ge 60 ]; then
+    timeout $T_MODE $PY -m cclnb bench --device $DEV --data "$DATA" $BENCH32 --rows ceiling --compile \
+      --compile-mode $MODE --out "$OUT/bench-32px-compile-$MODE.md" >> "$OUT/bench.log" 2>&1
+    log "bench 32 px compile ($MODE) exit $?"
+  else
+    log "bench 32 px compile ($MODE) skipped: ${T}s left"
+  fi
+done
 
-log "4. study: plan the epochs from the measured throughput"
+log "6. study: plan the epochs from the measured throughput"
 REMAIN=${STUDY_TIMEOUT:-$(left)}   # the device's budget; a rehearsal's own
 if [ "$REMAIN" -lt "$MIN_STUDY" ]; then
   log "study skipped: ${REMAIN}s left, under MIN_STUDY=${MIN_STUDY}s"

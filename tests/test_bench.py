@@ -123,3 +123,36 @@ def test_profile_step_ranks_ops_by_self_time_and_renders_a_section():
     section = profile_markdown([profile], "cpu")
     assert "- toy step: " in section and "host ops busy" in section
     assert section.count("\n| `") == 5
+
+
+def test_decode_rows_on_mixed_size_jpegs(tmp_path):
+    """The device-decode rows on JPEG files of different sizes, the ceiling made of decoded batches;
+    the uint8 fast path is left out, saying why."""
+    from test_jpeg import _jpeg_folder
+
+    data = _jpeg_folder(tmp_path / "data", n_classes=4)
+    out = tmp_path / "bench.md"
+    assert main(["bench", "--device", "cpu", "--image-size", "16", "--width", "4", "--batch-size", "4",
+                 "--steps", "1", "--warmup", "1", "--workers", "1", "--precision", "fp32", "--data", str(data),
+                 "--rows", "fast,decode,decode-prefetch,ceiling", "--out", str(out)]) == 0
+    table = out.read_text()
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")][1:]
+    assert [cells[0].split(" ")[0] for cells in body] == ["2c.", "2d.", "3."]
+    assert all(float(cells[3]) > 0 and float(cells[5]) > 0 for cells in body)     # MoCo and CCL img/s
+    assert float(body[0][2]) > 0                                                  # the first decoded batch
+    assert "uint8 rows left out: the images differ in size" in table
+    assert re.search(r"- device decode \(read, decode_jpeg, crops, colour\) alone .*: [\d,.]+ img/s", table)
+
+
+def test_rows_are_checked_and_a_partial_table_shows_dashes():
+    from cclnb.training.bench import BenchOptions, BenchResult, Row
+
+    with pytest.raises(Exception, match="--rows 'fast,warp': choose 'all' or a comma-separated list of authors"):
+        BenchOptions(rows="fast,warp").validate()
+    assert BenchOptions(rows="ceiling, prefetch").row_keys() == ["prefetch", "ceiling"]
+    rows = [Row("3. ceiling", "fp32", reference=True), Row("2a. prefetch", "fp32")]
+    rows[0].img_per_s["MoCo"] = 100.0
+    rows[1].img_per_s["MoCo"] = 50.0
+    result = BenchResult(BenchOptions(), "cpu", rows, {}, [], {"fp32": 1000.0}, {"MoCo": 1e9, "CCL": 2e9})
+    line = next(line for line in result.to_markdown().splitlines() if line.startswith("| 2a."))
+    assert line == "| 2a. prefetch | fp32 | - | 50 | 50% | - | - | 50 | 5.0% | - | - |"

@@ -13,8 +13,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from cclnb.config import ARCHS, STEMS
-from cclnb.training.bench import BENCH_PRECISIONS, BenchOptions, BenchResult, default_out, run_bench, write_table
+from cclnb.config import ARCHS, COMPILE_MODES, STEMS
+from cclnb.training.bench import (BENCH_PRECISIONS, ROW_KEYS, BenchOptions, BenchResult, default_out, run_bench,
+                                  write_table)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DataLoader workers of the authors' row (default: min(16, CPUs))")
     parser.add_argument("--compile", action="store_true",
                         help="add rows with the query encoder under torch.compile")
+    parser.add_argument("--compile-mode", default=defaults.compile_mode, choices=COMPILE_MODES,
+                        help="torch.compile's mode of the --compile rows (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--rows", default=defaults.rows,
+                        help=f"rows to measure: 'all' or a comma-separated list of {', '.join(ROW_KEYS)} "
+                             f"(default {defaults.rows}: the authors' path, the fast path, the ceiling)")
     parser.add_argument("--profile", action="store_true",
                         help="append where a step's time goes: device busy vs wall, top ops (torch.profiler)")
     parser.add_argument("--out", default=None,
@@ -52,14 +58,15 @@ def run(args: argparse.Namespace) -> int:
                            image_size=args.image_size,
                            batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                            precision=args.precision, data=args.data, workers=args.workers,
-                           compile=args.compile, profile=args.profile, out=args.out)
+                           compile=args.compile, compile_mode=args.compile_mode, rows=args.rows,
+                           profile=args.profile, out=args.out)
     command = "cclnb " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "cclnb bench"
 
     def write(result: BenchResult) -> Path:
         return write_table(result, Path(args.out) if args.out else default_out(options, result.device_type))
 
-    # with --profile the table is written before the profile runs, then again with it
-    result = run_bench(options, command, on_table=write if options.profile else None)
+    # written after every cell (a timeout keeps what was measured), before the profile, then with it
+    result = run_bench(options, command, on_table=write if options.profile else None, on_progress=write)
     out = write(result)
     print(result.to_markdown())
     print(f"table written to {out}")

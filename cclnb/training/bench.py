@@ -8,6 +8,12 @@ ratios on whatever machine runs it:
    (`TensorFeeder` + `BatchMoCoV2Augment`), end to end;
 3. *ceiling*: pre-augmented batches already on the device, so only the step is timed.
 
+`--rows` adds the speed options' candidates (docs/performance.md), each the trainer's own code
+path behind its option: the fast path with `--prefetch` (the next batch built on a side stream)
+and with `--grouped-bn strided` too, the device JPEG decoder (`--loader decode`, with and without
+prefetch), the ceiling with the strided BatchNorm, and the ceiling with plain BatchNorm (one
+group: not the authors' statistics, the bound of what the grouping costs).
+
 Each row is timed for a MoCo step (Finetuning) and a CCL step (second task: extra queue and
 distillation on, teacher forwards), both the trainer's own `train_step`, so the table measures
 the code that trains, not a lookalike. Times are wall clocks around `torch.cuda.synchronize()`,
@@ -22,6 +28,7 @@ also reads as achieved GFLOP/s and as a fraction of that matmul peak at its prec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import itertools
 import math
@@ -37,9 +44,11 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from cclnb.config import ARCHS, STEMS, TrainConfig
+from cclnb.config import ARCHS, COMPILE_MODES, STEMS, TrainConfig
 from cclnb.data import load_uint8, open_dataset
 from cclnb.data.batches import Batch, TensorFeeder, WorkerFeeder, epoch_order
+from cclnb.data.jpeg import DecodeFeeder
+from cclnb.data.prefetch import PrefetchFeeder
 from cclnb.errors import ConfigError
 from cclnb.training import SMALL_IMAGE_MAX, TaskPlan, Trainer, dist, runs
 from cclnb.training.precision import cpu_model, native_bf16_flags, resolve_precision
@@ -49,6 +58,11 @@ REPLAY_FRACTION = 0.2        # share of replayed ("old") samples per batch in th
 PROFILE_STEPS = 5            # profiled ceiling steps per kind (at most --steps; after the timed ones: warm)
 CEILING_BATCHES = 4          # distinct pre-augmented batches cycled through for the ceiling rows
 STEP_KINDS = {"MoCo": "Finetuning", "CCL": "CCL"}
+# --rows: the rows a run measures, by key. The default is the three-row table of every earlier
+# run; "all" is every row the data allows (the decode rows need a dataset of image files).
+ROW_KEYS = ("authors", "fast", "prefetch", "prefetch-strided", "decode", "decode-prefetch", "ceiling",
+            "strided", "plain-bn")
+DEFAULT_ROWS = "authors,fast,ceiling"
 BENCH_PRECISIONS = ("auto", "fp32", "bf16", "both")     # both: rows 1-3 at the native and the other one
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Side of the square matmuls of the peak measurement: big enough to be compute-bound (2 x 2048^3
@@ -73,8 +87,15 @@ class BenchOptions:
     data: str = "demo"
     workers: int = 8
     compile: bool = False
+    compile_mode: str = "default"   # torch.compile's mode of the compiled rows
+    rows: str = DEFAULT_ROWS    # comma-separated ROW_KEYS, or "all"
     profile: bool = False       # append where a step's time goes (cclnb.training.step_profile)
     out: str | None = None
+
+    def row_keys(self) -> list[str]:
+        """The rows asked for, in ROW_KEYS' order."""
+        asked = set(ROW_KEYS) if self.rows == "all" else {key.strip() for key in self.rows.split(",")}
+        return [key for key in ROW_KEYS if key in asked]
 
     def validate(self) -> None:
         checks = [
@@ -88,6 +109,10 @@ class BenchOptions:
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (self.precision in BENCH_PRECISIONS,
              f"--precision must be one of {', '.join(BENCH_PRECISIONS)}, got {self.precision!r}"),
+            (self.rows == "all" or {k.strip() for k in self.rows.split(",")} <= set(ROW_KEYS),
+             f"--rows {self.rows!r}: choose 'all' or a comma-separated list of {', '.join(ROW_KEYS)}"),
+            (self.compile_mode in COMPILE_MODES,
+             f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -116,9 +141,10 @@ class BenchResult:
     flops_per_image: dict[str, float]   # step kind -> FLOPs of one train_step per image
     sections: list[str] = field(default_factory=list)   # markdown after the table (the profile)
 
-    def ceiling(self, precision: str) -> Row:
-        """The eager ceiling at `precision`: the reference of the img/s ratios of that precision's rows."""
-        return next(r for r in self.rows if r.reference and r.precision == precision)
+    def ceiling(self, precision: str) -> Row | None:
+        """The eager ceiling at `precision`: the reference of the img/s ratios of that precision's rows
+        (None when the run has no ceiling row at that precision)."""
+        return next((r for r in self.rows if r.reference and r.precision == precision), None)
 
     def achieved_gflops(self, row: Row, kind: str) -> float:
         """The row's counted work per second: what "% of peak" divides by the matmul peak."""
@@ -139,13 +165,18 @@ class BenchResult:
         for kind in kinds:
             cols += [f"{kind} GFLOP/s", f"{kind} % of peak"]
         lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for row in self.rows:
+        for row in self.rows:      # a cell not measured (yet: the table is written as cells finish) is "-"
             cells = [row.name, row.precision, "-" if row.first_batch_s is None else f"{row.first_batch_s:.2f}"]
             ceiling = self.ceiling(row.precision)
             for kind in kinds:
-                speed = row.img_per_s[kind]
-                cells += [_rate(speed), f"{speed / ceiling.img_per_s[kind]:.0%}"]
+                speed = row.img_per_s.get(kind)
+                reference = None if ceiling is None else ceiling.img_per_s.get(kind)
+                cells += ["-" if speed is None else _rate(speed),
+                          "-" if speed is None or reference is None else f"{speed / reference:.0%}"]
             for kind in kinds:
+                if kind not in row.img_per_s:
+                    cells += ["-", "-"]
+                    continue
                 achieved = self.achieved_gflops(row, kind)
                 cells += [_rate(achieved), f"{achieved / self.peak_gflops[row.precision]:.1%}"]
             lines.append("| " + " | ".join(cells) + " |")
@@ -243,38 +274,45 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 # ---------------------------------------------------------------------------- the trainer's step
-def _config(options: BenchOptions, method: str, precision: str, compile_: bool, loader: str) -> TrainConfig:
-    return TrainConfig(
+Variant = tuple[tuple[str, object], ...]    # TrainConfig fields a row sets, e.g. (("grouped_bn", "strided"),)
+
+
+def _config(options: BenchOptions, method: str, precision: str, compile_: bool, loader: str,
+            variant: Variant = ()) -> TrainConfig:
+    config = TrainConfig(
         data=options.data, arch=options.arch, stem=options.stem, width=options.width, batch_size=options.batch_size,
         image_size=options.image_size, workers=options.workers, method=method, precision=precision,
-        compile=compile_, loader=loader,
+        compile=compile_, compile_mode=options.compile_mode if compile_ else "default", loader=loader,
         mlp=True, aug_plus=True, cos=True, moco_t=0.2, seed=0, progress=False, n_tasks=1,
         key_bn_groups=math.gcd(options.batch_size, TrainConfig.key_bn_groups),
         bn_groups=math.gcd(options.batch_size, TrainConfig.bn_groups),
         device=options.device, eval_each_task="none")
+    return dataclasses.replace(config, **dict(variant))
 
 
 class StepFactory:
-    """One trainer per (step kind, precision, compile), built on first use and kept: the trainer
-    owns the model, optimizer, queues and method, and its `train_step` is what is timed."""
+    """One trainer per (step kind, precision, compile, variant), built on first use and kept: the
+    trainer owns the model, optimizer, queues and method, and its `train_step` is what is timed.
+    A variant is the TrainConfig fields a row changes (its speed option)."""
 
     def __init__(self, options: BenchOptions, images: np.ndarray, ctx: dist.DistContext) -> None:
         self.options, self.images, self.ctx = options, images, ctx
         self.generator = torch.Generator(device=ctx.device).manual_seed(0)
-        self._trainers: dict[tuple[str, str, bool], Trainer] = {}
+        self._trainers: dict[tuple[str, str, bool, Variant], Trainer] = {}
 
-    def trainer(self, kind: str, precision: str, compile_: bool = False) -> Trainer:
-        key = (kind, precision, compile_)
+    def trainer(self, kind: str, precision: str, compile_: bool = False, variant: Variant = ()) -> Trainer:
+        key = (kind, precision, compile_, variant)
         if key not in self._trainers:
-            self._trainers[key] = self._build(kind, precision, compile_)
+            self._trainers[key] = self._build(kind, precision, compile_, variant)
         return self._trainers[key]
 
-    def get(self, kind: str, precision: str, compile_: bool = False) -> Callable[[Batch], None]:
-        trainer = self.trainer(kind, precision, compile_)
+    def get(self, kind: str, precision: str, compile_: bool = False, variant: Variant = ()
+            ) -> Callable[[Batch], None]:
+        trainer = self.trainer(kind, precision, compile_, variant)
         return lambda batch: trainer.train_step(batch, self.generator)
 
-    def _build(self, kind: str, precision: str, compile_: bool) -> Trainer:
-        config = _config(self.options, STEP_KINDS[kind], precision, compile_, "tensor")
+    def _build(self, kind: str, precision: str, compile_: bool, variant: Variant) -> Trainer:
+        config = _config(self.options, STEP_KINDS[kind], precision, compile_, "tensor", variant)
         ids = np.arange(len(self.images))
         plan = TaskPlan(task_classes=[np.arange(1)], task_ids=[ids], n_classes=1)
         trainer = Trainer(config, self.images, plan, self.ctx)   # no run directory: writes nothing
@@ -319,12 +357,32 @@ def _device_name(device: torch.device) -> str:
     return f"CPU ({cpu_model()}, {native}, {torch.get_num_threads()} threads)"
 
 
+@dataclass
+class Planned:
+    """A row to measure: how its batches are made and which trainer steps them."""
+
+    row: Row
+    make: Callable[[], Iterator[Batch]]
+    precision: str
+    compile_: bool = False
+    variant: Variant = ()
+
+
+STRIDED: Variant = (("grouped_bn", "strided"),)
+PLAIN_BN: Variant = (("bn_groups", 1), ("key_bn_groups", 1))
+
+
 def run_bench(options: BenchOptions, command: str = "cclnb bench",
-              on_table: Callable[[BenchResult], None] | None = None) -> BenchResult:
+              on_table: Callable[[BenchResult], None] | None = None,
+              on_progress: Callable[[BenchResult], None] | None = None) -> BenchResult:
     """Measure every row and return the table (see the module docstring for the rows).
 
-    With `options.profile` the profile section is measured last and `on_table` (e.g. a writer)
-    first gets the table without it: a profile that overruns a caller's timeout keeps the table."""
+    `on_progress` (e.g. a writer) gets the table after every measured cell, with "-" where a cell
+    is still to come, so that a caller's timeout keeps what was measured; the ceiling rows run
+    first (the ratios need them; a compiled ceiling before the compiled fast path) and the
+    authors' rows last (their worker start-up varies most).
+    With `options.profile` the profile section is measured last and `on_table` first gets the
+    table without it."""
     options.validate()
     ctx = dist.DistContext(rank=0, world_size=1, local_rank=0, device=dist.resolve_device(options.device))
     device = ctx.device
@@ -333,6 +391,15 @@ def run_bench(options: BenchOptions, command: str = "cclnb bench",
     small = options.image_size <= SMALL_IMAGE_MAX
     blur = not small
     dataset = open_dataset(options.data, "train")
+    keys = options.row_keys()
+    notes_before: list[str] = []
+    if not callable(getattr(dataset, "read_bytes", None)) and {"decode", "decode-prefetch"} & set(keys):
+        keys = [k for k in keys if not k.startswith("decode")]
+        notes_before.append(f"decode rows left out: {dataset.name} holds decoded pixels, not image files")
+    uint8 = dataset.image_size is not None     # one size: the uint8 array (fast path and ceiling) exists
+    if not uint8:
+        keys = [k for k in keys if k not in ("fast", "prefetch", "prefetch-strided")]
+        notes_before.append("uint8 rows left out: the images differ in size (the ceiling uses decoded batches)")
     n_batches = options.warmup + options.steps
     n_needed = n_batches * options.batch_size
     n_unique = min(n_needed, len(dataset))
@@ -344,53 +411,70 @@ def run_bench(options: BenchOptions, command: str = "cclnb bench",
     batch_generator = torch.Generator(device=device).manual_seed(1)
 
     start = time.perf_counter()
-    images = load_uint8(dataset, ids=np.arange(n_unique), progress=True)
+    images = load_uint8(dataset, ids=np.arange(n_unique), progress=True) if uint8 else None
     load_s = time.perf_counter() - start
 
     def worker_batches() -> Iterator[Batch]:
         feeder = WorkerFeeder(dataset, options.image_size, blur, small, options.workers, device)
         return feeder.batches(entries, order, options.batch_size, 0, 1, 0, batch_generator)
 
-    def tensor_batches() -> Iterator[Batch]:
-        feeder = TensorFeeder(images, np.arange(n_unique), options.image_size, blur, small, device)
-        return feeder.batches(entries, order, options.batch_size, 0, 1, 0, batch_generator)
+    def tensor_feeder() -> TensorFeeder:
+        return TensorFeeder(images, np.arange(n_unique), options.image_size, blur, small, device)
 
-    prepared = list(itertools.islice(tensor_batches(), CEILING_BATCHES))
+    def decode_feeder() -> DecodeFeeder:
+        return DecodeFeeder(dataset, options.image_size, blur, small, device)
+
+    def batches_of(feeder) -> Callable[[], Iterator[Batch]]:
+        return lambda: feeder().batches(entries, order, options.batch_size, 0, 1, 0, batch_generator)
+
+    def prefetched(feeder) -> Callable[[], Iterator[Batch]]:
+        return batches_of(lambda: PrefetchFeeder(feeder(), device, channels_last=True))
+
+    tensor_batches, decode_batches = batches_of(tensor_feeder), batches_of(decode_feeder)
+    prepared = list(itertools.islice((tensor_batches if uint8 else decode_batches)(), CEILING_BATCHES))
 
     def ceiling_batches() -> Iterator[Batch]:
         return itertools.cycle(prepared)
 
     precisions = row_precisions(options.precision, device)
     main = precisions[0]
-    plan: list[tuple[Row, Callable[[], Iterator[Batch]], str, bool]] = []
+    plan: list[Planned] = []
     for precision in precisions:
-        plan += [
-            (Row(f"1. authors: PIL + torchvision + DataLoader ({options.workers} workers)", precision),
-             worker_batches, precision, False),
-            (Row("2. cclnb fast path: uint8 on device + BatchMoCoV2Augment", precision),
-             tensor_batches, precision, False),
-            (Row("3. ceiling: pre-augmented batches on device", precision, reference=True),
-             ceiling_batches, precision, False),
-        ]
+        candidates = precision == main      # the options' rows at the main precision only
+        rows = {
+            "authors": Planned(Row(f"1. authors: PIL + torchvision + DataLoader ({options.workers} workers)",
+                                   precision), worker_batches, precision),
+            "fast": Planned(Row("2. cclnb fast path: uint8 on device + BatchMoCoV2Augment", precision),
+                            tensor_batches, precision),
+            "prefetch": Planned(Row("2a. fast path + --prefetch (next batch on a side stream)", precision),
+                                prefetched(tensor_feeder), precision),
+            "prefetch-strided": Planned(Row("2b. fast path + --prefetch + --grouped-bn strided", precision),
+                                        prefetched(tensor_feeder), precision, variant=STRIDED),
+            "decode": Planned(Row("2c. device decode: JPEG files + decode_jpeg (--loader decode)", precision),
+                              decode_batches, precision),
+            "decode-prefetch": Planned(Row("2d. device decode + --prefetch", precision),
+                                       prefetched(decode_feeder), precision),
+            "ceiling": Planned(Row("3. ceiling: pre-augmented batches on device", precision, reference=True),
+                               ceiling_batches, precision),
+            "strided": Planned(Row("3a. ceiling + --grouped-bn strided", precision), ceiling_batches, precision,
+                               variant=STRIDED),
+            "plain-bn": Planned(Row("3b. ceiling, plain BatchNorm (--bn-groups 1 --key-bn-groups 1: not the "
+                                    "authors' statistics; what grouping costs)", precision),
+                                ceiling_batches, precision, variant=PLAIN_BN),
+        }
+        plan += [rows[k] for k in keys if candidates or k in ("authors", "fast", "ceiling")]
     if options.compile:
-        plan.append((Row("2. fast path, torch.compile", main), tensor_batches, main, True))
-        plan.append((Row("3. ceiling, torch.compile", main), ceiling_batches, main, True))
+        mode = "" if options.compile_mode == "default" else f" mode={options.compile_mode}"
+        if uint8:
+            plan.append(Planned(Row(f"2. fast path, torch.compile{mode}", main), tensor_batches, main, True))
+        plan.append(Planned(Row(f"3. ceiling, torch.compile{mode}", main), ceiling_batches, main, True))
 
     peak_size = PEAK_MATMUL_SIZE[device.type]
     peaks = {precision: matmul_peak_gflops(device, precision, peak_size) for precision in precisions}
-    steps = StepFactory(options, images[:options.batch_size], ctx)
+    steps = StepFactory(options, images[:options.batch_size] if uint8 else
+                        np.zeros((options.batch_size, 1, 1, 3), np.uint8), ctx)   # its own feeder is never used
     flops, forward_flops = step_flops(steps, prepared, main)
-    jobs = [(row, make, precision, compile_, kind) for row, make, precision, compile_ in plan
-            for kind in STEP_KINDS]
-    for row, make, precision, compile_, kind in tqdm(jobs, desc="bench", unit="row"):
-        first_s, speed = time_steps(steps.get(kind, precision, compile_), make, options.warmup,
-                                    options.steps, options.batch_size, device)
-        row.img_per_s[kind] = speed
-        if kind == "MoCo" and make is not ceiling_batches:
-            row.first_batch_s = first_s
-    aug_speed = _augmentation_speed(tensor_batches, options, device)
-
-    rows = [row for row, *_ in plan]
+    rows = [planned.row for planned in plan]
     tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
     header = {
         "command": f"`{command}`",
@@ -414,22 +498,47 @@ def run_bench(options: BenchOptions, command: str = "cclnb bench",
     }
     notes = [
         "first batch: from asking for batches to the first one on the device (worker start-up, "
-        "or upload of the uint8 array and the first augmentation), MoCo pass",
-        f"uint8 array of {n_unique} images: {load_s:.2f} s to decode or read from the cache (once per dataset)",
-        f"BatchMoCoV2Augment alone (q, k and anchor views, no step): {aug_speed:,.0f} img/s",
+        "or upload of the uint8 array and the first augmentation, or the first files decoded), MoCo pass",
+        *notes_before,
+        *([f"uint8 array of {n_unique} images: {load_s:.2f} s to decode or read from the cache (once per dataset)"]
+          if uint8 else []),
         "/ ceiling: img/s as a fraction of row 3 (eager ceiling) at the row's precision",
         "GFLOP/s: FLOPs per image x img/s; % of peak: that over the matmul peak at the row's precision "
         "(matmuls and convolutions only; BatchNorm, elementwise ops and the optimizer are extra time "
         "with no FLOPs counted)",
     ]
     result = BenchResult(options, device.type, rows, header, notes, peaks, flops)
+    # the eager ceilings first (every ratio needs them), then the other step-only rows (a compile
+    # is paid there once, its fast-path row reuses the trainer), the authors' rows last (their
+    # worker start-up varies most)
+    order_of = {"reference": 0, "step only": 1, "data": 2, "authors": 3}
+    todo = sorted(plan, key=lambda p: order_of["reference" if p.row.reference else
+                                                "step only" if p.make is ceiling_batches else
+                                                "authors" if p.make is worker_batches else "data"])
+    jobs = [(planned, kind) for planned in todo for kind in STEP_KINDS]
+    for planned, kind in tqdm(jobs, desc="bench", unit="cell"):
+        first_s, speed = time_steps(steps.get(kind, planned.precision, planned.compile_, planned.variant),
+                                    planned.make, options.warmup, options.steps, options.batch_size, device)
+        planned.row.img_per_s[kind] = speed
+        if kind == "MoCo" and planned.make is not ceiling_batches:
+            planned.row.first_batch_s = first_s
+        if on_progress is not None:
+            on_progress(result)
+    data_alone = [("BatchMoCoV2Augment", tensor_batches)] if uint8 and "fast" in keys else []
+    data_alone += [("device decode (read, decode_jpeg, crops, colour)", decode_batches)] if "decode" in keys else []
+    for name, make in data_alone:
+        notes.insert(-2, f"{name} alone (q, k and anchor views, no step): "
+                         f"{_augmentation_speed(make, options, device):,.0f} img/s")
     if on_table is not None:
         on_table(result)
     if options.profile:
         n_steps = min(PROFILE_STEPS, options.steps)
+        profiled = [(kind, kind, ()) for kind in STEP_KINDS]
+        if "strided" in keys:
+            profiled += [(kind, f"{kind}, --grouped-bn strided", STRIDED) for kind in STEP_KINDS]
         result.sections.append(profile_markdown(
-            [profile_step(kind, steps.get(kind, main), ceiling_batches(), n_steps, device)
-             for kind in STEP_KINDS], device.type))
+            [profile_step(label, steps.get(kind, main, False, variant), ceiling_batches(), n_steps, device)
+             for kind, label, variant in profiled], device.type))
     return result
 
 
@@ -447,6 +556,7 @@ def default_out(options: BenchOptions, device_type: str) -> Path:
 
 
 def write_table(result: BenchResult, out: Path) -> Path:
+    """Atomically: the table is rewritten after every cell, and a timeout may strike mid-write."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(result.to_markdown(), encoding="utf-8")
+    runs._atomic_write_text(out, result.to_markdown())
     return out
