@@ -172,13 +172,13 @@ def test_explore_notebook_runs_in_jupyterlab(browser, lab: tuple[str, str, Path]
     wait.until(lambda d: [i for i in d.find_elements(By.CSS_SELECTOR, "li.lm-Menu-item")
                           if i.text.startswith("Run All Cells")])[0].click()
     executed = wait.until(lambda d: (p := _prompts(d)) and all(x[1:-2].isdigit() for x in p) and p)
-    assert len(executed) == 8, executed  # parameters, injected parameters, then 6 cells
+    assert len(executed) == 9, executed  # parameters, injected parameters, then 7 cells
 
     errors = browser.find_elements(By.CSS_SELECTOR, "[data-mime-type='application/vnd.jupyter.stderr']")
     assert not errors, [e.text[:500] for e in errors]
     assert "Study tiny" in browser.find_element(By.CSS_SELECTOR, ".jp-Notebook").text
     figures = browser.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output img")
-    assert len(figures) == 5  # task split, views, replay picks, embedding, one CCL step
+    assert len(figures) == 6  # the study's curves, task split, views, replay picks, embedding, one CCL step
     pickers = browser.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output select")
     assert len(pickers) == 4  # task (views), task (replay), run and who (embedding)
     assert [o.text for o in Select(pickers[2]).options] == ["tiny / CCL/seed0", "untrained encoder (no run)"]
