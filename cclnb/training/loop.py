@@ -552,7 +552,7 @@ class Trainer:
         if ctx.distributed:
             dist.broadcast_buffers(model.encoder_q, ctx)
             dist.broadcast_buffers(model.encoder_k, ctx)
-            for module in self.method.synced_modules():
+            for module in (*self.method.synced_modules(), *self.method_modules.values()):
                 dist.broadcast_buffers(module, ctx)
         keys_all = dist.all_gather_cat(k.detach(), ctx)
         old_all = dist.all_gather_cat(batch.is_old, ctx)
