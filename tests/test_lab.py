@@ -184,12 +184,12 @@ def test_explore_notebook_runs_in_jupyterlab(browser, lab: tuple[str, str, Path]
     assert [o.text for o in Select(pickers[2]).options] == ["tiny / CCL/seed0", "untrained encoder (no run)"]
 
     # a dropdown redraws its figure: the views of task 2 replace those of task 1
-    views = figures[1].get_attribute("src")
+    views = figures[2].get_attribute("src")      # after the curves and the task split
     Select(pickers[0]).select_by_visible_text("task 2")
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output img")[1]
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output img")[2]
                .get_attribute("src") != views)
 
-    replay = browser.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-Cell")[8]  # its heading
+    replay = browser.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-Cell")[10]  # its heading
     browser.execute_script("arguments[0].scrollIntoView({block: 'start'});", replay)
     time.sleep(0.5)
     shot = root / "jupyterlab_explore.png"

@@ -44,7 +44,7 @@ VARIANT_REFERENCES = ("SimpleReplay",)       # what a variant is paired against 
 NEW_METHOD_REFERENCES = ("Finetuning", "CCL")   # what a method beyond the paper is paired against
 # Config fields that change where or how visibly a run executes, not what it computes.
 RUNTIME_FIELDS = frozenset({"seed", "run_dir", "resume", "progress", "workers", "print_freq",
-                            "dist_url", "dist_timeout", "gpu", "rank"})
+                            "dist_url", "dist_timeout", "gpu", "rank", "tensorboard"})
 # TrainConfig fields added after records were first written, with the behaviour those records had.
 _DEFAULTS_OF_LATER_FIELDS = {"width": 64, "train_tasks": None, "method_module": None,
                              "prefetch": False, "grouped_bn": "reshape", "compile_mode": "default"}
