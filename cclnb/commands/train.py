@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import typing
 
 from cclnb.config import ARCHS, COMPILE_MODES, GROUPED_BN, LOADERS, STEMS, TrainConfig
 from cclnb.errors import ConfigError
@@ -121,7 +120,7 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
     VALUE`, a bool that defaults to True as `--no-...`, one that defaults to False as a switch.
     A flag not given stays out of the config (argparse.SUPPRESS), so the method's own default
     applies and other methods' options never reach a run."""
-    from cclnb.training.methods.registry import classes, option_fields, option_types
+    from cclnb.training.methods.registry import classes, option_default, option_fields, option_types, value_type
 
     for cls in classes().values():
         fields, types = option_fields(cls), option_types(cls)
@@ -130,7 +129,7 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
         group = p.add_argument_group(f"{cls.name} options (defaults = the method's reference code)")
         for f in fields:
             flag = "--" + f.name.replace("_", "-")
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = option_default(f)
             help_text = f"{f.metadata.get('help', '')} (default {default!r})".strip()
             if types[f.name] is bool:
                 negated = "--no-" + f.name.replace("_", "-")
@@ -138,13 +137,7 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
                                    action="store_false" if default else "store_true", help=help_text)
             else:
                 group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text,
-                                   type=_value_type(types[f.name]), choices=f.metadata.get("choices"))
-
-
-def _value_type(annotation: object) -> type:
-    """int for `int` and `int | None`, and so on (None is given by leaving the flag out)."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if args else annotation   # type: ignore[return-value]
+                                   type=value_type(types[f.name]), choices=f.metadata.get("choices"))
 
 
 def study_methods() -> tuple[str, ...]:

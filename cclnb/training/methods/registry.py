@@ -242,18 +242,24 @@ def option_specs() -> dict[str, dict[str, Any]]:
     for cls in classes().values():
         hints = option_types(cls)
         for f in option_fields(cls):
-            specs[f.name] = {"default": repr(_default(f)), "inferred_type_name": _type_name(hints[f.name]),
+            specs[f.name] = {"default": repr(option_default(f)), "inferred_type_name": _type_name(hints[f.name]),
                              "help": f"{cls.name}: {f.metadata.get('help', '')}".strip()}
     return specs
 
 
-def _default(f: dataclasses.Field) -> Any:
+def option_default(f: dataclasses.Field) -> Any:
+    """An option's default value (from its default or its default factory)."""
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def value_type(annotation: Any) -> Any:
+    """The type an option's value has when given: int for `int` and for `int | None`."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if len(args) == 1 and type(None) in typing.get_args(annotation) else annotation
 
 
 def _type_name(annotation: Any) -> str:
     """"int", "Optional[int]", ... as papermill names a parameter's annotation."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if type(None) in typing.get_args(annotation) and len(args) == 1:
-        return f"Optional[{args[0].__name__}]"
-    return getattr(annotation, "__name__", str(annotation))
+    inner = value_type(annotation)
+    name = getattr(inner, "__name__", str(inner))
+    return f"Optional[{name}]" if inner is not annotation else name
