@@ -261,6 +261,17 @@ CATALOGUE = [
          ConfigError.exit_code, r"--device cuda was requested but no CUDA GPU is visible", r"use --device cpu"),
     _row("GPU requested where there is none (lincls)", lambda t, r: [*LINCLS, "--device", "cuda"],
          ConfigError.exit_code, r"--device cuda was requested but no CUDA GPU is visible", r"use --device cpu"),
+    _row("prefetch on a CPU", lambda t, r: ["train", "--data", "demo", *TINY, "--prefetch", "--run-dir", str(t / "run")],
+         ConfigError.exit_code, r"--prefetch overlaps the next batch's augmentation with the step on a second CUDA stream; "
+         r"on a CPU there is nothing to overlap with", r"drop --prefetch, or train on a GPU"),
+    _row("prefetch with the worker loader",
+         lambda t, r: ["train", "--data", "demo", *TINY, "--prefetch", "--loader", "workers", "--run-dir", str(t / "run")],
+         ConfigError.exit_code, r"--prefetch builds batches on the device, which --loader workers does not",
+         r"use --loader tensor or --loader decode, or drop --prefetch"),
+    _row("device decode of decoded pixels",
+         lambda t, r: ["train", "--data", "demo", *TINY, "--loader", "decode", "--run-dir", str(t / "run")],
+         DataError.exit_code, r"--loader decode decodes image files on the device, but demo-shapes \(demo\) holds "
+         r"decoded pixels, not files", r"use --loader tensor \(or auto\) for it"),
     _row("output folder not writable", lambda t, r: ["train", "--data", "demo", *TINY, "--run-dir", under_a_file(t, r)],
          ConfigError.exit_code, r"run directory .*a_file/out is not writable", r"choose another one with --run-dir"),
     _row("resume: truncated checkpoint", lambda t, r: [*FINISHED, "--resume", run_copy_with(truncated)(t, r)],
@@ -354,6 +365,18 @@ def test_catalogue_row(row: Row, finished: Path, tmp_path: Path, capsys: pytest.
     assert re.search(row.problem, message), f"problem not named: {message}"
     assert re.search(row.fix, message), f"fix not named: {message}"
     assert snapshot(finished) == before, "a refused command changed the earlier run's files"
+
+
+LOADER_REFUSALS = ("prefetch on a CPU", "prefetch with the worker loader", "device decode of decoded pixels")
+
+
+@pytest.mark.parametrize("row", [p for p in CATALOGUE if p.id in LOADER_REFUSALS])
+def test_a_refused_loader_option_writes_no_run_directory(row: Row, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """The loader options are checked before the run directory is made (before, the directory,
+    config.json and status.json were written, then the feeder refused)."""
+    assert cli.main(row.argv(tmp_path, tmp_path / "unused")) == row.code, capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_n_save_beyond_a_task_with_replacement_is_logged(finished: Path) -> None:

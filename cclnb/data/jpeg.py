@@ -98,14 +98,20 @@ def crop_views(images: list[Tensor], boxes: list[list[int]], size: int) -> Tenso
                         for image, (top, left, h, w) in zip(images, boxes)]).div_(255.0)
 
 
+def check_decodable(dataset) -> None:
+    """`--loader decode` reads encoded files; a dataset held as decoded pixels has none (checked
+    before a run writes its directory, and again by the feeder for direct users of the loop)."""
+    if not callable(getattr(dataset, "read_bytes", None)):
+        raise DataError(f"--loader decode decodes image files on the device, but {dataset.name} "
+                        f"({dataset.kind}) holds decoded pixels, not files; use --loader tensor "
+                        f"(or auto) for it")
+
+
 class DecodeFeeder:
     """Batches of a JPEG dataset decoded on the training device (see the module docstring)."""
 
     def __init__(self, dataset, image_size: int, blur: bool, small_images: bool, device: torch.device) -> None:
-        if not callable(getattr(dataset, "read_bytes", None)):
-            raise DataError(f"--loader decode decodes image files on the device, but {dataset.name} "
-                            f"({dataset.kind}) holds decoded pixels, not files; use --loader tensor "
-                            f"(or auto) for it")
+        check_decodable(dataset)
         self.dataset, self.device = dataset, device
         self.draw_device = torch.device("cpu")       # parameters drawn on the host: no sync to read boxes
         self.pinned = device.type == "cuda"

@@ -47,14 +47,14 @@ class StepFeeder(Protocol):
 def check_prefetch(loader: str, device: torch.device) -> None:
     """The option's preconditions, as a clear error: a CUDA device and a loader that builds batches
     on it (the worker loader already builds them ahead, in its worker processes)."""
-    if device.type != "cuda":
-        raise ConfigError("--prefetch overlaps the next batch's augmentation with the step on a second "
-                          "CUDA stream; on a CPU there is nothing to overlap with (and it would change the "
-                          "random stream): drop --prefetch, or train on a GPU")
     if loader not in ("tensor", "decode"):
         raise ConfigError(f"--prefetch builds batches on the device, which --loader {loader} does not (its "
                           f"DataLoader workers already prepare batches ahead); use --loader tensor or "
                           f"--loader decode, or drop --prefetch")
+    if device.type != "cuda":
+        raise ConfigError("--prefetch overlaps the next batch's augmentation with the step on a second "
+                          "CUDA stream; on a CPU there is nothing to overlap with (and it would change the "
+                          "random stream): drop --prefetch, or train on a GPU")
 
 
 class PrefetchFeeder:

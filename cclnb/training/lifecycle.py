@@ -21,6 +21,8 @@ import torch
 from cclnb.config import TrainConfig
 from cclnb.data import ImageDataset, open_dataset
 from cclnb.data.fingerprint import data_identity
+from cclnb.data.jpeg import check_decodable
+from cclnb.data.prefetch import check_prefetch
 from cclnb.errors import CheckpointError, ConfigError, Interrupted
 from cclnb.training import dist, runs
 from cclnb.training.checkpoint import load_checkpoint
@@ -92,6 +94,7 @@ def start_run(config: TrainConfig, train_ds: ImageDataset, ctx: dist.DistContext
         run_dir = Path(config.run_dir) if config.run_dir else _agree_run_dir(config, train_ds.name, ctx)
         _refuse_finished_work(run_dir)
     config = dataclasses.replace(config, run_dir=str(run_dir))
+    _check_loader(config, train_ds, ctx.device)
     if ctx.is_main:
         runs.prepare_run_dir(run_dir)
         if checkpoint is None:
@@ -122,6 +125,15 @@ def failure_status(config: TrainConfig, run_dir: Path, ctx: dist.DistContext) ->
         if failure is error:
             raise
         raise failure from error
+
+
+def _check_loader(config: TrainConfig, train_ds: ImageDataset, device: torch.device) -> None:
+    """The loader options' preconditions, refused before the run directory is touched (the feeder
+    checks them again when built, for users of the loop without a run)."""
+    if config.prefetch:
+        check_prefetch(config.loader, device)
+    if config.loader == "decode":
+        check_decodable(train_ds)
 
 
 def _identity_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
