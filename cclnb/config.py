@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -77,6 +78,7 @@ class TrainConfig:
     imagenetsub: bool = False
 
     # --- cclnb extras ---
+    classes: str | None = None              # FIRST-LAST: a range of the sorted classes, from 1 (101-200: the second hundred); None: all (cclnb.data.selection)
     dataset: str = "auto"                   # auto | imagefolder | zip | cifar10 | cifar100 | demo
     download: bool = False                  # CIFAR only: download through torchvision if absent
     image_size: int | None = None           # None: the data's size if <= 64 px, else 224
@@ -167,6 +169,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        check_class_selection(self.imagenetsub, self.classes)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat: the fields, then the method's options under their own names (config.json)."""
@@ -184,7 +187,7 @@ class TrainConfig:
 
     # Fields whose change makes a checkpoint belong to another experiment (resume refuses them;
     # every method option counts too, see `identity`).
-    IDENTITY_FIELDS = ("data", "dataset", "imagenetsub", "arch", "method", "method_module", "n_tasks",
+    IDENTITY_FIELDS = ("data", "dataset", "imagenetsub", "classes", "arch", "method", "method_module", "n_tasks",
                        "n_save", "moco_dim", "moco_k", "mlp", "image_size", "subset_per_class",
                        "order_seed", "batch_size", "epochs", "stem", "width", "train_tasks")
 
@@ -192,6 +195,24 @@ class TrainConfig:
         """What a checkpoint must agree on to be resumed with this config: the identity fields and
         the method's options."""
         return {**{f: getattr(self, f) for f in self.IDENTITY_FIELDS}, **self.method_options}
+
+
+def parse_class_range(text: str) -> tuple[int, int]:
+    """'101-200' -> (101, 200); a clear error for anything else."""
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", str(text))
+    if match is None or not 1 <= int(match.group(1)) <= int(match.group(2)):
+        raise ConfigError(f"--classes {text!r}: write FIRST-LAST, positions in the sorted class order counted "
+                          f"from 1, both included (e.g. --classes 101-200 for the second hundred)")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_class_selection(imagenetsub: bool, class_range: str | None) -> None:
+    """Both select classes: one of them at most."""
+    if class_range is not None:
+        parse_class_range(class_range)
+        if imagenetsub:
+            raise ConfigError(f"--imagenetsub and --classes {class_range} both choose the classes; keep one "
+                              f"(--imagenetsub is --classes 1-100)")
 
 
 def _taking_options(init: Callable[..., None]) -> Callable[..., None]:

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from cclnb.commands import cli
+from cclnb.config import TrainConfig
 from cclnb.data import cache as cache_module
 from cclnb.data import cache_path, load_uint8, open_dataset, subset_per_class
 from cclnb.data.shapes import SHAPES_CLASSES, draw_class
@@ -72,6 +73,43 @@ def test_imagenetsub_keeps_first_100_sorted_classes(tin200_zip, sub100_train) ->
     assert sub.classes == full.classes[:100] == sub100_train.classes
     assert len(sub) == 5000 and sub.targets.max() == 99
     assert sub.files == full.files[:5000]   # class-major order: the first 100 classes come first
+
+
+def test_classes_selects_a_range_of_the_sorted_classes(tin200_zip, sub100_train) -> None:
+    """--classes 101-200 is the second hundred in sorted wnid order, relabelled 0..99, disjoint from
+    sub100; 1-100 is --imagenetsub; the selection is in the name and in the cache identity."""
+    full = open_dataset(str(tin200_zip), "val")
+    second = open_dataset(str(tin200_zip), "val", classes="101-200")
+    assert second.classes == full.classes[100:] and not set(second.classes) & set(sub100_train.classes)
+    assert second.class_names == full.class_names[100:]
+    assert len(second) == 5000 and np.array_equal(second.targets, full.targets[5000:] - 100)
+    assert second.files == full.files[5000:]
+    assert second.name == "tiny-imagenet-32-classes101-200"
+    first = open_dataset(str(tin200_zip), "val", classes="1-100")
+    assert first.classes == open_dataset(str(tin200_zip), "val", imagenetsub=True).classes
+    assert len({full.identity(), second.identity(), first.identity()}) == 3
+    assert open_dataset(str(tin200_zip), "val", classes=" 101 - 200 ").identity() == second.identity()
+
+
+@pytest.mark.parametrize("classes, message", [
+    ("101:200", r"--classes '101:200': write FIRST-LAST, positions in the sorted class order counted from 1"),
+    ("0-10", r"--classes '0-10': write FIRST-LAST"),
+    ("20-10", r"--classes '20-10': write FIRST-LAST"),
+    ("2-4", r"--classes 2-4 reaches class 4, but .*tiny/train/ has 3 classes; choose a range within 1-3"),
+])
+def test_a_bad_class_range_is_refused_with_the_fix(tiny_folder, classes: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        open_dataset(str(tiny_folder), classes=classes)
+
+
+def test_a_class_range_needs_imagenet_layout_data_and_excludes_imagenetsub(tiny_folder) -> None:
+    assert open_dataset(str(tiny_folder), classes="2-3").classes == ["class_1", "class_2"]
+    with pytest.raises(ConfigError, match=r"--imagenetsub and --classes 1-2 both choose the classes; keep one"):
+        open_dataset(str(tiny_folder), imagenetsub=True, classes="1-2")
+    with pytest.raises(ConfigError, match=r"the demo datasets are not: drop --classes 1-2"):
+        open_dataset("demo", classes="1-2")
+    with pytest.raises(ConfigError, match=r"--classes 1-2 both choose"):
+        TrainConfig(data="demo", imagenetsub=True, classes="1-2").validate()
 
 
 @pytest.mark.slow

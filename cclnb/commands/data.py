@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action.add_argument("path", help="dataset folder, zip archive, CIFAR folder, or 'demo'")
         action.add_argument("--dataset", default="auto", choices=KINDS, help="dataset kind (default: detect)")
         action.add_argument("--imagenetsub", action="store_true", help="keep the first 100 classes")
+        action.add_argument("--classes", default=None, metavar="FIRST-LAST",
+                            help="keep a range of the sorted classes, counted from 1 (e.g. 101-200)")
         action.add_argument("--download", action="store_true", help="CIFAR: download if absent")
     info = actions.choices["info"]
     info.add_argument("--n-tasks", type=int, default=10, help="number of tasks (default 10)")
@@ -34,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _open_splits(args: argparse.Namespace) -> dict[str, ImageDataset]:
     """Train (required) and val (when present)."""
-    splits = {"train": open_dataset(args.path, "train", args.dataset, args.imagenetsub, args.download)}
+    splits = {"train": open_dataset(args.path, "train", args.dataset, args.imagenetsub, args.download, args.classes)}
     try:
-        splits["val"] = open_dataset(args.path, "val", args.dataset, args.imagenetsub, args.download)
+        splits["val"] = open_dataset(args.path, "val", args.dataset, args.imagenetsub, args.download, args.classes)
     except DataError as error:
         print(f"(no val split: {error})")
     return splits

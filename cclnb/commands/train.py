@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     x = p.add_argument_group("cclnb extras")
     x.add_argument("--dataset", default=D.dataset, choices=("auto", "imagefolder", "zip", "cifar10", "cifar100", "demo"))
+    x.add_argument("--classes", default=D.classes, metavar="FIRST-LAST",
+                   help="train on a range of the sorted classes, counted from 1 (101-200: the second hundred; "
+                        "1-100 is --imagenetsub)")
     x.add_argument("--download", action="store_true", help="CIFAR: download through torchvision if absent")
     x.add_argument("--image-size", type=int, default=D.image_size, help="default: the data's size if <= 64 px, else 224")
     x.add_argument("--stem", default=D.stem, choices=STEMS)

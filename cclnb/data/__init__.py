@@ -10,9 +10,9 @@ May import only the shared basics (`cclnb.errors`, `cclnb.config`). See docs/dat
 from cclnb.data.base import IMG_EXTENSIONS, ArrayDataset, ImageDataset, subset_per_class
 from cclnb.data.cache import cache_path, default_cache_dir, load_uint8
 from cclnb.data.folder import FolderDataset, ZipDataset
-from cclnb.data.source import KINDS, open_dataset
+from cclnb.data.source import KINDS, open_dataset, open_run_data, run_data_key
 
 __all__ = [
     "IMG_EXTENSIONS", "KINDS", "ArrayDataset", "FolderDataset", "ImageDataset", "ZipDataset",
-    "cache_path", "default_cache_dir", "load_uint8", "open_dataset", "subset_per_class",
+    "cache_path", "default_cache_dir", "load_uint8", "open_dataset", "open_run_data", "run_data_key", "subset_per_class",
 ]

@@ -20,9 +20,10 @@ import numpy as np
 from PIL import Image
 
 from cclnb.data.base import IMG_EXTENSIONS, ImageDataset, decode_image, is_image_file
-from cclnb.errors import ConfigError, DataError
+from cclnb.config import parse_class_range
+from cclnb.data.selection import select_classes, selection_suffix
+from cclnb.errors import DataError
 
-IMAGENET_SUB_CLASSES = 100  # the authors' ImageNet-Sub: the first 100 classes in sorted order
 _SIZE_PROBES = 8            # images whose header is read to guess `image_size`
 _ZIP_JUNK = "__MACOSX/"     # resource forks macOS adds to zips
 
@@ -31,6 +32,11 @@ def _sort_key(relative: str) -> tuple[str, str]:
     """ImageFolder's order: by folder, then by file name inside it."""
     folder, _, name = relative.rpartition("/")
     return folder, name
+
+
+def _range_key(class_range: str | None) -> str:
+    """The class range's part of a dataset's identity (empty without one: old cache keys hold)."""
+    return "|classes={}-{}".format(*parse_class_range(class_range)) if class_range is not None else ""
 
 
 def _parse_classes_tsv(text: str) -> dict[str, str]:
@@ -48,10 +54,10 @@ class FileDataset(ImageDataset):
 
     def __init__(self, *, name: str, kind: str, split: str, location: str,
                  class_files: dict[str, list[str]], class_descriptions: dict[str, str],
-                 imagenetsub: bool) -> None:
+                 imagenetsub: bool, class_range: str | None) -> None:
         self.name, self.kind, self.split = name, kind, split
         self.location = location
-        self.imagenetsub = imagenetsub
+        self.imagenetsub, self.class_range = imagenetsub, class_range
         classes = sorted(class_files)
         if not classes:
             raise DataError(f"{location}/{split}/ holds no class folders; expected "
@@ -60,11 +66,7 @@ class FileDataset(ImageDataset):
             if not class_files[cls]:
                 raise DataError(f"class folder {location}/{split}/{cls}/ holds no images (looked for "
                                 f"{', '.join(IMG_EXTENSIONS)}); add images or remove the folder")
-        if imagenetsub:
-            if len(classes) < IMAGENET_SUB_CLASSES:
-                raise ConfigError(f"--imagenetsub keeps the first {IMAGENET_SUB_CLASSES} classes, but "
-                                  f"{location}/{split}/ has only {len(classes)}; drop --imagenetsub")
-            classes = classes[:IMAGENET_SUB_CLASSES]
+        classes = select_classes(classes, imagenetsub, class_range, f"{location}/{split}/")
         self.classes = classes
         self.class_names = [class_descriptions.get(cls, cls) for cls in classes]
         self.files: list[str] = []
@@ -115,7 +117,8 @@ class FileDataset(ImageDataset):
 class FolderDataset(FileDataset):
     """`<root>/<split>/<class>/<image>` on disk."""
 
-    def __init__(self, root: str | os.PathLike, split: str = "train", imagenetsub: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike, split: str = "train", imagenetsub: bool = False,
+                 class_range: str | None = None) -> None:
         self.root = Path(root).resolve()
         split_dir = self.root / split
         if not split_dir.is_dir():
@@ -135,13 +138,13 @@ class FolderDataset(FileDataset):
             class_files[entry.name] = files
         tsv = self.root / "classes.tsv"
         descriptions = _parse_classes_tsv(tsv.read_text(encoding="utf-8")) if tsv.is_file() else {}
-        super().__init__(name=self.root.name + ("-imagenetsub" if imagenetsub else ""), kind="imagefolder",
+        super().__init__(name=self.root.name + selection_suffix(imagenetsub, class_range), kind="imagefolder",
                          split=split, location=str(self.root), class_files=class_files,
-                         class_descriptions=descriptions, imagenetsub=imagenetsub)
+                         class_descriptions=descriptions, imagenetsub=imagenetsub, class_range=class_range)
         # Folder mtimes change when files are added, removed or renamed; with the file list they
         # key the cache (an image rewritten in place keeps both: delete the cache file then).
         listing = hashlib.sha256("\n".join(self.files).encode()).hexdigest()[:16]
-        self._identity = (f"imagefolder|{self.root}|{split}|sub={imagenetsub}|n={len(self.files)}|"
+        self._identity = (f"imagefolder|{self.root}|{split}|sub={imagenetsub}{_range_key(class_range)}|n={len(self.files)}|"
                           f"files={listing}|mtime={max(dir_mtimes)}")
 
     def _read(self, i: int) -> bytes:
@@ -161,7 +164,8 @@ class FolderDataset(FileDataset):
 class ZipDataset(FileDataset):
     """A zip archive of the ImageNet layout, at its top level or inside one top folder."""
 
-    def __init__(self, path: str | os.PathLike, split: str = "train", imagenetsub: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, split: str = "train", imagenetsub: bool = False,
+                 class_range: str | None = None) -> None:
         self.path = Path(path).resolve()
         self._handle: zipfile.ZipFile | None = None
         self._pid = -1
@@ -185,11 +189,12 @@ class ZipDataset(FileDataset):
         descriptions = (_parse_classes_tsv(self._zip().read(tsv_name).decode("utf-8"))
                         if tsv_name in names else {})
         stem = self.prefix.rstrip("/") or self.path.stem
-        super().__init__(name=stem + ("-imagenetsub" if imagenetsub else ""), kind="zip", split=split,
+        super().__init__(name=stem + selection_suffix(imagenetsub, class_range), kind="zip", split=split,
                          location=f"{self.path}:{self.prefix.rstrip('/')}".rstrip(":"),
-                         class_files=class_files, class_descriptions=descriptions, imagenetsub=imagenetsub)
+                         class_files=class_files, class_descriptions=descriptions, imagenetsub=imagenetsub,
+                         class_range=class_range)
         stat = self.path.stat()
-        self._identity = (f"zip|{self.path}|{split}|sub={imagenetsub}|size={stat.st_size}|"
+        self._identity = (f"zip|{self.path}|{split}|sub={imagenetsub}{_range_key(class_range)}|size={stat.st_size}|"
                           f"mtime={stat.st_mtime_ns}")
 
     def _find_prefix(self, names: Iterable[str], split: str) -> str:

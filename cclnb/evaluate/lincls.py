@@ -94,7 +94,8 @@ def resolved_settings(args: argparse.Namespace, run_config: dict[str, Any]) -> d
     return {"arch": pick("arch", "resnet50"), "stem": pick("stem", "auto"), "width": pick("width", 64),
             "data": pick("data", None),
             "dataset": pick("dataset", "auto"), "image_size": pick("image_size", None),
-            "imagenetsub": bool(args.imagenetsub or run_config.get("imagenetsub", False))}
+            "imagenetsub": bool(args.imagenetsub or run_config.get("imagenetsub", False)),
+            "classes": pick("classes", None)}
 
 
 def resident(ds, image_size: int) -> bool:
@@ -245,7 +246,8 @@ def _eval_inputs(args: argparse.Namespace) -> _EvalInputs:
 
     source = resolve_source(args.pretrained, args.out)
     settings = resolved_settings(args, source.run_config)
-    train, val = (open_dataset(settings["data"], split, settings["dataset"], settings["imagenetsub"])
+    train, val = (open_dataset(settings["data"], split, settings["dataset"], settings["imagenetsub"],
+                               classes=settings["classes"])
                   for split in ("train", "val"))
     if train.classes != val.classes:
         raise DataError(f"train and val class lists differ ({len(train.classes)} vs {len(val.classes)} "

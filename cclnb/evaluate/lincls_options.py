@@ -69,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "means yes, False/0 means no (default False)")
     parser.add_argument("--imagenetsub", action="store_true",
                         help="ImageNet-Sub: the first 100 classes in sorted order")
+    parser.add_argument("--classes", default=None, metavar="FIRST-LAST",
+                        help="a range of the sorted classes, counted from 1 (default: the run's)")
     # --- cclnb extras ---
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from cclnb.config import TrainConfig
-from cclnb.data import ImageDataset, load_uint8, open_dataset, subset_per_class
+from cclnb.data import ImageDataset, load_uint8, open_run_data, subset_per_class
 from cclnb.evaluate.encoder import evaluate_encoder
 from cclnb.training import dist, runs
 from cclnb.training.events import EventWriter
@@ -53,7 +53,7 @@ def task_evaluator(config: TrainConfig, train_ds: ImageDataset, plan: TaskPlan, 
     if config.eval_each_task == "none":
         return None
     progress = config.progress and ctx.is_main
-    val_ds = open_dataset(config.data, "val", config.dataset, config.imagenetsub, config.download)
+    val_ds = open_run_data(config, "val")
     train_ids = plan.all_ids
     if config.eval_bank_per_class is not None:   # a smaller bank: cheaper per-task evaluation
         train_ids = train_ids[subset_per_class(train_ds.targets[train_ids], config.eval_bank_per_class)]

@@ -100,6 +100,7 @@ _TIN100 = DataSize(100, 500, 50, "Tiny-ImageNet sub100")
 DATA: dict[str, DataSize] = {
     "demo": DataSize(10, 200, 60, "the embedded shapes"),
     "tin100-32": _TIN100, "tin100-32-cpu": _TIN100, "tin100-32-cpu-w16": _TIN100,
+    "tin100b-32-cpu-w16": DataSize(100, 500, 50, "Tiny-ImageNet classes 101-200"),
     "tin200-32": DataSize(200, 500, 50, "Tiny-ImageNet"),
     "cifar100": DataSize(100, 500, 100, "CIFAR-100"),
     "imagenet-sub": DataSize(100, 1300, 50, "ImageNet classes 0..99, at most 1,300 train images per class"),

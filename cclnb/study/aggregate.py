@@ -46,7 +46,7 @@ NEW_METHOD_REFERENCES = ("Finetuning", "CCL")   # what a method beyond the paper
 RUNTIME_FIELDS = frozenset({"seed", "run_dir", "resume", "progress", "workers", "print_freq",
                             "dist_url", "dist_timeout", "gpu", "rank", "tensorboard"})
 # TrainConfig fields added after records were first written, with the behaviour those records had.
-_DEFAULTS_OF_LATER_FIELDS = {"width": 64, "train_tasks": None, "method_module": None,
+_DEFAULTS_OF_LATER_FIELDS = {"width": 64, "train_tasks": None, "method_module": None, "classes": None,
                              "prefetch": False, "grouped_bn": "reshape", "compile_mode": "default"}
 
 # The per-seed columns summarised per method (those present in the table are used).

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from cclnb.config import TrainConfig
-from cclnb.data import open_dataset
+from cclnb.data import open_run_data
 from cclnb.data.fingerprint import data_identity
 from cclnb.errors import ConfigError
 from cclnb.study.report import UNTRAINED, UNTRAINED_BN
@@ -76,7 +76,7 @@ def untrained_run(config: TrainConfig, calibrate_bn: bool = False) -> Path:
     from cclnb.training import plan_tasks, resolve_config
 
     check_config(config)
-    train_ds = open_dataset(config.data, "train", config.dataset, config.imagenetsub, config.download)
+    train_ds = open_run_data(config, "train")
     config = resolve_config(config, train_ds.image_size)
     run_dir = runs.prepare_run_dir(config.run_dir)
     plan = plan_tasks(config, train_ds.targets, len(train_ds.classes))

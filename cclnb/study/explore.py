@@ -27,7 +27,7 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.decomposition import PCA
 
 from cclnb.config import TrainConfig
-from cclnb.data import ImageDataset, load_uint8, open_dataset
+from cclnb.data import ImageDataset, load_uint8, open_run_data
 from cclnb.data.augment import BatchMoCoV2Augment, normalize_uint8
 from cclnb.errors import CclnbError, DataError
 from cclnb.evaluate import extract_features
@@ -150,10 +150,10 @@ def run_choices(studies: Sequence[StudyRuns], explorer: "Explorer") -> list[tupl
     """(label, run directory) pairs for a run picker: every run on the explorer's data (other
     data would need another task split), newest study first, then a fresh untrained encoder
     (value "untrained")."""
-    same = (explorer.config.data, explorer.config.dataset, explorer.config.imagenetsub)
+    same = (explorer.config.data, explorer.config.dataset, explorer.config.imagenetsub, explorer.config.classes)
     choices = [(f"{study.name} / {label}", str(study.dirs[label])) for study in studies
                for label, config in study.configs.items()
-               if (config.get("data"), config.get("dataset"), config.get("imagenetsub")) == same]
+               if (config.get("data"), config.get("dataset"), config.get("imagenetsub"), config.get("classes")) == same]
     return choices + [(f"{UNTRAINED} encoder (no run)", UNTRAINED)]
 
 
@@ -187,7 +187,7 @@ class Explorer:
 
     @classmethod
     def from_config(cls, config: TrainConfig, device: str = "cpu", seed: int = 0) -> "Explorer":
-        train = open_dataset(config.data, "train", config.dataset, imagenetsub=config.imagenetsub)
+        train = open_run_data(config, "train")
         plan = plan_tasks(config, train.targets, len(train.classes))
         size = config.image_size or (train.image_size if train.image_size and
                                      train.image_size <= SMALL_IMAGE_MAX else 224)
@@ -358,7 +358,7 @@ class Explorer:
                      ) -> tuple[np.ndarray, np.ndarray]:
         """(features, task of each image) of up to `max_points` validation images (a seeded random
         sample), cached per encoder."""
-        val = open_dataset(self.config.data, "val", self.config.dataset, imagenetsub=self.config.imagenetsub)
+        val = open_run_data(self.config, "val")
         keep = np.sort(np.random.default_rng(self.seed).permutation(len(val))[:max_points])
         task_of = self.task_of_class()
         tasks = np.asarray([task_of.get(int(y), -1) for y in val.targets[keep]])

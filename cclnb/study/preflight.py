@@ -175,7 +175,7 @@ def _check_folders(study: Study, steps: Sequence[Step]) -> None:
 def _check_data(configs: Sequence[tuple[Step, TrainConfig]], steps: Sequence[Step]) -> None:
     """Open each dataset the runs name (both splits), split it into the runs' tasks, and check
     that the linear evaluation's protocol suits the runs' image size."""
-    from cclnb.data import open_dataset
+    from cclnb.data import open_run_data, run_data_key
     from cclnb.evaluate.lincls import check_probe_size
     from cclnb.training import plan_tasks, resolve_config
 
@@ -183,11 +183,10 @@ def _check_data(configs: Sequence[tuple[Step, TrainConfig]], steps: Sequence[Ste
     image_size: dict[str | None, int] = {}   # run_dir -> the image size the run trains at
     refused: list[tuple[Step, CclnbError]] = []
     for step, config in configs:
-        key = (config.data, config.dataset, config.imagenetsub, config.download)
+        key = run_data_key(config)
         try:
             if key not in opened:
-                opened[key], _ = (open_dataset(config.data, split, config.dataset, config.imagenetsub,
-                                               config.download) for split in ("train", "val"))
+                opened[key], _ = (open_run_data(config, split) for split in ("train", "val"))
             train = opened[key]
             # on the CPU: only the image size is used here, and CUDA stays untouched in this process
             resolved = resolve_config(config, train.image_size, torch.device("cpu"))

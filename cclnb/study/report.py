@@ -174,6 +174,8 @@ def dataset_label(config: dict[str, Any]) -> str:
     name = Path(str(data).rstrip("/")).name
     for suffix in (".zip", ".tar.gz", ".tar"):
         name = name.removesuffix(suffix)
+    if config.get("classes"):
+        return f"{name}-classes{config['classes']}"
     return f"{name}-sub" if config.get("imagenetsub") else name
 
 

@@ -58,7 +58,7 @@ def changed_runs(study: Study) -> dict[str, list[str]]:
 def _training_differences(step: Step, opened: dict[tuple, int | None]) -> list[str]:
     """How the finished run of `step` differs from what `step` would train: its config.json against
     the step's config, resolved as the trainer resolves a resume (`lifecycle.start_run`)."""
-    from cclnb.data import open_dataset
+    from cclnb.data import open_run_data, run_data_key
     from cclnb.training import resolve_config
 
     saved_file = Path(step.parameters["run_dir"]) / "config.json"
@@ -66,9 +66,9 @@ def _training_differences(step: Step, opened: dict[tuple, int | None]) -> list[s
         return []
     saved = json.loads(saved_file.read_text(encoding="utf-8"))
     config = (train_config if step.notebook == "task_sequence" else untrained_config)(step.parameters)
-    key = (config.data, config.dataset, config.imagenetsub, config.download)
+    key = run_data_key(config)
     if key not in opened:
-        opened[key] = open_dataset(config.data, "train", config.dataset, config.imagenetsub, config.download).image_size
+        opened[key] = open_run_data(config, "train").image_size
     # `auto` precision was resolved when the run started; a resume keeps that choice, so does this
     precision = saved.get("precision", config.precision) if config.precision == "auto" else config.precision
     resolved = resolve_config(dataclasses.replace(config, precision=precision, seed=saved.get("seed")),

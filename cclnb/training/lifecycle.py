@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 
 from cclnb.config import TrainConfig
-from cclnb.data import ImageDataset, open_dataset
+from cclnb.data import ImageDataset, open_run_data
 from cclnb.data.fingerprint import data_identity
 from cclnb.data.jpeg import check_decodable
 from cclnb.data.prefetch import check_prefetch
@@ -64,7 +64,7 @@ class RunStart:
 
 def fresh_run_dir(config: TrainConfig) -> Path:
     """The directory a new run gets when `--run-dir` is not given: runs/<method>-<dataset>-<time>."""
-    name = open_dataset(config.data, "train", config.dataset, config.imagenetsub, config.download).name
+    name = open_run_data(config, "train").name
     return runs.default_run_dir(config.method, name)
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from cclnb.config import TrainConfig
-from cclnb.data import ImageDataset, open_dataset
+from cclnb.data import ImageDataset, open_run_data
 from cclnb.errors import ConfigError
 from cclnb.training import dist
 from cclnb.training.lifecycle import failure_status, fresh_run_dir, start_run
@@ -50,7 +50,7 @@ def _train_process(config: TrainConfig, evaluator: EvaluatorFactory | None) -> P
     try:
         if config.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        train_ds = open_dataset(config.data, "train", config.dataset, config.imagenetsub, config.download)
+        train_ds = open_run_data(config, "train")
         plan = plan_tasks(config, train_ds.targets, len(train_ds.classes))   # a bad split: no run dir yet
         start = start_run(config, train_ds, ctx)
         if start.complete:
