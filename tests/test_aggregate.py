@@ -277,6 +277,16 @@ def test_the_budget_axis_follows_each_gap_across_budgets() -> None:
     missing = partial[partial["gap"] == "CCL - SimpleReplay"]
     assert missing["n"].item() == 0 and missing["status"].item() == "not run"
     assert partial.loc[partial["gap"] == "Joint - Finetuning", "status"].item() == "holds"
+    # one sentence per budget, in order, that restates its rows and what they resolve
+    lines = aggregate.budget_sentences(gaps, {1e5: 4, 2e5: 8}).splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("- **4 epochs per task (100,000 images per method)**: Joint - Finetuning -1.00 "
+                               "(3 seeds, reversed); SimpleReplay - Finetuning +0.50 (3 seeds, holds);")
+    assert lines[0].endswith("Resolved: Finetuning > Joint (reversed), SimpleReplay > Finetuning.")
+    assert lines[2].startswith("- **400,000 images per method**: Joint - Finetuning +1.03 (3 seeds, holds)")
+    assert "Resolved: Joint > Finetuning, SimpleReplay > Finetuning." in lines[2]
+    assert aggregate.budget_sentences(partial).endswith(
+        "CCL - SimpleReplay not run. Resolved: Joint > Finetuning, SimpleReplay > Finetuning.")
 
 
 def test_the_budget_trend_says_where_each_gap_heads_and_crosses() -> None:

@@ -415,6 +415,31 @@ def budget_trend_markdown(trend: pd.DataFrame) -> str:
                               "extrapolation, not a measurement.*")
 
 
+def budget_sentences(gaps: pd.DataFrame, epochs: Mapping[float, float] | None = None) -> str:
+    """One sentence per budget of `budget_gaps`, in its order, each checkable against the table:
+    every gap's mean, seeds and status, then what holds (or is reversed) at that budget, in the
+    paper's terms (A > B where the gap A - B holds). `epochs` names a budget by its epochs per task
+    (images seen -> epochs) where the page knows them."""
+    lines = []
+    for images, frame in gaps.groupby("images_seen", sort=True):
+        name = f"{images:,.0f} images per method"
+        if epochs and images in epochs:
+            name = f"{epochs[images]:g} epochs per task ({name})"
+        parts, held = [], []
+        for row in frame.itertuples(index=False):
+            if row.status == "not run":
+                parts.append(f"{row.gap} not run")
+                continue
+            seeds = f"{row.n} seed{'s' * (row.n != 1)}"
+            parts.append(f"{row.gap} {row.mean:+.2f} ({seeds}, {row.status})")
+            a, b = row.gap.split(" - ")
+            if row.status in ("holds", "reversed"):
+                held.append(f"{a} > {b}" if row.status == "holds" else f"{b} > {a} (reversed)")
+        outcome = ("Resolved: " + ", ".join(held) + "." if held else "Nothing is resolved at this budget.")
+        lines.append(f"- **{name}**: " + "; ".join(parts) + ". " + outcome)
+    return "\n".join(lines)
+
+
 def mean_spread_text(mean: float, std: float, low: float, high: float, n: int) -> str:
     """`mean ± std [min, max]` for the page (`-` when nothing was measured, no ± for one seed)."""
     if n == 0 or not math.isfinite(mean):

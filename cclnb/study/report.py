@@ -365,6 +365,12 @@ def images_seen(runs: Sequence[Run], method: str = "Finetuning") -> float:
             for r in runs if r.method == method and not r.train_log.empty]
     return float(np.median(seen)) if seen else math.nan
 
+def epochs_per_task(runs: Sequence[Run]) -> float:
+    """The epochs per task the study's runs trained (their median): a budget's name on the page."""
+    values = [float(r.config["epochs"]) for r in runs if "epochs" in r.config]
+    return float(np.median(values)) if values else math.nan
+
+
 def lincls_curve(result: dict[str, Any]) -> pd.DataFrame:
     """The per-epoch curve of a lincls JSON as a frame with an `epoch` column.
 
