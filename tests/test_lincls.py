@@ -11,6 +11,7 @@ import torch
 from cclnb.commands.cli import build_parser, main
 from cclnb.errors import ConfigError
 from cclnb.evaluate.lincls import Source, load_backbone, lr_at, topk_correct
+from test_trainer import one_thread  # noqa: F401  (fixture re-used)
 
 
 def _parse(*argv: str):
@@ -199,3 +200,45 @@ def test_lincls_protocol_probe_writes_the_same_json(tmp_path: Path) -> None:
         result = json.loads((run / f"lincls_{who}.json").read_text())
         assert result["protocol"].startswith("probe") and result["who"] == who
         assert 0.0 <= result["top1"] <= 100.0 and result["n_val"] == 600
+
+
+def test_encoders_sharing_one_pass_get_their_own_runs_results(tmp_path: Path, one_thread) -> None:
+    """`cclnb lincls --pretrained A --also A:teacher B` reads and augments every batch once for the
+    three encoders; each classifier, curve and result equals its own run's, bit for bit."""
+    from cclnb import train
+    from cclnb.config import TrainConfig
+
+    runs = {method: train(TrainConfig(data="demo", arch="resnet18", stem="cifar", width=8, epochs=1,
+                                      batch_size=16, moco_k=64, ccl_k=16, n_tasks=2, n_save=2, method=method,
+                                      subset_per_class=8, seed=0, workers=0, progress=False,
+                                      eval_each_task="none", key_bn_groups=2, bn_groups=2, device="cpu",
+                                      run_dir=str(tmp_path / method)))
+            for method in ("CCL", "Finetuning")}
+    common = ["--epochs", "2", "-b", "16", "--lr", "1", "--subset-per-class", "4", "--device", "cpu",
+              "--precision", "fp32", "--no-progress"]
+    alone = {}
+    for name, run, teacher in (("ccl-student", runs["CCL"], "False"), ("ccl-teacher", runs["CCL"], "True"),
+                               ("ft-student", runs["Finetuning"], "False")):
+        assert main(["lincls", "--pretrained", str(run), "--use_teacher_weight", teacher, *common,
+                     "--out", str(tmp_path / name)]) == 0
+        alone[name] = tmp_path / name
+    assert main(["lincls", "--pretrained", str(runs["CCL"]), "--also", f"{runs['CCL']}:teacher",
+                 str(runs["Finetuning"]), *common]) == 0
+    shared = {"ccl-student": (runs["CCL"], "student"), "ccl-teacher": (runs["CCL"], "teacher"),
+              "ft-student": (runs["Finetuning"], "student")}
+    for name, (run, who) in shared.items():
+        together = json.loads((run / f"lincls_{who}.json").read_text())
+        own = json.loads((alone[name] / f"lincls_{who}.json").read_text())
+        assert together["curve"] == own["curve"] and together["who"] == who
+        assert (together["top1"], together["best_top1"]) == (own["top1"], own["best_top1"])
+        fc_together, fc_own = (torch.load(d / f"lincls_{who}.pt", weights_only=True)["fc"]
+                               for d in (run, alone[name]))
+        assert all(torch.equal(fc_together[k], fc_own[k]) for k in fc_own)
+    assert not (runs["Finetuning"] / "lincls_teacher.json").exists()
+
+
+def test_also_refuses_what_one_pass_cannot_share(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["lincls", "--data", "demo", "--also", str(tmp_path), "--protocol", "probe"]) == 2
+    assert "--also shares the augmented batches of the lincls protocol" in capsys.readouterr().err
+    assert main(["lincls", "--data", "demo", "--also", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "drop --resume, -e/--evaluate and --out" in capsys.readouterr().err

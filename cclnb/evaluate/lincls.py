@@ -283,106 +283,193 @@ def check_probe_size(image_size: int) -> None:
                           f"<= {SMALL_MAX} px; this run uses {image_size} px: use the lincls protocol (--protocol lincls)")
 
 
+@dataclass
+class _Head:
+    """One encoder under the linear protocol: where it comes from, its frozen backbone, its own
+    classifier and optimizer, its val features and its curve so far."""
+
+    inputs: _EvalInputs
+    args: argparse.Namespace          # its own arguments (its --pretrained, its resolved precision)
+    backbone: nn.Module
+    buffers_before: dict[str, torch.Tensor]
+    fc: nn.Linear
+    optimizer: torch.optim.SGD
+    state_path: Path
+    curve: list[dict[str, float]]
+    start_epoch: int
+    val_f: torch.Tensor
+    val_y: torch.Tensor
+
+    def score(self) -> tuple[float, float]:
+        with torch.no_grad():
+            return tuple(topk_correct(self.fc(self.val_f), self.val_y))  # type: ignore[return-value]
+
+
+def encoder_arguments(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """The arguments of every encoder `args` evaluates: `--pretrained` (with `--use-teacher-weight`),
+    then each `--also PATH[:student|:teacher]`, which writes to its own run directory."""
+    if not args.also:
+        return [args]
+    if args.resume or args.evaluate or args.out:
+        raise ConfigError("--also trains several classifiers in one pass, each written next to its encoder: "
+                          "drop --resume, -e/--evaluate and --out (or evaluate one encoder at a time)")
+    encoders = [args]
+    for spec in args.also:
+        path, _, who = spec.rpartition(":") if spec.endswith((":student", ":teacher")) else (spec, "", "student")
+        encoders.append(argparse.Namespace(**{**vars(args), "pretrained": path, "also": [],
+                                              "use_teacher_weight": who == "teacher"}))
+    return encoders
+
+
 def linear_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """`linear_evals`' result of the `--pretrained` encoder (the one result without `--also`)."""
+    return linear_evals(args)[0]
+
+
+def linear_evals(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run the linear protocol described in the module docstring; returns the result dict and
     writes `lincls_<student|teacher>.json` (plus `lincls_<who>.pt` for --resume) to the output
-    folder. With -e/--evaluate, only scores the classifier restored by --resume."""
+    folder. With -e/--evaluate, only scores the classifier restored by --resume.
+
+    With `--also`, more encoders train their own classifiers in the same pass: each batch is read,
+    decoded and augmented once and goes through every frozen encoder. The batches depend only on
+    the seed and the epoch, and each classifier starts from the same seeded draw as alone, so every
+    result equals that encoder's own run (tests/test_lincls.py); what is saved is the input work
+    of all but one. Returns one result per encoder, `--pretrained`'s first."""
     from cclnb.training.runs import write_json
 
     started = time.time()
     check_arguments(args)
-    inputs = _eval_inputs(args)
-    who, source, settings, device = inputs.who, inputs.source, inputs.settings, inputs.device
-    train, val, ids, image_size = inputs.train, inputs.val, inputs.ids, inputs.image_size
+    arguments = encoder_arguments(args)
+    encoders = [_eval_inputs(a) for a in arguments]
+    first = encoders[0]
+    for other in encoders[1:]:
+        _check_same_inputs(first, other)
+    train, ids, image_size, device = first.train, first.ids, first.image_size, first.device
     seed = 0 if args.seed is None else int(args.seed)
-    torch.manual_seed(seed)
-    n_classes = len(train.classes)
-    small = image_size <= SMALL_MAX
     workers = max(0, min(args.workers, os.cpu_count() or 1))
+    progress = not args.no_progress
+    val = _uint8(first.val, progress) if resident(first.val, image_size) else first.val
+    heads = [_head(inputs, own, seed, workers, val, progress) for inputs, own in zip(encoders, arguments)]
+    if args.evaluate:
+        top1, top5 = heads[0].score()
+        print(f"lincls ({first.who}) evaluate: top-1 {top1:.2f}  top-5 {top5:.2f}")
+        return [{"who": first.who, "top1": top1, "top5": top5}]
 
-    backbone = load_backbone(source, settings, small, who, device)
+    views = TrainViews(train, ids, image_size, args.batch_size, workers, device, seed, progress)
+    for head in heads:
+        head.inputs.source.out_dir.mkdir(parents=True, exist_ok=True)
+    names = ", ".join(h.inputs.who for h in heads) if len(heads) > 1 else first.who
+    bar = tqdm(range(heads[0].start_epoch, args.epochs), desc=f"lincls {names}", unit="epoch", disable=not progress)
+    for epoch in bar:
+        for head in heads:
+            for group in head.optimizer.param_groups:
+                group["lr"] = lr_at(epoch, args.lr, args.schedule)
+        totals, seen = [0.0] * len(heads), 0
+        for step, (images, labels) in enumerate(tqdm(views.epoch(epoch), total=views.steps(), leave=False,
+                                                     desc=f"epoch {epoch + 1}", disable=not progress)):
+            for i, head in enumerate(heads):
+                loss_value = _train_step(head, images, labels, device)
+                totals[i] += loss_value * labels.shape[0]
+                if not math.isfinite(totals[i]):
+                    raise TrainingDiverged(f"linear evaluation loss became {totals[i]} at epoch {epoch + 1}; "
+                                           f"lower --lr (now {args.lr})")
+            seen += labels.shape[0]
+            if step % max(1, args.print_freq) == 0:
+                bar.set_postfix(loss=f"{loss_value:.3f}")
+        for head, total in zip(heads, totals):
+            top1, top5 = head.score()
+            head.curve.append({"epoch": epoch + 1, "train_loss": total / seen, "val_top1": top1, "val_top5": top5})
+            write_atomically({"who": head.inputs.who, "epoch": epoch + 1, "fc": head.fc.state_dict(),
+                              "optimizer": head.optimizer.state_dict(), "curve": head.curve},
+                             head.state_path, "lincls state")
+        bar.set_postfix(loss=f"{totals[0] / seen:.3f}", top1=f"{heads[0].curve[-1]['val_top1']:.2f}")
+
+    results = []
+    for head in heads:
+        _check_frozen(head)
+        result = _result(head, started)
+        write_json(head.inputs.source.out_dir / f"lincls_{head.inputs.who}.json", result)
+        results.append(result)
+    return results
+
+
+def _check_same_inputs(first: _EvalInputs, other: _EvalInputs) -> None:
+    """Encoders of one pass read one dataset at one size on one device."""
+    mine = (first.train.name, len(first.train), first.image_size, first.device)
+    theirs = (other.train.name, len(other.train), other.image_size, other.device)
+    if mine != theirs or not np.array_equal(first.ids, other.ids):
+        raise ConfigError(f"--also {other.source.checkpoint}: its run evaluates on {theirs[0]} ({theirs[1]} images, "
+                          f"{theirs[2]} px), the first encoder's on {mine[0]} ({mine[1]} images, {mine[2]} px); "
+                          f"one pass reads one dataset: evaluate it in a command of its own")
+
+
+def _head(inputs: _EvalInputs, args: argparse.Namespace, seed: int, workers: int, val: Any,
+          progress: bool) -> _Head:
+    """An encoder ready to train its classifier: the seeded draw of a run of its own (the global
+    seed set just before its backbone and classifier are built), restored from --resume if given."""
+    torch.manual_seed(seed)
+    backbone = load_backbone(inputs.source, inputs.settings, inputs.image_size <= SMALL_MAX, inputs.who,
+                             inputs.device)
     buffers_before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    fc = nn.Linear(backbone.out_dim, n_classes).to(device)
+    fc = nn.Linear(backbone.out_dim, len(inputs.train.classes)).to(inputs.device)
     nn.init.normal_(fc.weight, mean=0.0, std=0.01)
     nn.init.zeros_(fc.bias)
     optimizer = torch.optim.SGD(fc.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-
-    state_path = source.out_dir / f"lincls_{who}.pt"
     curve: list[dict[str, float]] = []
     start_epoch = args.start_epoch
     if args.resume:
-        state = _load_state(args.resume, who, n_classes, backbone.out_dim)
+        state = _load_state(args.resume, inputs.who, len(inputs.train.classes), backbone.out_dim)
         fc.load_state_dict(state["fc"])
         optimizer.load_state_dict(state["optimizer"])
         curve, start_epoch = list(state["curve"]), int(state["epoch"])
     if start_epoch >= args.epochs and not curve and not args.evaluate:
         raise ConfigError(f"--start-epoch {start_epoch} leaves no epoch of --epochs {args.epochs} to run; "
                           f"lower --start-epoch")
+    val_f = extract_features(backbone, val, inputs.device, batch_size=args.batch_size,
+                             image_size=inputs.image_size, precision=args.precision, workers=workers,
+                             progress=progress, desc=f"val features ({inputs.who})")
+    return _Head(inputs, args, backbone, buffers_before, fc, optimizer,
+                 inputs.source.out_dir / f"lincls_{inputs.who}.pt", curve, start_epoch, val_f,
+                 torch.as_tensor(inputs.val.targets, device=inputs.device))
 
-    progress = not args.no_progress
-    val_f = extract_features(backbone, _uint8(val, progress) if resident(val, image_size) else val,
-                             device, batch_size=args.batch_size,
-                             image_size=image_size, precision=args.precision, workers=workers,
-                             progress=progress, desc="val features")
-    val_y = torch.as_tensor(val.targets, device=device)
 
-    def score() -> tuple[float, float]:
-        with torch.no_grad():
-            return tuple(topk_correct(fc(val_f), val_y))  # type: ignore[return-value]
+def _train_step(head: _Head, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
+    """One SGD step of the head's classifier on the frozen features of `images`; the loss."""
+    with frozen(head.backbone), autocast(device, head.args.precision):
+        feats = head.backbone(images)
+    loss = F.cross_entropy(head.fc(feats.float()), labels)
+    head.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    head.optimizer.step()
+    return float(loss.detach())
 
-    if args.evaluate:
-        top1, top5 = score()
-        print(f"lincls ({who}) evaluate: top-1 {top1:.2f}  top-5 {top5:.2f}")
-        return {"who": who, "top1": top1, "top5": top5}
 
-    views = TrainViews(train, ids, image_size, args.batch_size, workers, device, seed, progress)
-    source.out_dir.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(range(start_epoch, args.epochs), desc=f"lincls {who}", unit="epoch", disable=not progress)
-    for epoch in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(epoch, args.lr, args.schedule)
-        total, seen = 0.0, 0
-        for step, (images, labels) in enumerate(tqdm(views.epoch(epoch), total=views.steps(), leave=False,
-                                                     desc=f"epoch {epoch + 1}", disable=not progress)):
-            with frozen(backbone), autocast(device, args.precision):
-                feats = backbone(images)
-            loss = F.cross_entropy(fc(feats.float()), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_value = float(loss.detach())
-            total += loss_value * labels.shape[0]
-            seen += labels.shape[0]
-            if not math.isfinite(total):
-                raise TrainingDiverged(f"linear evaluation loss became {total} at epoch {epoch + 1}; "
-                                       f"lower --lr (now {args.lr})")
-            if step % max(1, args.print_freq) == 0:
-                bar.set_postfix(loss=f"{loss_value:.3f}")
-        top1, top5 = score()
-        curve.append({"epoch": epoch + 1, "train_loss": total / seen, "val_top1": top1, "val_top5": top5})
-        bar.set_postfix(loss=f"{total / seen:.3f}", top1=f"{top1:.2f}")
-        write_atomically({"who": who, "epoch": epoch + 1, "fc": fc.state_dict(),
-                          "optimizer": optimizer.state_dict(), "curve": curve}, state_path, "lincls state")
-
-    for name, value in backbone.state_dict().items():
-        if not torch.equal(value, buffers_before[name]):
+def _check_frozen(head: _Head) -> None:
+    for name, value in head.backbone.state_dict().items():
+        if not torch.equal(value, head.buffers_before[name]):
             raise RuntimeError(f"backbone tensor {name} changed during linear evaluation; the frozen "
                                f"protocol is broken (a bug in cclnb, please report it)")
+
+
+def _result(head: _Head, started: float) -> dict[str, Any]:
+    """The lincls_<who>.json of one head."""
+    inputs, curve, args = head.inputs, head.curve, head.args
+    size, small = inputs.image_size, inputs.image_size <= SMALL_MAX
     best = max(curve, key=lambda row: row["val_top1"])
-    result = {
-        "who": who, "top1": curve[-1]["val_top1"], "top5": curve[-1]["val_top5"],
+    own = {k: v for k, v in vars(args).items() if k not in ("func", "also")}
+    return {
+        "who": inputs.who, "top1": curve[-1]["val_top1"], "top5": curve[-1]["val_top5"],
         "result_note": "final epoch", "best_top1": best["val_top1"], "best_epoch": best["epoch"],
         "best_note": BEST_NOTE, "epochs": args.epochs, "curve": curve,
-        "protocol": (f"native {image_size}px: RandomResizedCrop({image_size}, 0.08-1)+flip / full image"
-                     if small else f"authors {image_size}px: RandomResizedCrop+flip / resize+center crop"),
-        "n_classes": n_classes, "n_train": int(len(ids)), "n_val": int(len(val)), "image_size": image_size,
-        "pretrained": str(source.checkpoint) if source.checkpoint else None,
-        "config": {**{k: v for k, v in vars(args).items() if k != "func"}, **settings,
-                   "image_size": image_size, "device": str(device), "workers_used": workers},
+        "protocol": (f"native {size}px: RandomResizedCrop({size}, 0.08-1)+flip / full image"
+                     if small else f"authors {size}px: RandomResizedCrop+flip / resize+center crop"),
+        "n_classes": len(inputs.train.classes), "n_train": int(len(inputs.ids)), "n_val": int(len(inputs.val)),
+        "image_size": size, "pretrained": str(inputs.source.checkpoint) if inputs.source.checkpoint else None,
+        "config": {**own, **inputs.settings, "image_size": size, "device": str(inputs.device),
+                   "workers_used": max(0, min(args.workers, os.cpu_count() or 1))},
         "time_s": time.time() - started,
     }
-    write_json(source.out_dir / f"lincls_{who}.json", result)
-    return result
 
 
 def _uint8(ds, progress: bool) -> torch.Tensor:

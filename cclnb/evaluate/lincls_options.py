@@ -89,6 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="folder for lincls_<who>.json (default: the run "
                         "directory, else the checkpoint's folder)")
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+    parser.add_argument("--also", nargs="+", default=[], metavar="PATH[:teacher]",
+                        help="more encoders (run directories or checkpoints; ':teacher' for a run's teacher) "
+                             "whose classifiers train in the same pass: each batch is read and augmented once, "
+                             "every result equals its own run's; each is written next to its encoder")
     parser.add_argument("--protocol", choices=("lincls", "probe"), default="lincls",
                         help="lincls: the paper's protocol (default); probe: one L-BFGS fit on frozen "
                              "features of un-augmented images (<= 64 px, --epochs = iterations)")
