@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -237,8 +238,39 @@ def test_encoders_sharing_one_pass_get_their_own_runs_results(tmp_path: Path, on
     assert not (runs["Finetuning"] / "lincls_teacher.json").exists()
 
 
+def test_a_stopped_shared_pass_resumes_each_encoder_exactly(tmp_path: Path, one_thread,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """--resume auto: every encoder of the pass continues from its own saved state; 2 epochs, then
+    a third, equal a straight 3 (the LR steps at fixed epochs, the batches come from seed and epoch)."""
+    import shutil
+
+    from cclnb import train
+    from cclnb.config import TrainConfig
+
+    run = train(TrainConfig(data="demo", arch="resnet18", stem="cifar", width=8, epochs=1, batch_size=16,
+                            moco_k=64, ccl_k=16, n_tasks=2, n_save=2, method="CCL", subset_per_class=8, seed=0,
+                            workers=0, progress=False, eval_each_task="none", key_bn_groups=2, bn_groups=2,
+                            device="cpu", run_dir=str(tmp_path / "straight")))
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run, stopped)
+    common = ["-b", "16", "--lr", "1", "--schedule", "2", "--subset-per-class", "4", "--device", "cpu",
+              "--precision", "fp32", "--no-progress"]
+    assert main(["lincls", "--pretrained", str(run), "--also", f"{run}:teacher", "--epochs", "3", *common]) == 0
+    assert main(["lincls", "--pretrained", str(stopped), "--also", f"{stopped}:teacher", "--epochs", "2", *common]) == 0
+    assert main(["lincls", "--pretrained", str(stopped), "--also", f"{stopped}:teacher", "--epochs", "3",
+                 "--resume", "auto", *common]) == 0
+    for who in ("student", "teacher"):
+        straight, resumed = (json.loads((d / f"lincls_{who}.json").read_text()) for d in (run, stopped))
+        assert len(resumed["curve"]) == 3 and resumed["curve"] == straight["curve"]
+    (stopped / "lincls_teacher.pt").unlink()          # the teacher would start over, the student not
+    capsys.readouterr()
+    assert main(["lincls", "--pretrained", str(stopped), "--also", f"{stopped}:teacher", "--epochs", "4",
+                 "--resume", "auto", *common]) == 2
+    assert re.search(r"stopped at different epochs \(student of .*: 3, teacher of .*: 0\)", capsys.readouterr().err)
+
+
 def test_also_refuses_what_one_pass_cannot_share(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["lincls", "--data", "demo", "--also", str(tmp_path), "--protocol", "probe"]) == 2
     assert "--also shares the augmented batches of the lincls protocol" in capsys.readouterr().err
     assert main(["lincls", "--data", "demo", "--also", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-    assert "drop --resume, -e/--evaluate and --out" in capsys.readouterr().err
+    assert "drop -e/--evaluate and --out, and resume with --resume auto" in capsys.readouterr().err

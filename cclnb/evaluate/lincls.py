@@ -43,6 +43,7 @@ from cclnb.training.checkpoint import write_atomically
 from cclnb.training.precision import autocast, resolve_model_precision
 
 BEST_NOTE = "best epoch (selected on val), as the authors report"
+AUTO_RESUME = "auto"   # --resume auto: each encoder continues from its own lincls_<who>.pt if there is one
 SMALL_MAX = 64
 
 
@@ -310,9 +311,10 @@ def encoder_arguments(args: argparse.Namespace) -> list[argparse.Namespace]:
     then each `--also PATH[:student|:teacher]`, which writes to its own run directory."""
     if not args.also:
         return [args]
-    if args.resume or args.evaluate or args.out:
+    if args.resume not in ("", AUTO_RESUME) or args.evaluate or args.out:
         raise ConfigError("--also trains several classifiers in one pass, each written next to its encoder: "
-                          "drop --resume, -e/--evaluate and --out (or evaluate one encoder at a time)")
+                          "drop -e/--evaluate and --out, and resume with --resume auto (each encoder from its "
+                          "own lincls_<who>.pt), or evaluate one encoder at a time")
     encoders = [args]
     for spec in args.also:
         path, _, who = spec.rpartition(":") if spec.endswith((":student", ":teacher")) else (spec, "", "student")
@@ -345,12 +347,20 @@ def linear_evals(args: argparse.Namespace) -> list[dict[str, Any]]:
     first = encoders[0]
     for other in encoders[1:]:
         _check_same_inputs(first, other)
+    for inputs, own in zip(encoders, arguments):
+        if own.resume == AUTO_RESUME:     # each encoder from the state its own stopped run saved, if any
+            state = inputs.source.out_dir / f"lincls_{inputs.who}.pt"
+            own.resume = str(state) if state.is_file() else ""
     train, ids, image_size, device = first.train, first.ids, first.image_size, first.device
     seed = 0 if args.seed is None else int(args.seed)
     workers = max(0, min(args.workers, os.cpu_count() or 1))
     progress = not args.no_progress
     val = _uint8(first.val, progress) if resident(first.val, image_size) else first.val
     heads = [_head(inputs, own, seed, workers, val, progress) for inputs, own in zip(encoders, arguments)]
+    if len({head.start_epoch for head in heads}) > 1:
+        raise ConfigError("--resume auto: the encoders' saved states stopped at different epochs ("
+                          + ", ".join(f"{h.inputs.who} of {h.inputs.source.out_dir}: {h.start_epoch}" for h in heads)
+                          + "); one pass trains them together: evaluate them apart, or delete the states to restart")
     if args.evaluate:
         top1, top5 = heads[0].score()
         print(f"lincls ({first.who}) evaluate: top-1 {top1:.2f}  top-5 {top5:.2f}")

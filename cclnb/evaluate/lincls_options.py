@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=0.0,
                         help="weight decay (default 0)")
     parser.add_argument("-p", "--print-freq", type=int, default=10, help="progress-bar update frequency (steps)")
-    parser.add_argument("--resume", default="", help="a lincls_<who>.pt written by an earlier cclnb lincls")
+    parser.add_argument("--resume", default="", help="a lincls_<who>.pt written by an earlier cclnb lincls; "
+                        "'auto': each encoder's own lincls_<who>.pt in its output folder, where there is one")
     parser.add_argument("-e", "--evaluate", action="store_true",
                         help="only score the classifier restored by --resume on the val set")
     parser.add_argument("--world-size", type=int, default=-1, help="accepted; > 1 is refused (one process)")
