@@ -378,15 +378,15 @@ def linear_evals(args: argparse.Namespace) -> list[dict[str, Any]]:
         totals, seen = [0.0] * len(heads), 0
         for step, (images, labels) in enumerate(tqdm(views.epoch(epoch), total=views.steps(), leave=False,
                                                      desc=f"epoch {epoch + 1}", disable=not progress)):
-            for i, head in enumerate(heads):
-                loss_value = _train_step(head, images, labels, device)
+            losses = [_train_step(head, images, labels, device) for head in heads]
+            for i, loss_value in enumerate(losses):
                 totals[i] += loss_value * labels.shape[0]
                 if not math.isfinite(totals[i]):
                     raise TrainingDiverged(f"linear evaluation loss became {totals[i]} at epoch {epoch + 1}; "
                                            f"lower --lr (now {args.lr})")
             seen += labels.shape[0]
             if step % max(1, args.print_freq) == 0:
-                bar.set_postfix(loss=f"{loss_value:.3f}")
+                bar.set_postfix(loss=f"{losses[0]:.3f}")
         for head, total in zip(heads, totals):
             top1, top5 = head.score()
             head.curve.append({"epoch": epoch + 1, "train_loss": total / seen, "val_top1": top1, "val_top5": top5})
