@@ -212,6 +212,15 @@ CATALOGUE = [
                        "--replay-without-replacement", "--run-dir", str(t / "run")],
          ConfigError.exit_code, r"keeps n_save \* C/n = 60 distinct images .* task 0 has only 50",
          r"lower --n-save to at most 10 or drop --replay-without-replacement"),
+    _row("class range beyond the data",
+         lambda t, r: ["train", "--data", str(write_image_folder(t / "data", n_classes=2)), *TINY, "--classes", "2-5",
+                       "--run-dir", str(t / "run")],
+         ConfigError.exit_code, r"--classes 2-5 reaches class 5, but .*data/train/ has 2 classes",
+         r"choose a range within 1-2"),
+    _row("class range that is not FIRST-LAST",
+         lambda t, r: ["train", "--data", "demo", *TINY, "--classes", "101:200", "--run-dir", str(t / "run")],
+         ConfigError.exit_code, r"--classes '101:200': write FIRST-LAST",
+         r"positions in the sorted class order counted from 1, both included \(e\.g\. --classes 101-200"),
     _row("unknown method", lambda t, r: ["train", "--data", "demo", "--method", "MoCo"],
          ConfigError.exit_code, r"unknown method 'MoCo'", r"choose one of Finetuning, SimpleReplay, CCL.*--method-module"),
     _row("unknown architecture", lambda t, r: ["train", "--data", "demo", "-a", "resnet9"],
@@ -367,14 +376,16 @@ def test_catalogue_row(row: Row, finished: Path, tmp_path: Path, capsys: pytest.
     assert snapshot(finished) == before, "a refused command changed the earlier run's files"
 
 
-LOADER_REFUSALS = ("prefetch on a CPU", "prefetch with the worker loader", "device decode of decoded pixels")
+REFUSED_BEFORE_THE_RUN_DIRECTORY = ("prefetch on a CPU", "prefetch with the worker loader",
+                                    "device decode of decoded pixels", "class range beyond the data",
+                                    "class range that is not FIRST-LAST")
 
 
-@pytest.mark.parametrize("row", [p for p in CATALOGUE if p.id in LOADER_REFUSALS])
-def test_a_refused_loader_option_writes_no_run_directory(row: Row, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture) -> None:
-    """The loader options are checked before the run directory is made (before, the directory,
-    config.json and status.json were written, then the feeder refused)."""
+@pytest.mark.parametrize("row", [p for p in CATALOGUE if p.id in REFUSED_BEFORE_THE_RUN_DIRECTORY])
+def test_a_refused_loader_or_class_option_writes_no_run_directory(row: Row, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """The loader options and the class range are checked before the run directory is made
+    (before, a refused loader option left config.json and status.json behind)."""
     assert cli.main(row.argv(tmp_path, tmp_path / "unused")) == row.code, capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
