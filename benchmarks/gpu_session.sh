@@ -8,6 +8,8 @@
 #      device JPEG decoder (--loader decode, with and without --prefetch), the ceiling; first batch;
 #   5. if time is left, the 32 px ceiling and fast path under torch.compile, then under
 #      torch.compile's reduce-overhead mode (CUDA graphs), each its own run and table;
+#   5b. if time is left, the linear protocol's pass for 1 and 7 encoders (`cclnb lincls --also`,
+#      benchmarks/lincls_pass.py): the evaluation throughputs issue 42's cost model assumes;
 #   6. if time is left, the tin100-32 study (4 methods, 10 tasks, SEEDS, the fast probe at the end) with epochs
 #      per task chosen from step 3's measured throughput so that it ends inside DEADLINE (the
 #      arithmetic is written to $OUT/plan.md), then the report.
@@ -68,10 +70,15 @@ if [ "${REHEARSAL:-0}" = 1 ]; then       # CPU rehearsal: same steps, toy sizes
   STUDY_EXTRA="-p subset_per_class=3 -p batch_size=16 -p bn_groups=2 -p key_bn_groups=2 -p device=cpu -p precision=fp32 -p linear_eval.device=cpu -p linear_eval.precision=fp32 -p linear_eval.subset_per_class=3 -p width=8 -p n_tasks=2 --jobs 2"
   # on 2 busy CPU cores: torch.compile took over 120 s per mode, the study 37 of its 39 steps in 420 s
   T32=900; T224=600; TCOMPILE=300; STUDY_TIMEOUT=600; DEADLINE=3000; SEEDS=${REHEARSAL_SEEDS:-0 1}
+  LINCLS="-a resnet18 --width 8 --image-size 32 --encoders 1 3 --subset-per-class 2 -b 32 -j 1 --device cpu --precision fp32"
+  TLINCLS=300
 else
   # 224 px: the authors' row decodes and resizes the JPEGs on 16 workers, ~32 s a cell (first session)
   DEV=cuda; BENCH32="--steps 50 --workers 16"; BENCH224="--steps 15 --workers 16"
   STUDY_EXTRA=""; T32=200; T224=200; TCOMPILE=180; STUDY_TIMEOUT=
+  # ResNet-50 at 224 px on 10,000 training images an epoch (40 batches: worker start-up is a small share); 7 encoders = a seed of the paper's study
+  LINCLS="-a resnet50 --image-size 224 --encoders 1 7 --subset-per-class 100 -b 256 -j 16 --device cuda --precision bf16"
+  TLINCLS=180
 fi
 ROWS32=authors,fast,prefetch,prefetch-strided,ceiling,strided,plain-bn
 ROWS224=authors,fast,decode,decode-prefetch,ceiling
@@ -109,6 +116,16 @@ for MODE in default reduce-overhead; do
   fi
 done
 
+log "5b. the linear protocol's pass, 1 and several encoders, if time is left"
+T=$(left); [ $T -lt $TLINCLS ] && T_LIN=$T || T_LIN=$TLINCLS
+if [ $T_LIN -ge 60 ]; then
+  timeout $T_LIN $PY benchmarks/lincls_pass.py --data "$DATA" $LINCLS --out "$OUT/lincls-pass.md" \
+    > "$OUT/lincls_pass.log" 2>&1
+  log "lincls pass exit $?"
+else
+  log "lincls pass skipped: ${T}s left"
+fi
+
 log "6. study: plan the epochs from the measured throughput"
 REMAIN=${STUDY_TIMEOUT:-$(left)}   # the device's budget; a rehearsal's own
 if [ "$REMAIN" -lt "$MIN_STUDY" ]; then
@@ -131,5 +148,5 @@ else
   log "study exit $? after $(( $(date +%s) - START ))s"
   tar czf "$OUT/study.tgz" --exclude='*.pt' runs/$STUDY reports/$STUDY 2>/dev/null
 fi
-(cd "$OUT" && tar czf logs.tgz --remove-files $(ls bench.log gpu_tests.log study.log env.txt plan.md 2>/dev/null))
+(cd "$OUT" && tar czf logs.tgz --remove-files $(ls bench.log gpu_tests.log lincls_pass.log study.log env.txt plan.md 2>/dev/null))
 log "done in $(( $(date +%s) - START ))s"

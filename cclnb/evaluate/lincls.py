@@ -27,7 +27,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -300,6 +300,7 @@ class _Head:
     start_epoch: int
     val_f: torch.Tensor
     val_y: torch.Tensor
+    epoch_s: list[float] = field(default_factory=list)   # wall time of each epoch this command trained
 
     def score(self) -> tuple[float, float]:
         with torch.no_grad():
@@ -372,6 +373,7 @@ def linear_evals(args: argparse.Namespace) -> list[dict[str, Any]]:
     names = ", ".join(h.inputs.who for h in heads) if len(heads) > 1 else first.who
     bar = tqdm(range(heads[0].start_epoch, args.epochs), desc=f"lincls {names}", unit="epoch", disable=not progress)
     for epoch in bar:
+        tic = time.perf_counter()
         for head in heads:
             for group in head.optimizer.param_groups:
                 group["lr"] = lr_at(epoch, args.lr, args.schedule)
@@ -387,7 +389,9 @@ def linear_evals(args: argparse.Namespace) -> list[dict[str, Any]]:
             seen += labels.shape[0]
             if step % max(1, args.print_freq) == 0:
                 bar.set_postfix(loss=f"{losses[0]:.3f}")
+        seconds = time.perf_counter() - tic        # every step read its loss: the device is done
         for head, total in zip(heads, totals):
+            head.epoch_s.append(seconds)
             top1, top5 = head.score()
             head.curve.append({"epoch": epoch + 1, "train_loss": total / seen, "val_top1": top1, "val_top5": top5})
             write_atomically({"who": head.inputs.who, "epoch": epoch + 1, "fc": head.fc.state_dict(),
@@ -479,6 +483,8 @@ def _result(head: _Head, started: float) -> dict[str, Any]:
         "config": {**own, **inputs.settings, "image_size": size, "device": str(inputs.device),
                    "workers_used": max(0, min(args.workers, os.cpu_count() or 1))},
         "time_s": time.time() - started,
+        # the training loop's wall time per epoch run by this command (shared by the encoders of a pass)
+        "epoch_s": head.epoch_s,
     }
 
 
