@@ -402,7 +402,7 @@ def linear_evals(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     for head in heads:
         _check_frozen(head)
-        result = _result(head, started)
+        result = _result(head, started, workers)
         write_json(head.inputs.source.out_dir / f"lincls_{head.inputs.who}.json", result)
         results.append(result)
     return results
@@ -466,7 +466,7 @@ def _check_frozen(head: _Head) -> None:
                                f"protocol is broken (a bug in cclnb, please report it)")
 
 
-def _result(head: _Head, started: float) -> dict[str, Any]:
+def _result(head: _Head, started: float, workers: int) -> dict[str, Any]:
     """The lincls_<who>.json of one head."""
     inputs, curve, args = head.inputs, head.curve, head.args
     size, small = inputs.image_size, inputs.image_size <= SMALL_MAX
@@ -481,7 +481,7 @@ def _result(head: _Head, started: float) -> dict[str, Any]:
         "n_classes": len(inputs.train.classes), "n_train": int(len(inputs.ids)), "n_val": int(len(inputs.val)),
         "image_size": size, "pretrained": str(inputs.source.checkpoint) if inputs.source.checkpoint else None,
         "config": {**own, **inputs.settings, "image_size": size, "device": str(inputs.device),
-                   "workers_used": max(0, min(args.workers, os.cpu_count() or 1))},
+                   "workers_used": workers},
         "time_s": time.time() - started,
         # the training loop's wall time per epoch run by this command (shared by the encoders of a pass)
         "epoch_s": head.epoch_s,
