@@ -347,7 +347,7 @@ CATALOGUE = [
     _row("a throughput the cost estimate cannot read",
          lambda t, r: study_cli(t, "--preset", "demo", "--launcher", "slurm", "--dry-run", "--throughput", "train=fast"),
          ConfigError.exit_code, r"--throughput 'train=fast': write KIND=IMAGES_PER_S or KIND=LOW-HIGH per GPU",
-         r"KIND one of train, train_teacher, features, lincls \(e.g. --throughput train=1500\)", env=with_sinfo),
+         r"KIND one of train, train_teacher, features, lincls, forward \(e.g. --throughput train=1500\)", env=with_sinfo),
     _row("a cluster option without a cluster launcher",
          lambda t, r: study_cli(t, "--preset", "demo", "--partition", "gpu"),
          ConfigError.exit_code, r"--partition apply to a cluster launcher", r"add --launcher slurm"),

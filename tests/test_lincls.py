@@ -48,6 +48,9 @@ def test_notebook_args_match_the_command_line() -> None:
                       "--epochs", "5", "-b", "32", "--lr", "0.5", "--schedule", "2", "3", "--device", "cpu",
                       "--precision", "fp32", "--seed", "1", "-j", "0", "--no-progress")
     assert vars(args) == {k: v for k, v in vars(expected).items() if k != "command"}
+    also = notebook_args({"run_dir": "runs/x", "also": ["runs/y:teacher", "runs/z"], "resume": "auto"})
+    assert vars(also) == {k: v for k, v in vars(_parse("--pretrained", "runs/x", "--resume", "auto", "--also",
+                                                       "runs/y:teacher", "runs/z")).items() if k != "command"}
     with pytest.raises(ConfigError, match="who must be student or teacher"):
         notebook_args({"who": "both"})
     with pytest.raises(ConfigError, match=r"argument --device: invalid choice: 'gpu'"):

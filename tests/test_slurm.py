@@ -1,15 +1,16 @@
 """`cclnb study --launcher slurm|submitit-local`: the study as submitit jobs per (method, seed).
 
 Against a real one-node SLURM where ../shared/tools/slurm-single-node.sh can start one (marked
-`slurm`, skipped with the reason elsewhere): the demo grid with dependent evaluation jobs, one
-training preempted and requeued, records equal to a local study's.
+`slurm`, skipped with the reason elsewhere): the demo grid with the seed's evaluation job depending
+on both training jobs, one training preempted and requeued, records equal to a local study's.
 
 Without a cluster: the batch script is generated (a dry run, and what submitit's SlurmExecutor
 writes, compared), the checks made before submission run against a fake `sinfo`, training under
 torchrun runs on the CPU with 2 processes and is stopped and resumed, and submitit's local
 executor runs a small demo grid as training jobs and dependent evaluation jobs end to end, one
 training stopped by the warning signal SLURM sends before a time limit and requeued, one evaluation
-job killed and resubmitted alone: the records equal a local `cclnb study`'s. The bad
+job killed and resubmitted alone: the records equal a local `cclnb study`'s; and one evaluation job
+per seed training every lincls classifier in one pass, its records equal to a local study's. The bad
 inputs refused before submission are rows of tests/test_catalogue.py.
 """
 
@@ -152,9 +153,11 @@ def test_dry_run_shows_the_batch_script_and_submits_nothing(tmp_path: Path, caps
                    "--cpus-per-task", "32", "--mem-gb", "64", "--time", "2:00:00", "--account", "lab",
                    "--sbatch", "constraint=a100", "--setup", "module load cuda/12.4",
                    "-p", "bn_groups=4", "-p", "key_bn_groups=4", "-p", "device=cuda", "-p", "linear_eval.device=cuda")
-    # 4 GPUs per training job: the evaluations get 1-GPU jobs of their own, after the training
-    assert out.count("#!/bin/bash") == 4 and "layout: separate" in out
-    script, evaluation = out.split("=== CCL seed 0: training job script ===")[1].split("=== CCL seed 0: evaluation job")
+    # 4 GPUs per training job: each seed's evaluations get one 1-GPU job, after all its trainings
+    assert out.count("#!/bin/bash") == 3 and "layout: shared" in out
+    script = out.split("=== CCL seed 0: training job script ===")[1].split("===")[0]
+    evaluation = out.split("=== seed 0: evaluation job script (Finetuning-seed0_JOB_ID, CCL-seed0_JOB_ID: "
+                           "the ids its training jobs get) ===")[1]
     for line in ["#SBATCH --gpus-per-node=4", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1",
                  "#SBATCH --cpus-per-task=32", "#SBATCH --mem=64GB", "#SBATCH --time=120",
                  "#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --constraint=a100",
@@ -168,15 +171,34 @@ def test_dry_run_shows_the_batch_script_and_submits_nothing(tmp_path: Path, caps
         assert line in script, line
     assert "it runs, in order: task sequence\n" in script and "--dependency" not in script
     for line in ["#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=16GB",
-                 "#SBATCH --dependency=afterok:TRAINING_JOB_ID", "#SBATCH --kill-on-invalid-dep=yes",
-                 "#SBATCH --job-name=cclnb-demo-CCL-seed0-eval", "#SBATCH --time=120", "#SBATCH --partition=gpu",
-                 "it runs, in order: linear eval (student); linear eval (teacher); record"]:
+                 "#SBATCH --dependency=afterok:Finetuning-seed0_JOB_ID:CCL-seed0_JOB_ID",
+                 "#SBATCH --kill-on-invalid-dep=yes", "#SBATCH --job-name=cclnb-demo-seed0-eval",
+                 "#SBATCH --time=120", "#SBATCH --partition=gpu",
+                 # the demo's probe protocol has no pass to share: one evaluation after the other
+                 "it runs, in order: linear eval (student); linear eval (student); linear eval (teacher); "
+                 "record; record"]:
         assert line in evaluation, line
     assert "torch.distributed.run" not in evaluation
     assert "4 processes under torchrun" in out and "nothing submitted" in out
     assert "no throughputs are known for preset 'demo'" in out                 # no cost without rates
     assert not (tmp_path / "runs" / "demo" / "slurm" / cluster.MANIFEST).exists()
     assert not (tmp_path / "runs" / "demo" / "CCL").exists()
+
+    # the lincls protocol: the seed's three encoders train their classifiers in one pass
+    lincls = _dry_run(tmp_path, capsys, "--methods", *METHODS, "--gpus-per-node", "4", "--partition", "gpu",
+                      "-p", "bn_groups=4", "-p", "key_bn_groups=4", "-p", "device=cuda", "-p", "linear_eval.device=cuda",
+                      "-p", "linear_eval.protocol=lincls")
+    assert ("it runs, in order: linear evals in one pass (3 encoders: Finetuning seed 0 student, CCL seed 0 "
+            "student, CCL seed 0 teacher); record; record") in lincls
+
+    # --eval-job separate: an evaluation job per pair, after its own training job
+    separate = _dry_run(tmp_path, capsys, "--methods", "CCL", "--gpus-per-node", "4", "--partition", "gpu",
+                        "--eval-job", "separate", "-p", "bn_groups=4", "-p", "key_bn_groups=4",
+                        "-p", "device=cuda", "-p", "linear_eval.device=cuda")
+    assert separate.count("#!/bin/bash") == 2 and "layout: separate (--eval-job)" in separate
+    assert "=== CCL seed 0: evaluation job script (CCL-seed0_JOB_ID: the id its training job gets) ===" in separate
+    assert "#SBATCH --dependency=afterok:CCL-seed0_JOB_ID" in separate
+    assert "#SBATCH --job-name=cclnb-demo-CCL-seed0-eval" in separate
 
     # --eval-job with-training: one job per pair runs every step, as before issue 42
     inline = _dry_run(tmp_path, capsys, "--methods", "CCL", "--gpus-per-node", "4", "--partition", "gpu",
@@ -205,10 +227,10 @@ def test_the_dry_run_script_is_what_submitit_writes(tmp_path: Path, monkeypatch:
     assert executor._submitit_command_str == backend.command
     assert (executor._make_submission_file_text(backend.command, "uid")
             == backend.script("cclnb-demo-CCL-seed0", allocation))
-    evaluation = backend.executor("cclnb-demo-CCL-seed0-eval", allocation.evaluation_only(), "1234", "evaluate")
+    evaluation = backend.executor("cclnb-demo-seed0-eval", allocation.evaluation_only(), ["1234", "1235"], "evaluate")
     text = evaluation._make_submission_file_text(backend.command, "uid")
-    assert text == backend.script("cclnb-demo-CCL-seed0-eval", allocation.evaluation_only(), "1234", "evaluate")
-    assert "#SBATCH --dependency=afterok:1234" in text and "#SBATCH --gpus-per-node=1" in text
+    assert text == backend.script("cclnb-demo-seed0-eval", allocation.evaluation_only(), ["1234", "1235"], "evaluate")
+    assert "#SBATCH --dependency=afterok:1234:1235" in text and "#SBATCH --gpus-per-node=1" in text
 
 
 # ----------------------------------------------------------------------------- torchrun
@@ -278,6 +300,7 @@ def results(record: dict[str, Any]) -> dict[str, Any]:
     data["config"].pop("run_dir")
     for result in data["final"].values():
         result.pop("time_s", None)
+        result.pop("epoch_s", None)
     columns = data["train_loss"]["columns"]
     kept = [i for i, name in enumerate(columns) if name not in ("img_per_s", "time_s")]
     data["train_loss"] = {"columns": [columns[i] for i in kept],
@@ -362,6 +385,82 @@ def test_local_executor_jobs_equal_a_local_study_and_resume_after_the_time_limit
     assert "resumed at task" in (ccl / "train.log").read_text()
     assert (jobs / "reports" / "demo" / "index.html").is_file()
     assert_records_equal(local_study, jobs)
+
+
+def test_an_evaluation_job_merges_the_lincls_evaluations_left_into_one_pass(tmp_path: Path) -> None:
+    """Untrained encoders first, then one notebook for every lincls evaluation left (the first
+    encoder's parameters, the others as `also`, each resuming its own state), then the records.
+    Nothing is merged where the settings differ, a probe is among them, or one is left."""
+    def evaluation(group: str, who: str, done: bool = False, **extra: Any) -> study.Step:
+        run_dir = tmp_path / group.replace(" ", "-")
+        return study.Step(f"{group}: linear eval ({who})", "linear_eval", run_dir / f"linear_eval_{who}.ipynb",
+                          {"run_dir": str(run_dir), "who": who, "seed": 0, "protocol": "lincls", "epochs": 2,
+                           **extra}, done=done, group=group)
+
+    untrained = study.Step("untrained seed 0: evaluate at initialisation", "untrained", tmp_path / "u" / "config.json",
+                           {}, group="untrained seed 0")
+    records = [study.Step(f"{g}: record", "record", tmp_path / f"{g}.json", {}, group=g)
+               for g in ("CCL seed 0", "untrained seed 0")]
+    evaluations = [evaluation("CCL seed 0", "student", done=True), evaluation("CCL seed 0", "teacher"),
+                   evaluation("untrained seed 0", "student")]
+    merged = job.evaluation_steps([evaluations[0], evaluations[1], records[0], untrained, evaluations[2],
+                                   records[1]], tmp_path)
+    assert [s.notebook for s in merged] == ["untrained", "linear_eval", "record", "record"]
+    one = merged[1]
+    assert one.output == tmp_path / "linear_evals_seed0.ipynb" and not one.done
+    assert one.label == "seed0: linear evals in one pass (2 encoders: CCL seed 0 teacher, untrained seed 0 student)"
+    assert one.parameters == {**evaluations[1].parameters, "resume": "auto",
+                              "also": [f"{tmp_path / 'untrained-seed-0'}:student"]}
+    for apart in ([evaluations[1], evaluation("untrained seed 0", "student", epochs=3)],
+                  [evaluations[1], evaluation("untrained seed 0", "student", protocol="probe")],
+                  [evaluations[1]]):
+        assert job.evaluation_steps(apart, tmp_path) == apart
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_one_evaluation_job_per_seed_trains_its_classifiers_in_one_pass_and_equals_a_local_study(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--eval-job shared` (the default on several GPUs) under submitit's local executor: two
+    training jobs, then one evaluation job for the seed, the untrained baselines included, which
+    trains the five lincls classifiers in one pass. Every record equals a local study's, where
+    each encoder has its own evaluation. A record lost afterwards costs only that evaluation job."""
+    params = [*SMALL, "linear_eval.protocol=lincls", "linear_eval.epochs=2", "linear_eval.schedule=[1]",
+              "linear_eval.batch_size=16", "linear_eval.lr=1.0", "linear_eval.workers=0"]
+
+    def argv(root: Path, *extra: str) -> list[str]:
+        return ["study", "--preset", "demo", *[x for p in params for x in ("-p", p)], "--seeds", "0",
+                "--methods", *METHODS, "--runs-root", str(root / "runs"), "--reports-root", str(root / "reports"),
+                *extra]
+
+    local, jobs = tmp_path / "local", tmp_path / "jobs"
+    assert cli.main(argv(local)) == 0
+    shared = argv(jobs, "--launcher", "submitit-local", "--cpus-per-task", "2", "--eval-job", "shared", "--wait")
+    assert cli.main(shared) == 0
+    manifest = cluster.read_manifest(jobs / "runs" / "demo" / "submitit-local")
+    keys = [f"{m}-seed0" for m in ("CCL", "Finetuning", "untrained", "untrained-bn")]
+    assert sorted(manifest) == sorted([*keys[:2], *(f"{k}.evaluation" for k in keys)])
+    assert len({manifest[f"{k}.evaluation"].job_id for k in keys}) == 1          # one job for the seed
+    merged = (jobs / "runs" / "demo" / "linear_evals_seed0.log").read_text()
+    assert "Executing Cell" in merged
+    names = [f"{k}.json" for k in keys]
+    for name in names:
+        here, as_job = (json.loads((root / "reports" / "demo" / "runs" / name).read_text()) for root in (local, jobs))
+        assert results(as_job) == results(here), name
+        assert set(as_job["final"]) == ({"student", "teacher"} if name.startswith("CCL") else {"student"})
+
+    # CCL's record and its teacher's result lost: the same command submits that evaluation alone
+    (jobs / "reports" / "demo" / "runs" / "CCL-seed0.json").unlink()
+    (jobs / "runs" / "demo" / "CCL" / "seed0" / "lincls_teacher.json").unlink()
+    capsys.readouterr()
+    assert cli.main(shared) == 0
+    out = capsys.readouterr().out
+    assert "1 of 4 (method, seed) to submit with --launcher submitit-local (1 job(s))" in out, out
+    assert "CCL seed 0: trained in" in out
+    assert (jobs / "runs" / "demo" / "CCL" / "seed0" / "train.log").read_text().count("task 1 epoch 1:") == 1
+    here, again = (json.loads((root / "reports" / "demo" / "runs" / "CCL-seed0.json").read_text())
+                   for root in (local, jobs))
+    assert results(again) == results(here)
 
 
 @pytest.mark.slow
@@ -477,14 +576,16 @@ def real_slurm() -> Iterator[None]:
 def test_real_slurm_dependent_jobs_and_a_preempted_training_equal_a_local_study(
         tmp_path: Path, local_study: Path, real_slurm: None) -> None:
     """What a new user does on a cluster, against a real scheduler: the demo grid as training
-    jobs and 1-GPU-style evaluation jobs held by `afterok`; CCL's training preempted as SLURM does
-    it (USR2 to every process of the job), requeued and resumed; the records equal a local study's."""
+    jobs and the seed's one evaluation job held by `afterok` on both (the default layout on
+    several GPUs); CCL's training preempted as SLURM does it (USR2 to every process of the job),
+    requeued and resumed; the records equal a local study's."""
     jobs = tmp_path / "jobs"
     argv = study_argv(jobs, "--methods", *METHODS, "--launcher", "slurm", "--partition", "debug",
-                      "--assume-shared-fs", "--eval-job", "separate", "--cpus-per-task", "1", "--mem-gb", "2")
+                      "--assume-shared-fs", "--eval-job", "shared", "--cpus-per-task", "1", "--mem-gb", "2")
     assert cli.main(argv) == 0
     manifest = cluster.read_manifest(jobs / "runs" / "demo" / "slurm")
     assert sorted(manifest) == ["CCL-seed0", "CCL-seed0.evaluation", "Finetuning-seed0", "Finetuning-seed0.evaluation"]
+    assert manifest["CCL-seed0.evaluation"] == manifest["Finetuning-seed0.evaluation"]          # one job for the seed
     reason = subprocess.run(["squeue", "-h", "-j", manifest["CCL-seed0.evaluation"].job_id, "-o", "%r"],
                             capture_output=True, text=True, timeout=60).stdout
     assert "Dependency" in reason, reason                          # held until its training succeeded

@@ -126,6 +126,8 @@ def notebook_args(parameters: Mapping[str, Any]) -> argparse.Namespace:
         argv += ["--schedule", *map(str, parameters["schedule"])]
     if parameters.get("subset_per_class"):
         argv += ["--subset-per-class", str(parameters["subset_per_class"])]
+    if parameters.get("also"):
+        argv += ["--also", *map(str, parameters["also"])]
     if not parameters.get("progress", True):
         argv.append("--no-progress")
     parser = argparse.ArgumentParser(prog="linear_eval.ipynb", exit_on_error=False)

@@ -14,13 +14,15 @@ elsewhere) or when its run directory is complete (its record is then written her
 job is still queued or running is watched, not submitted again. `--force` resubmits the selected
 pairs from scratch, and refuses while one of their jobs is still queued or running.
 
-Where the evaluations run (`--eval-job`, default: the layout with fewer allocated GPU-hours by
-`cclnb.launch.cost`): `separate` submits a pair that trains as two jobs, the training on the
-whole allocation and the linear evaluations with the record on one GPU, the second depending on
-the first (`afterok`); a pair whose training is complete but has no record gets only its
-evaluation job, so a failed or killed evaluation never costs a retraining. `with-training` runs
-every step in one job. The manifest keeps the training (or only) job under the record's name and
-the evaluation job under `<record name>.evaluation`.
+Where the evaluations run (`--eval-job`, default: the layout with the fewest allocated GPU-hours
+by `cclnb.launch.cost`): `shared` submits each pair that trains as a training job on the whole
+allocation, and each seed's linear evaluations and records, the untrained baselines' included,
+as one 1-GPU job that depends on all of that seed's training jobs (`afterok`) and trains every
+lincls classifier in one pass over the data; `separate` gives each pair its own 1-GPU evaluation
+job after its training job. Either way a pair whose training is complete but has no record gets
+only its evaluation, so a failed or killed evaluation never costs a retraining. `with-training`
+runs every step in one job. The manifest keeps the training (or only) job under the record's
+name and the evaluation job under `<record name>.evaluation` (the same job for a seed's pairs).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import submitit
 from submitit.core.utils import JobPaths, pickle_load
@@ -45,7 +47,7 @@ from cclnb.errors import ConfigError, DataError
 from cclnb.launch import cost
 from cclnb.launch import resources as res
 from cclnb.launch import torchrun
-from cclnb.launch.job import StudyJob, local_job_alive
+from cclnb.launch.job import StudyJob, evaluation_steps, local_job_alive
 from cclnb.study import records
 from cclnb.training import runs
 
@@ -123,26 +125,37 @@ class Submitted:
 
 @dataclass(frozen=True)
 class PlannedJob:
-    """A job to submit: which pair, which of its steps (`phase`), on what; `after`: the id of a
-    queued or running training job it must follow (None: none, or the one submitted with it)."""
+    """A job to submit: which pairs (several only for a seed's shared evaluation job), which of
+    their steps (`phase`), on what; `after`: the ids of queued or running training jobs it must
+    follow (besides those submitted with it)."""
 
-    pair: Pair
+    pairs: tuple[Pair, ...]
     phase: str
     resources: res.Resources
-    after: str | None = None
+    after: tuple[str, ...] = ()
 
     @property
-    def key(self) -> str:
-        return self.pair.eval_key if self.phase == "evaluate" else self.pair.key
+    def pair(self) -> Pair:
+        return self.pairs[0]
+
+    @property
+    def keys(self) -> list[str]:
+        """Its manifest entries: each pair's evaluation, or the one pair's training (or only) job."""
+        return [p.eval_key for p in self.pairs] if self.phase == "evaluate" else [self.pair.key]
+
+    @property
+    def label(self) -> str:
+        return self.pair.group if len(self.pairs) == 1 else f"seed {self.pair.seed}"
 
     @property
     def name_suffix(self) -> str:
         return "-eval" if self.phase == "evaluate" else ""
 
-    @property
-    def steps(self) -> list[study.Step]:
-        steps = self.pair.steps
-        return {"all": steps, "train": steps[:1], "evaluate": steps[1:]}[self.phase]
+    def steps(self, runs_dir: Path) -> list[study.Step]:
+        """The steps it runs, in order (an evaluation job's as `evaluation_steps` orders them)."""
+        if self.phase != "evaluate":
+            return self.pair.steps if self.phase == "all" else self.pair.steps[:1]
+        return evaluation_steps([s for p in self.pairs for s in (p.steps[1:] if p.trains else p.steps)], runs_dir)
 
 
 def read_manifest(folder: Path) -> dict[str, Submitted]:
@@ -169,18 +182,18 @@ class Backend:
         """What submitit runs for a job (its `_submit` entry point with this folder)."""
         return f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(self.folder))}"
 
-    def script(self, job_name: str, resources: res.Resources, after: str | None = None, phase: str = "all") -> str:
+    def script(self, job_name: str, resources: res.Resources, after: Sequence[str] = (), phase: str = "all") -> str:
         raise NotImplementedError
 
-    def executor(self, job_name: str, resources: res.Resources, after: str | None = None,
+    def executor(self, job_name: str, resources: res.Resources, after: Sequence[str] = (),
                  phase: str = "all") -> submitit.Executor:
         raise NotImplementedError
 
     def active(self, job_ids: list[str]) -> set[str]:
         raise NotImplementedError
 
-    def submit(self, job: StudyJob, job_name: str, after: str | None = None) -> submitit.Job:
-        """Submit `job`; `after`: the id of the job whose success it waits for."""
+    def submit(self, job: StudyJob, job_name: str, after: Sequence[str] = ()) -> submitit.Job:
+        """Submit `job`; `after`: the ids of the jobs whose success it waits for."""
         try:
             return self.executor(job_name, job.resources, after, job.phase).submit(job)
         except (RuntimeError, subprocess.SubprocessError, OSError) as error:   # FailedJobError, no srun, ...
@@ -204,13 +217,13 @@ class SlurmBackend(Backend):
     name = "slurm"
     poll_s = 30.0
 
-    def parameters(self, job_name: str, r: res.Resources, after: str | None = None,
+    def parameters(self, job_name: str, r: res.Resources, after: Sequence[str] = (),
                    phase: str = "all") -> dict[str, Any]:
         """submitit's SlurmExecutor parameters: the same dict writes the dry run's script. `after`:
-        start only once that job has succeeded, and be cancelled if it fails (else the job
+        start only once those jobs have succeeded, and be cancelled if one fails (else the job
         would wait forever, and so would `--wait`)."""
         memory = f"{int(r.mem_gb)}GB" if r.mem_gb == int(r.mem_gb) else f"{int(r.mem_gb * 1024)}MB"
-        dependency = {"dependency": f"afterok:{after}", "kill_on_invalid_dep": "yes"} if after else {}
+        dependency = {"dependency": "afterok:" + ":".join(after), "kill_on_invalid_dep": "yes"} if after else {}
         params: dict[str, Any] = {
             "job_name": job_name, "time": r.time_min, "nodes": r.nodes, "ntasks_per_node": 1,
             "cpus_per_task": r.cpus_per_task, "mem": memory, "signal_delay_s": SIGNAL_DELAY_S,
@@ -221,13 +234,13 @@ class SlurmBackend(Backend):
         params.update({k: v for k, v in optional.items() if v is not None})
         return params
 
-    def script(self, job_name: str, resources: res.Resources, after: str | None = None, phase: str = "all") -> str:
+    def script(self, job_name: str, resources: res.Resources, after: Sequence[str] = (), phase: str = "all") -> str:
         from submitit.slurm.slurm import _make_sbatch_string   # what SlurmExecutor writes
 
         return _make_sbatch_string(command=self.command, folder=self.folder,
                                    **self.parameters(job_name, resources, after, phase))
 
-    def executor(self, job_name: str, resources: res.Resources, after: str | None = None,
+    def executor(self, job_name: str, resources: res.Resources, after: Sequence[str] = (),
                  phase: str = "all") -> submitit.Executor:
         executor = submitit.SlurmExecutor(folder=self.folder, max_num_timeout=resources.max_requeues)
         executor.update_parameters(**self.parameters(job_name, resources, after, phase))
@@ -250,20 +263,21 @@ class LocalBackend(Backend):
     name = "submitit-local"
     poll_s = 1.0
 
-    def script(self, job_name: str, resources: res.Resources, after: str | None = None, phase: str = "all") -> str:
-        waits = [f"# it waits for job {after} to end, and evaluates only if that training completed"] if after else []
+    def script(self, job_name: str, resources: res.Resources, after: Sequence[str] = (), phase: str = "all") -> str:
+        waits = [f"# it waits for job(s) {', '.join(after)} to end, and evaluates only if their training completed"
+                 ] if after else []
         return "\n".join([f"# {job_name}: submitit's local executor runs no batch script; it starts",
                           f"#   {self.command}",
                           f"# as a process of this machine (time limit {resources.time_min} min, "
                           f"warning {SIGNAL_DELAY_S} s before it)", *waits, *resources.setup,
                           _training_line(resources, phase)])
 
-    def submit(self, job: StudyJob, job_name: str, after: str | None = None) -> submitit.Job:
-        """The local executor knows no dependencies: the job itself waits for `after`'s process."""
-        job.after_local = after
+    def submit(self, job: StudyJob, job_name: str, after: Sequence[str] = ()) -> submitit.Job:
+        """The local executor knows no dependencies: the job itself waits for `after`'s processes."""
+        job.after_local = tuple(after)
         return super().submit(job, job_name)
 
-    def executor(self, job_name: str, r: res.Resources, after: str | None = None,
+    def executor(self, job_name: str, r: res.Resources, after: Sequence[str] = (),
                  phase: str = "all") -> submitit.Executor:
         executor = submitit.LocalExecutor(folder=self.folder, max_num_timeout=r.max_requeues)
         executor.update_parameters(timeout_min=r.time_min, gpus_per_node=r.gpus_per_node, tasks_per_node=1,
@@ -310,8 +324,11 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     note = check(args, plan, resources, devices)
     layout = args.eval_job or cost.choose_layout(resources.world_size)
     chosen = "--eval-job" if args.eval_job else "the default: fewer allocated GPU-hours"
-    where = ("the linear evaluations and the record of each trained pair in a 1-GPU job after its training job"
-             if layout == "separate" else "every step of a pair in one job")
+    where = {"shared": "each seed's linear evaluations (one pass) and records in one 1-GPU job after all its "
+                       "training jobs",
+             "separate": "the linear evaluations and the record of each trained pair in a 1-GPU job after its "
+                         "training job",
+             "with-training": "every step of a pair in one job"}[layout]
     note = "\n".join(filter(None, [note, f"layout: {layout} ({chosen}): {where}",
                                    cost.describe(plan, resources.nodes * resources.gpus_per_node, rates)
                                    if args.dry_run else None]))
@@ -365,9 +382,11 @@ def submit(args: argparse.Namespace, plan_args: dict[str, Any], plan: study.Stud
             f"{p.group} (job {manifest[p.key if active(p.key) else p.eval_key].job_id})" for p in watched)
             + " while their jobs are queued or running; cancel them first (scancel ID) or drop --force")
     todo: list[PlannedJob] = []
+    shared: dict[int, list[tuple[Pair, str | None]]] = {}   # per seed: the pairs its evaluation job serves
     for pair in pairs:
-        split = layout == "separate" and pair.trains
+        split = layout != "with-training" and pair.trains
         training_queued = active(pair.key) and manifest[pair.key].phase == "train"
+        after = manifest[pair.key].job_id if training_queued else None
         if active(pair.eval_key) or (active(pair.key) and not (split and training_queued)):
             job_id = manifest[pair.eval_key if active(pair.eval_key) else pair.key].job_id
             log(f"{pair.group}: already queued or running as job {job_id} (not submitted again)")
@@ -379,19 +398,29 @@ def submit(args: argparse.Namespace, plan_args: dict[str, Any], plan: study.Stud
             log(f"{pair.group}: finished in {pair.steps[0].output.parent}; record "
                 f"{'would be ' if args.dry_run else ''}written here: {pair.record}")
         elif split and (pair.steps[0].done or training_queued):
-            after = manifest[pair.key].job_id if training_queued else None
-            todo.append(PlannedJob(pair, "evaluate", resources.evaluation_only(), after))
             log(f"{pair.group}: " + (f"its training job {after} is queued or running; its evaluation job is "
                                      f"submitted after it" if after else
                                      f"trained in {pair.steps[0].output.parent}; only its evaluation is submitted"))
+            if layout == "shared":
+                shared.setdefault(pair.seed, []).append((pair, after))
+            else:
+                todo.append(PlannedJob((pair,), "evaluate", resources.evaluation_only(), (after,) if after else ()))
+        elif layout == "shared":
+            if pair.trains:
+                todo.append(PlannedJob((pair,), "train", resources))
+            shared.setdefault(pair.seed, []).append((pair, None))
         elif split:
-            todo += [PlannedJob(pair, "train", resources), PlannedJob(pair, "evaluate", resources.evaluation_only())]
+            todo += [PlannedJob((pair,), "train", resources),
+                     PlannedJob((pair,), "evaluate", resources.evaluation_only())]
         else:
-            todo.append(PlannedJob(pair, "all", pair.resources(resources)))
+            todo.append(PlannedJob((pair,), "all", pair.resources(resources)))
+    for members in shared.values():       # after the training jobs, whose ids they wait for
+        todo.append(PlannedJob(tuple(p for p, _ in members), "evaluate", resources.evaluation_only(),
+                               tuple(a for _, a in members if a)))
     log(f"{len({job.pair.key for job in todo})} of {len(pairs)} (method, seed) to submit with --launcher "
         f"{backend.name} ({len(todo)} job(s)); each training job: {resources.describe()}")
     if resources.evaluation_only() != resources:
-        what = "the evaluation jobs and " if layout == "separate" else ""
+        what = "the evaluation jobs and " if layout != "with-training" else ""
         log(f"{what}the untrained baselines only evaluate: {resources.evaluation_only().describe()}")
     if note:
         log(note)
@@ -399,34 +428,42 @@ def submit(args: argparse.Namespace, plan_args: dict[str, Any], plan: study.Stud
         log(f"--force: their run directories {'would be' if args.dry_run else 'were'} deleted; they train "
             f"from the start")
     if args.dry_run:
+        trained_now = {p.pair.key for p in todo if p.phase == "train"}
         for planned in todo:
-            after = planned.after or ("TRAINING_JOB_ID" if planned.phase == "evaluate" else None)
-            named = " (TRAINING_JOB_ID: the id its training job gets)" if after == "TRAINING_JOB_ID" else ""
-            log(f"\n=== {planned.pair.group}: {_what(planned.phase)} script{named} ===\n"
+            placeholders = [f"{p.key}_JOB_ID" for p in planned.pairs
+                            if planned.phase == "evaluate" and p.key in trained_now]
+            after = [*planned.after, *placeholders]
+            named = (f" ({', '.join(placeholders)}: the id{'s' if len(placeholders) > 1 else ''} its training "
+                     f"job{'s get' if len(placeholders) > 1 else ' gets'})" if placeholders else "")
+            log(f"\n=== {planned.label}: {_what(planned.phase)} script{named} ===\n"
                 f"{backend.script(job_name(name, planned), planned.resources, after, planned.phase)}\n"
-                f"# it runs, in order: " + "; ".join(step.label.split(": ", 1)[1] for step in planned.steps))
+                f"# it runs, in order: " + "; ".join(step.label.split(": ", 1)[1] for step in planned.steps(plan.runs_dir)))
         log(f"\ndry run: nothing submitted ({name}: {len(todo)} job(s) would be)")
         return 0
     for run_dir in plan.forced:          # planned as if empty: deleted only now, after every check
         shutil.rmtree(run_dir)
-    pending: dict[str, tuple[Pair, str]] = {manifest[k].job_id: (p, manifest[k].phase) for p in watched
-                                            for k in (p.key, p.eval_key) if active(k)}
+    pending: dict[str, tuple[list[Pair], str]] = {}
+    for pair in watched:
+        for key in (pair.key, pair.eval_key):
+            if active(key):
+                pending.setdefault(manifest[key].job_id, ([], manifest[key].phase))[0].append(pair)
     submitted_now: dict[str, str] = {}
     for planned in todo:
         pair = planned.pair
-        after = planned.after
-        if planned.phase == "evaluate" and after is None:
-            after = submitted_now.get(pair.key)    # the training job submitted just before it
-        job = backend.submit(StudyJob({**plan_args, "seeds": [pair.seed]}, pair.group, planned.resources,
-                                      GRACE_S, planned.phase), job_name(name, planned), after)
+        after = list(planned.after)
+        if planned.phase == "evaluate":           # the training jobs submitted just before it
+            after += [submitted_now[p.key] for p in planned.pairs if p.key in submitted_now]
+        job = backend.submit(StudyJob({**plan_args, "seeds": [pair.seed]}, [p.group for p in planned.pairs],
+                                      planned.resources, GRACE_S, planned.phase), job_name(name, planned), after)
         if planned.phase != "evaluate":
             manifest.pop(pair.eval_key, None)     # an earlier evaluation job belongs to an earlier training
-        manifest[planned.key] = Submitted(str(job.job_id), str(job.paths.stdout), str(job.paths.stderr),
-                                          datetime.datetime.now().isoformat(timespec="seconds"), planned.phase)
-        submitted_now[planned.key] = str(job.job_id)
-        pending[str(job.job_id)] = (pair, planned.phase)
+        for key in planned.keys:
+            manifest[key] = Submitted(str(job.job_id), str(job.paths.stdout), str(job.paths.stderr),
+                                      datetime.datetime.now().isoformat(timespec="seconds"), planned.phase)
+            submitted_now[key] = str(job.job_id)
+        pending[str(job.job_id)] = (list(planned.pairs), planned.phase)
         write_manifest(backend.folder, manifest)
-        log(f"{pair.group}: {_what(planned.phase)} {job.job_id}" + (f" (after job {after})" if after else "")
+        log(f"{planned.label}: {_what(planned.phase)} {job.job_id}" + (f" (after job {', '.join(after)})" if after else "")
             + f", log {job.paths.stdout} (errors: {job.paths.stderr}); notebook logs in {pair.steps[0].output.parent}")
     if not args.wait:
         log("to watch them: the same command with --wait; to render the report from the records that "
@@ -448,26 +485,28 @@ def _what(phase: str) -> str:
 
 
 def job_name(study_name: str, planned: PlannedJob) -> str:
-    return f"cclnb-{study_name}-{planned.pair.key}{planned.name_suffix}"
+    who = planned.pair.key if len(planned.pairs) == 1 else f"seed{planned.pair.seed}"
+    return f"cclnb-{study_name}-{who}{planned.name_suffix}"
 
 
-def wait(pending: dict[str, tuple[Pair, str]], backend: Backend, log: Callable[[str], None]) -> None:
-    """Poll until none of the jobs `pending` (id -> its pair and phase) is queued or running,
-    saying when each ends."""
+def wait(pending: dict[str, tuple[list[Pair], str]], backend: Backend, log: Callable[[str], None]) -> None:
+    """Poll until none of the jobs `pending` (id -> its pairs and phase) is queued or running,
+    saying when each ends and what became of each of its pairs."""
     pending = dict(pending)
     log(f"waiting for {len(pending)} job(s) (every {backend.poll_s:.0f} s) ...")
     while pending:
         time.sleep(backend.poll_s)
         still = backend.active(list(pending))
         for job_id in [j for j in pending if j not in still]:
-            pair, phase = pending.pop(job_id)
-            if pair.record.is_file():
-                outcome = "record written"
-            elif phase == "train":
-                outcome = "trained" if pair.training_complete() else "the training failed"
-            else:
-                outcome = "no record: it failed"
-            log(f"{pair.group}: {_what(phase)} {job_id} ended, {outcome}")
+            pairs, phase = pending.pop(job_id)
+            for pair in pairs:
+                if pair.record.is_file():
+                    outcome = "record written"
+                elif phase == "train":
+                    outcome = "trained" if pair.training_complete() else "the training failed"
+                else:
+                    outcome = "no record: it failed"
+                log(f"{pair.group}: {_what(phase)} {job_id} ended, {outcome}")
 
 
 def last_error_line(backend: Backend, entry: Submitted) -> str:

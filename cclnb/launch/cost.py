@@ -16,7 +16,9 @@ The model, per (method, seed) of the plan:
   = (kNN bank + val images) per evaluation, one per training task and encoder (the student, and
   the teacher where the method keeps one and `eval_teacher` is on; the untrained baselines: one,
   plus untrained-bn's BatchNorm calibration pass); *linear evaluation* = epochs x train images
-  + val images per encoder (lincls), or train + val once (probe);
+  + val images per encoder (lincls), or train + val once (probe); of that, the *pass* (epochs x
+  train images, the same augmented batches for every encoder of a seed, since they depend on the
+  seed and epoch alone) can be shared by every lincls encoder of a seed;
 * busy GPU-hours = images / throughput (images per second per GPU) / 3600, at both ends of each
   throughput range (`Throughputs`: anchors.md's measurements, or `--throughput` measured by you);
 * allocated GPU-hours by layout (`LAYOUTS`): **with-training** (one job per (method, seed), as
@@ -25,7 +27,14 @@ The model, per (method, seed) of the plan:
   rank of the training job (features extracted in shards, `cclnb.evaluate.per_task`), and the
   linear evaluations in a 1-GPU job that starts when the training job succeeded, so training +
   per-task + linear. Scaling over the G ranks is taken as ideal (a rank's share of the features
-  is 1/G of the work; the gather and the kNN itself are well under 1% of it at 224 px).
+  is 1/G of the work; the gather and the kNN itself are well under 1% of it at 224 px);
+  **shared** (the default on more than one GPU): as separate, but one 1-GPU evaluation job per
+  seed, after every training job of that seed, trains all its encoders' classifiers in one pass
+  (`cclnb lincls --also`): each batch is decoded and augmented once and goes through every frozen
+  encoder. The loader workers prepare the next batch while the GPU runs the forwards, so the pass
+  takes the longer of the two: max(pass / lincls rate, encoders x pass / forward rate), plus each
+  encoder's val images at the lincls rate. Never more than separate, where every encoder pays the
+  data alone (max(a, n b) <= n max(a, b)); equal for one encoder or the probe protocol.
 
 What it leaves out: queue waits (not GPU-hours), job start-up (minutes against hours) and the
 requeues after a time limit (each resumes where the last stopped, so no work is redone beyond the
@@ -47,7 +56,7 @@ import numpy as np
 
 from cclnb.errors import ConfigError
 
-LAYOUTS = ("with-training", "separate")
+LAYOUTS = ("with-training", "separate", "shared")
 PHASES = ("training", "per-task evaluation", "linear evaluation")
 MARKERS = ("<!-- cost-table:begin (python -m cclnb.launch.cost --write docs/performance.md) -->",
            "<!-- cost-table:end -->")
@@ -81,6 +90,7 @@ class Throughputs:
     train_teacher: Range   # a step of a method that keeps a teacher (CCL: + anchor, 2 teacher fwd)
     features: Range        # frozen-backbone features without augmentation (per-task kNN / probe)
     lincls: Range          # the linear protocol: an augmented frozen forward + the fc's step
+    forward: Range         # a frozen forward alone, the batch on the GPU (one encoder's share of a shared pass)
     source: str
 
 
@@ -110,12 +120,16 @@ DATA: dict[str, DataSize] = {
 # between the authors' whole pipeline (1,008 img/s, data-bound) and cclnb's compute ceiling
 # (2,270); the CCL step's ceiling 1,007 (the pipeline's 1,008 is no tighter). The evaluations'
 # rates are assumed, not measured: decoding and cropping 224 px JPEGs bounds them (1,000-2,000).
+# The frozen forward is derived, not measured: a MoCo step is about 4 forwards' FLOPs (query
+# forward + backward ~3, key forward 1; docs/performance.md counts them), so 3-4x the fp32 step
+# (the preset's lincls precision): 6,810-9,080 (benchmarks/lincls_pass.py measures it).
 ANCHORS: dict[str, Throughputs] = {
     "imagenet-sub": Throughputs(
         train=Range(1008, 2270), train_teacher=Range(1007, 1007), features=Range(1000, 2000),
-        lincls=Range(1000, 2000),
+        lincls=Range(1000, 2000), forward=Range(6810, 9080),
         source="one H200 (../shared/anchors.md: MoCo step 1,008-2,270 img/s, CCL step 1,007; "
-               "evaluation 1,000-2,000 img/s assumed, data-bound)"),
+               "evaluation 1,000-2,000 img/s assumed, data-bound; frozen forward 6,810-9,080 "
+               "derived as 3-4x the fp32 step)"),
 }
 _KINDS = tuple(f.name for f in dataclasses.fields(Throughputs) if f.name != "source")
 
@@ -163,6 +177,9 @@ class PairWork:
     per_task: int
     linear: int
     gpus: int               # GPUs of the job that trains it (1 for the untrained baselines)
+    seed: int = 0
+    pass_images: int = 0    # of `linear`: one lincls encoder's augmented pass (epochs x train images)
+    pass_encoders: int = 0  # its encoders evaluated by the lincls protocol (those a shared pass serves)
 
 
 def _labels(size: DataSize, per_class: int) -> np.ndarray:
@@ -200,17 +217,21 @@ def pair_work(steps: Sequence[Any], size: DataSize, gpus: int, linear_defaults: 
     else:
         calibration = len(plan.classes) * min(per_class, CALIBRATION_PER_CLASS) if method == UNTRAINED_BN else 0
         per_task = evaluation + calibration
-    linear = 0
+    linear = pass_images = pass_encoders = 0
     for step in steps:
         if step.notebook != "linear_eval":
             continue
         params = {**linear_defaults, **step.parameters}
         lin_per_class = min(size.train_per_class, params.get("subset_per_class") or size.train_per_class)
         lin_train, lin_val = size.n_classes * lin_per_class, size.n_classes * size.val_per_class
-        epochs = int(params["epochs"]) if params.get("protocol", "lincls") == "lincls" else 1
+        lincls = params.get("protocol", "lincls") == "lincls"
+        epochs = int(params["epochs"]) if lincls else 1
         linear += epochs * lin_train + lin_val
-    return PairWork(f"{method} seed {first.parameters['seed']}", training, teacher_step, step_cost, per_task,
-                    linear, gpus if trains else 1)
+        if lincls:
+            pass_images, pass_encoders = epochs * lin_train, pass_encoders + 1
+    seed = int(first.parameters["seed"])
+    return PairWork(f"{method} seed {seed}", training, teacher_step, step_cost, per_task, linear,
+                    gpus if trains else 1, seed, pass_images, pass_encoders)
 
 
 # ----------------------------------------------------------------------------- hours
@@ -222,12 +243,19 @@ class PairCost:
     gpus: int
     training: Range
     per_task: Range
-    linear: Range
+    linear: Range            # each encoder's evaluation on its own (separate, with-training)
+    shared_linear: Range     # its share of its seed's one-pass evaluation (shared)
     allocated: dict[str, Range]
 
     @property
     def busy(self) -> Range:
+        """GPU-hours at work with a pass per encoder (with-training, separate)."""
         return self.training + self.per_task + self.linear
+
+    @property
+    def busy_shared(self) -> Range:
+        """GPU-hours at work with one pass per seed (shared): all it allocates."""
+        return self.training + self.per_task + self.shared_linear
 
 
 def _hours(images: int, rate: Range) -> Range:
@@ -235,29 +263,62 @@ def _hours(images: int, rate: Range) -> Range:
     return Range(images / rate.high / 3600, images / rate.low / 3600)
 
 
-def allocated(layout: str, gpus: int, training: Range, per_task: Range, linear: Range) -> Range:
-    """Allocated GPU-hours of one (method, seed) in `layout` (see the module docstring)."""
+def allocated(layout: str, gpus: int, training: Range, per_task: Range, linear: Range,
+              shared_linear: Range | None = None) -> Range:
+    """Allocated GPU-hours of one (method, seed) in `layout` (see the module docstring);
+    `shared_linear`: its share of its seed's one-pass evaluation (default: `linear`, a pass alone)."""
     if layout == "with-training":
         return training + (per_task + linear).scaled(gpus)
     if layout == "separate":
         return training + per_task + linear
+    if layout == "shared":
+        return training + per_task + (linear if shared_linear is None else shared_linear)
     raise ConfigError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
 
 
 def choose_layout(gpus: int) -> str:
-    """The layout with fewer allocated GPU-hours by `allocated`: separate saves (G - 1) x the
-    evaluations' hours, so it wins on any job of more than one GPU and ties on one (then one job:
-    no second queue wait). Independent of the throughputs, so it needs none."""
-    return "separate" if gpus > 1 else "with-training"
+    """The layout with the fewest allocated GPU-hours by `allocated`: off the training allocation
+    saves (G - 1) x the evaluations' hours on a job of G > 1 GPUs, and one pass per seed costs
+    never more than a pass per encoder (module docstring), so shared wins or ties at any
+    throughputs (a tie, the probe protocol: still one job per seed, not one per pair). On one GPU
+    all tie: then one job per pair (no second queue wait)."""
+    return "shared" if gpus > 1 else "with-training"
 
 
-def pair_cost(work: PairWork, rates: Throughputs) -> PairCost:
+def shared_pass_hours(works: Sequence[PairWork], rates: Throughputs) -> list[Range]:
+    """Each pair's share of its seed's one-pass evaluation (`shared` layout): the pass takes
+    max(data, forwards) at each end of the ranges, shared by the lincls encoders in proportion;
+    what the pass does not cover (val images, probe encoders) stays each pair's own."""
+    shares = []
+    for work in works:
+        own = _hours(work.linear - work.pass_images * work.pass_encoders, rates.lincls)
+        seed = [w for w in works if w.seed == work.seed and w.pass_encoders]
+        if not work.pass_encoders:
+            shares.append(own)
+            continue
+        images = max(w.pass_images for w in seed)
+        encoders = sum(w.pass_images * w.pass_encoders for w in seed)   # encoder-images through the GPU
+        data, forwards = _hours(images, rates.lincls), _hours(encoders, rates.forward)
+        whole = Range(max(data.low, forwards.low), max(data.high, forwards.high))
+        shares.append(own + whole.scaled(work.pass_images * work.pass_encoders / encoders))
+    return shares
+
+
+def pair_cost(work: PairWork, rates: Throughputs, shared_linear: Range | None = None) -> PairCost:
+    """The cost of one (method, seed); `shared_linear`: its share of its seed's one-pass
+    evaluation (`shared_pass_hours`; default: a pass of its own)."""
     train_rate = rates.train_teacher if work.teacher_step else rates.train.scaled(1 / work.step_cost)
     training = _hours(work.training, train_rate)
     per_task = _hours(work.per_task, rates.features)
     linear = _hours(work.linear, rates.lincls)
-    return PairCost(work.label, work.gpus, training, per_task, linear,
-                    {layout: allocated(layout, work.gpus, training, per_task, linear) for layout in LAYOUTS})
+    shared = shared_pass_hours([work], rates)[0] if shared_linear is None else shared_linear
+    return PairCost(work.label, work.gpus, training, per_task, linear, shared,
+                    {layout: allocated(layout, work.gpus, training, per_task, linear, shared) for layout in LAYOUTS})
+
+
+def work_costs(works: Sequence[PairWork], rates: Throughputs) -> list[PairCost]:
+    """The cost of every pair, the pairs of a seed sharing their evaluation pass."""
+    return [pair_cost(work, rates, share) for work, share in zip(works, shared_pass_hours(works, rates))]
 
 
 def _total(costs: Iterable[PairCost]) -> PairCost:
@@ -271,8 +332,8 @@ def _total(costs: Iterable[PairCost]) -> PairCost:
         return total
 
     return PairCost("total", 0, add(c.training for c in costs), add(c.per_task for c in costs),
-                    add(c.linear for c in costs), {layout: add(c.allocated[layout] for c in costs)
-                                                   for layout in LAYOUTS})
+                    add(c.linear for c in costs), add(c.shared_linear for c in costs),
+                    {layout: add(c.allocated[layout] for c in costs) for layout in LAYOUTS})
 
 
 def ratio(allocated_hours: Range, training: Range) -> Range:
@@ -285,19 +346,25 @@ def table(costs: Sequence[PairCost], gpus: int, seeds: int) -> str:
     """The markdown table of `costs` (one row per (method, seed), then the total) and its summary
     line: allocated against training GPU-hours per seed, both layouts."""
     total = _total(costs)
-    head = (f"| (method, seed) | training | per-task evaluation | linear evaluation | busy | allocated: one "
-            f"{gpus}-GPU job each (before) | allocated: training job + 1-GPU evaluation job |")
-    rows = [head, "|" + "---|" * 7]
+    head = (f"| (method, seed) | training | per-task evaluation | linear evaluation: alone | in one pass per seed "
+            f"| busy: alone | one pass | allocated: one {gpus}-GPU job each | training job + 1-GPU evaluation job "
+            f"each | training jobs + one 1-GPU evaluation job per seed (default) |")
+    rows = [head, "|" + "---|" * 10]
     for c in [*costs, total]:
         name = "**total**" if c is total else c.label
-        rows.append(f"| {name} | {c.training.text()} | {c.per_task.text()} | {c.linear.text()} | "
-                    f"{c.busy.text()} | {c.allocated['with-training'].text()} | {c.allocated['separate'].text()} |")
+        cells = [c.training, c.per_task, c.linear, c.shared_linear, c.busy, c.busy_shared,
+                 *(c.allocated[layout] for layout in LAYOUTS)]
+        rows.append(f"| {name} | " + " | ".join(cell.text() for cell in cells) + " |")
     per_seed = {layout: total.allocated[layout].scaled(1 / seeds) for layout in LAYOUTS}
     train_seed = total.training.scaled(1 / seeds)
-    summary = (f"Per seed: **{per_seed['separate'].text(0)} allocated GPU-hours** with the evaluation off the "
-               f"training allocation, {ratio(per_seed['separate'], train_seed).text()}x the "
-               f"{train_seed.text(0)} of training; before, {per_seed['with-training'].text(0)} "
-               f"({ratio(per_seed['with-training'], train_seed).text()}x).")
+
+    def versus(layout: str) -> str:
+        return f"{per_seed[layout].text(0)} ({ratio(per_seed[layout], train_seed).text()}x)"
+
+    summary = (f"Per seed: **{per_seed['shared'].text(0)} allocated GPU-hours**, "
+               f"{ratio(per_seed['shared'], train_seed).text()}x the {train_seed.text(0)} of training, with "
+               f"each seed's evaluations in one 1-GPU job and one pass; with an evaluation job per "
+               f"(method, seed), {versus('separate')}; with everything in the training job, {versus('with-training')}.")
     return "\n".join(rows) + "\n\n" + summary
 
 
@@ -311,7 +378,7 @@ def plan_costs(plan: Any, gpus: int, rates: Throughputs) -> list[PairCost]:
         raise ConfigError(f"the cost model does not know the dataset sizes of preset {plan.preset.name!r}; "
                           f"add it to cclnb.launch.cost.DATA")
     defaults = notebook_defaults(notebook_parameters(notebook_path("linear_eval")))
-    return [pair_cost(pair_work(pair.steps, size, gpus, defaults), rates) for pair in pairs_of(plan)]
+    return work_costs([pair_work(pair.steps, size, gpus, defaults) for pair in pairs_of(plan)], rates)
 
 
 def describe(plan: Any, gpus: int, rates: Throughputs | None) -> str:

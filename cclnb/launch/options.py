@@ -17,7 +17,7 @@ CLUSTER_OPTIONS = {"nodes": "--nodes", "gpus_per_node": "--gpus-per-node", "cpus
                    "sbatch": "--sbatch", "setup": "--setup", "max_requeues": "--max-requeues",
                    "wait": "--wait", "dry_run": "--dry-run", "assume_shared_fs": "--assume-shared-fs",
                    "eval_job": "--eval-job", "throughput": "--throughput"}
-EVAL_JOBS = ("separate", "with-training")     # cclnb.launch.cost.LAYOUTS, without importing it
+EVAL_JOBS = ("shared", "separate", "with-training")     # cclnb.launch.cost.LAYOUTS, without importing it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,15 +51,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="print the job scripts, what each job runs and the estimated GPU-hours by phase "
                             "(cclnb.launch.cost); submit nothing")
     group.add_argument("--eval-job", choices=EVAL_JOBS, default=None,
-                       help="separate: the linear evaluations and the record of a pair that trains run in a "
-                            "1-GPU job after its training job succeeded (afterok); with-training: in the "
-                            "training job. Default: the one with fewer allocated GPU-hours (separate when a "
+                       help="shared: each seed's linear evaluations (one pass over the data for all its "
+                            "encoders) and records run in one 1-GPU job after all its training jobs succeeded "
+                            "(afterok); separate: one such job per pair that trains; with-training: in the "
+                            "training job. Default: the one with the fewest allocated GPU-hours (shared when a "
                             "training job holds more than one GPU)")
     group.add_argument("--throughput", action="append", default=[], metavar="KIND=IMG_S",
                        help="images per second per GPU that you measured, for --dry-run's cost estimate: "
                             "train (a MoCo step), train_teacher (a CCL step), features (per-task evaluation), "
-                            "lincls (linear evaluation); a value or LOW-HIGH (repeatable; default: "
-                            "../shared/anchors.md's where the preset has them)")
+                            "lincls (linear evaluation), forward (a frozen forward alone); a value or "
+                            "LOW-HIGH (repeatable; default: ../shared/anchors.md's where the preset has them)")
     group.add_argument("--assume-shared-fs", action="store_true",
                        help="skip the check that --runs-root and --reports-root are on storage the "
                             "compute nodes share")
