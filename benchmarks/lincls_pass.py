@@ -29,12 +29,14 @@ from cclnb.training.models import build_backbone
 
 
 def random_checkpoints(folder: Path, n: int, arch: str, small: bool, width: int) -> list[str]:
-    """`n` randomly initialised backbones, each in the authors' format (`state_dict`, `module.encoder_q.`)."""
+    """`n` randomly initialised backbones, each in the authors' format (`state_dict`, `module.encoder_q.`)
+    and a folder of its own (where its lincls results go)."""
     paths = []
     for i in range(n):
         torch.manual_seed(i)
         backbone = build_backbone(arch, small, "auto", width)
-        path = folder / f"encoder{i}.pth.tar"
+        path = folder / f"encoder{i}" / "checkpoint.pth.tar"
+        path.parent.mkdir()
         torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in backbone.state_dict().items()}}, path)
         paths.append(str(path))
     return paths
@@ -93,6 +95,10 @@ def main() -> int:
              "|---|---|---|---|"]
     for n, seconds in rows:
         lines.append(f"| {n} | {seconds:.2f} | {images / seconds:,.0f} | {n * images / seconds:,.0f} |")
+    (one, alone), (most, shared) = min(rows), max(rows)
+    lines += ["", "For the cost model (`cclnb study --launcher slurm --dry-run`): `--throughput lincls="
+              f"{images / alone:.0f} --throughput forward={most * images / shared:.0f}` (the forward rate is a "
+              f"lower bound: the {most}-encoder pass may still wait for its data)" if most > 1 else ""]
     Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     return 0
