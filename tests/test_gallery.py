@@ -197,3 +197,10 @@ def test_the_budget_table_follows_each_gap_across_studies(tmp_path: Path) -> Non
     assert header.startswith("| gap | 3 epochs/task") and "| 6 epochs/task" in header
     assert penalty.startswith("| Joint - Finetuning | **+1.10 (0.10), n 3, holds** | **-0.40 (0.10), n 3, reversed** |")
     assert replay.startswith("| SimpleReplay - Finetuning | not run | not run |")
+    words = tables.render_block("axis", ["b", "a"], studies, tmp_path)
+    low, high = words.split("\n")[:2]
+    assert low.startswith("- **3 epochs per task (") and "Joint - Finetuning +1.10 (3 seeds, holds)" in low
+    assert low.endswith("Resolved: Joint > Finetuning.")
+    assert high.startswith("- **6 epochs per task (") and high.endswith("Resolved: Finetuning > Joint (reversed).")
+    with pytest.raises(ConfigError, match="names two or more studies"):
+        tables.render_block("axis", ["a"], studies, tmp_path)

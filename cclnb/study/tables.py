@@ -14,7 +14,8 @@ disagree, so a record changed or added without rewriting the page is caught. The
   kNN and the average forgetting, with the published ImageNet-Sub numbers beside them;
 - `verdict STUDY`: the verdict on the paper's order and its precondition, with a link to the report;
 - `gaps STUDY`: the verdict's pairs (and replay against forgetting), mean gap, sd, per seed, status;
-- `budget STUDY STUDY ...`: the budget axis, each gap per study and its trend per doubling.
+- `budget STUDY STUDY ...`: the budget axis, each gap per study and its trend per doubling;
+- `axis STUDY STUDY ...`: the same axis in words, a sentence per budget (the README's headline).
 """
 
 from __future__ import annotations
@@ -113,10 +114,15 @@ def gaps_block(entry: gallery.StudyEntry, link: str) -> str:
                                f"the replay method's), per seed as seed: gap; [report]({link}).")
 
 
+def _budget_gaps(entries: Sequence[gallery.StudyEntry]) -> tuple[list[gallery.StudyEntry], pd.DataFrame]:
+    """`entries` from the smallest budget up, and their gaps (`aggregate.budget_gaps`)."""
+    ordered = sorted(entries, key=lambda e: e.images_seen)
+    return ordered, aggregate.budget_gaps([(e.images_seen, e.results.table) for e in ordered])
+
+
 def budget_block(entries: Sequence[gallery.StudyEntry]) -> str:
     """The budget axis over `entries`: each gap's mean (sd) per study, and its trend per doubling."""
-    ordered = sorted(entries, key=lambda e: e.images_seen)
-    gaps = aggregate.budget_gaps([(e.images_seen, e.results.table) for e in ordered])
+    ordered, gaps = _budget_gaps(entries)
     trend = aggregate.budget_trend(gaps).set_index("gap")
     head = [f"{e.epochs[0]} epochs/task, {e.images_seen:,.0f} images" for e in ordered]
     lines = ["| gap | " + " | ".join(head) + " | per doubling |", "|---|" + "---|" * (len(ordered) + 1)]
@@ -136,6 +142,14 @@ def budget_block(entries: Sequence[gallery.StudyEntry]) -> str:
                                "through the means against log2(images seen), a rough extrapolation.")
 
 
+def axis_block(entries: Sequence[gallery.StudyEntry]) -> str:
+    """The budget axis over `entries` in words: per budget, every gap's mean, seeds and status,
+    then what the verdict's rule resolves there (`aggregate.budget_sentences`)."""
+    ordered, gaps = _budget_gaps(entries)
+    return (aggregate.budget_sentences(gaps, {e.images_seen: e.epochs[0] for e in ordered})
+            + "\n\nPaired gaps on the final top-1 of the student (A - B > 0: A is better), from the records.")
+
+
 def render_block(kind: str, args: Sequence[str], studies: Studies, here: Path) -> str:
     """The generated text of one block; `here` is the page's folder (links are relative to it)."""
     def link(study: str) -> str:
@@ -147,12 +161,13 @@ def render_block(kind: str, args: Sequence[str], studies: Studies, here: Path) -
         if len(args) != 1:
             raise ConfigError(f"<!-- cclnb:{kind} ... --> names one study, got {list(args)}")
         return single[kind](studies[args[0]], link(args[0]))
-    if kind == "budget":
+    several = {"budget": budget_block, "axis": axis_block}
+    if kind in several:
         if len(args) < 2:
-            raise ConfigError(f"<!-- cclnb:budget ... --> names two or more studies, got {list(args)}")
-        return budget_block([studies[a] for a in args])
+            raise ConfigError(f"<!-- cclnb:{kind} ... --> names two or more studies, got {list(args)}")
+        return several[kind]([studies[a] for a in args])
     raise ConfigError(f"unknown table kind {kind!r} in <!-- cclnb:{kind} -->; use one of "
-                      f"{', '.join([*single, 'budget'])}")
+                      f"{', '.join([*single, *several])}")
 
 
 def update_text(text: str, studies: Studies, here: Path) -> str:
