@@ -188,6 +188,17 @@ def test_a_changed_record_makes_its_table_stale(tmp_path: Path) -> None:
         tables.update_text("<!-- cclnb:bogus st -->\n<!-- /cclnb -->", tables.Studies(tmp_path / "reports"), tmp_path)
 
 
+def test_the_comparisons_table_pairs_a_method_beyond_the_paper_with_finetuning(tmp_path: Path) -> None:
+    folder = _study(tmp_path / "st", epochs=3)
+    write_records(folder / records.RECORDS_FOLDER,
+                  *(fixture_record("NewMethod", s, v + 2.0 + s / 10, config={"epochs": 3}) for s, v in FT.items()))
+    text = tables.render_block("comparisons", ["st"], tables.Studies(tmp_path), tmp_path)
+    lines = text.split("\n")
+    assert lines[0] == "| comparison | mean gap (sd) | per seed | verdict |"
+    assert lines[2] == "| NewMethod > Finetuning | +2.10 (0.10) | 0: +2.00, 1: +2.10, 2: +2.20 | holds |"
+    assert len(lines) == 5 and "(st/index.html)" in lines[-1]                # no CCL here: one pair
+
+
 def test_the_budget_table_follows_each_gap_across_studies(tmp_path: Path) -> None:
     _study(tmp_path / "a", epochs=3, penalty=1.0)
     _study(tmp_path / "b", epochs=6, penalty=-0.5)

@@ -14,6 +14,8 @@ disagree, so a record changed or added without rewriting the page is caught. The
   kNN and the average forgetting, with the published ImageNet-Sub numbers beside them;
 - `verdict STUDY`: the verdict on the paper's order and its precondition, with a link to the report;
 - `gaps STUDY`: the verdict's pairs (and replay against forgetting), mean gap, sd, per seed, status;
+- `comparisons STUDY`: the same for the pairs beyond the paper's order (a method outside it against
+  Finetuning and CCL, an ablation against its method and SimpleReplay);
 - `budget STUDY STUDY ...`: the budget axis, each gap per study and its trend per doubling;
 - `axis STUDY STUDY ...`: the same axis in words, a sentence per budget (the README's headline).
 """
@@ -120,6 +122,18 @@ def _budget_gaps(entries: Sequence[gallery.StudyEntry]) -> tuple[list[gallery.St
     return ordered, aggregate.budget_gaps([(e.images_seen, e.results.table) for e in ordered])
 
 
+def comparisons_block(entry: gallery.StudyEntry, link: str) -> str:
+    """Each pair beyond the paper's order (`aggregate.comparison_table`): gap, sd, per seed, status."""
+    found = aggregate.comparison_table(entry.results.table)
+    lines = ["| comparison | mean gap (sd) | per seed | verdict |", "|---|---|---|---|"]
+    for row in found.itertuples(index=False):
+        sd = f" ({row.std:.2f})" if math.isfinite(row.std) else ""
+        lines.append(f"| {row.method} > {row.vs} | {_num(row.mean, sign=True)}{sd} | "
+                     f"{row.per_seed.replace('seed ', '')} | {row.status} |")
+    return "\n".join(lines) + (f"\n\nGaps on the final top-1 of the student, per seed as seed: gap; "
+                               f"[report]({link}).")
+
+
 def budget_block(entries: Sequence[gallery.StudyEntry]) -> str:
     """The budget axis over `entries`: each gap's mean (sd) per study, and its trend per doubling."""
     ordered, gaps = _budget_gaps(entries)
@@ -156,7 +170,7 @@ def render_block(kind: str, args: Sequence[str], studies: Studies, here: Path) -
         return Path(os.path.relpath(studies.root / study / "index.html", here)).as_posix()
 
     single: dict[str, Callable[[gallery.StudyEntry, str], str]] = {
-        "summary": summary_block, "verdict": verdict_block, "gaps": gaps_block}
+        "summary": summary_block, "verdict": verdict_block, "gaps": gaps_block, "comparisons": comparisons_block}
     if kind in single:
         if len(args) != 1:
             raise ConfigError(f"<!-- cclnb:{kind} ... --> names one study, got {list(args)}")
