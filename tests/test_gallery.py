@@ -176,7 +176,7 @@ def test_a_changed_record_makes_its_table_stale(tmp_path: Path) -> None:
     assert tables.write([page], tmp_path / "reports") == [page]
     text = page.read_text()
     assert "| Finetuning | 0-2 | 52.00 ± 2.00 |" in text and text.endswith("<!-- /cclnb -->\nEnd.\n")
-    assert "(../reports/st/index.html)" in text and "penalty (Joint > Finetuning), is **holds" in text
+    assert "(../reports/st/index.html)" in text and "penalty (Joint > Finetuning): **holds" in text
     assert tables.stale([page], tmp_path / "reports") == []
     record = tmp_path / "reports" / "st" / "runs" / "Finetuning-seed1.json"
     data = json.loads(record.read_text())

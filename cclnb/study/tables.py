@@ -92,8 +92,8 @@ def summary_block(entry: gallery.StudyEntry, link: str) -> str:
 def verdict_block(entry: gallery.StudyEntry, link: str) -> str:
     """The verdict on the paper's order and on its precondition, in one line, and the link."""
     return (f"**Verdict** ({len(entry.results.runs)} records, seeds {gallery.seeds_text(entry.seeds)}; "
-            f"[report]({link})): the paper's order Joint > CCL > SimpleReplay > Finetuning is "
-            f"**{entry.order}**; its precondition, a continual penalty (Joint > Finetuning), is "
+            f"[report]({link})): the paper's order Joint > CCL > SimpleReplay > Finetuning: "
+            f"**{entry.order}**; its precondition, a continual penalty (Joint > Finetuning): "
             f"**{entry.penalty}**.")
 
 
