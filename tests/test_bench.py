@@ -51,7 +51,11 @@ def test_cpu_tiny_bench_prints_the_table_and_writes_it(tmp_path, capsys):
         if name.startswith("3."):      # each precision's ceiling is its own reference
             assert moco_ratio == ccl_ratio == "100%"
     assert "- device: CPU" in table and "- commit: " in table and "demo-shapes" in table
-    assert re.search(rf"- matmul peak: {native} [\d,]+ GFLOP/s, {other} [\d,]+ GFLOP/s", table)
+    # 3 significant digits below 100: bf16 on a CPU without native bf16 must not print as 0
+    assert re.search(rf"- matmul peak: {native} [\d,.]+ GFLOP/s, {other} [\d,.]+ GFLOP/s", table)
+    assert "GFLOP/s, bf16 0 GFLOP/s" not in table and "fp32 0 GFLOP/s" not in table
+    above = any(float(cells[i].rstrip("%")) > 100 for cells in body for i in (8, 10))
+    assert ("- % of peak above 100%" in table) == above
     flops = re.search(r"- FLOPs per image: MoCo step ([\d.]+) GFLOP \(= ([\d.]+) forwards\), "
                       r"CCL step ([\d.]+) GFLOP \(= ([\d.]+) forwards\)", table)
     assert flops is not None

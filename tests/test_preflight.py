@@ -241,3 +241,24 @@ def test_data_the_presets_dataset_ignores_is_refused(tmp_path: Path, capsys: pyt
         plan = study.plan_study("demo", ok, runs_root=tmp_path / "runs", reports_root=tmp_path / "rep",
                                 methods=["Joint"], seeds=[0], baseline=False)
         preflight.check_study(plan)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_study_pinned_to_bf16_on_a_cpu_that_emulates_it_is_told_before_it_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    """The demo and the CPU presets pin bf16 (their records average across machines); on an
+    AVX2-only CPU that arithmetic is emulated, so the study says so once, naming the parameter."""
+    from cclnb.training import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    plan = study.plan_study("demo", runs_root=tmp_path / "runs", reports_root=tmp_path / "reports", seeds=[0])
+    notes = preflight.check_study(plan)
+    if native:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and "autocast emulates it" in notes[0]
+        assert notes[0].endswith("this study asks for it through -p precision and -p linear_eval.precision")
+    fp32 = study.plan_study("demo", ["precision=fp32", "linear_eval.precision=fp32"], runs_root=tmp_path / "runs",
+                            reports_root=tmp_path / "reports", seeds=[0])
+    assert preflight.check_study(fp32) == []
+    assert not any(tmp_path.iterdir())

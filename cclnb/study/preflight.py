@@ -33,8 +33,9 @@ _FLAG = re.compile(r"--([a-z][a-z0-9-]*)")
 _NOTHING_WRITTEN = "checked before any step started; nothing was written"
 
 
-def check_study(study: Study, here: bool = True) -> None:
-    """Raise the first problem that would stop a pending step of `study`; write nothing.
+def check_study(study: Study, here: bool = True) -> list[str]:
+    """Raise the first problem that would stop a pending step of `study`; write nothing. Returns
+    the notes worth reading before it starts: what would run but slowly (`_slow_precision`).
     `here=False`: the steps run on other machines (cluster jobs, `cclnb.launch`), so this machine's
     device and view of the data say nothing about them; each job checks them on its node."""
     pending = [step for step in study.steps if not step.done]
@@ -47,6 +48,26 @@ def check_study(study: Study, here: bool = True) -> None:
     _check_folders(study, pending)
     if here:
         _check_data(configs, pending)
+    return _slow_precision(configs, pending) if here else []
+
+
+def _slow_precision(configs: Sequence[tuple[Step, TrainConfig]], steps: Sequence[Step]) -> list[str]:
+    """The note for pending steps that would run bf16 on a CPU that only emulates it, said once
+    with the `-p` parameters that ask for it (a CPU preset pins bf16; see `emulated_bf16_note`)."""
+    from cclnb.training.precision import emulated_bf16_note
+
+    asked = [("-p precision", config.precision, config.device) for _, config in configs]
+    asked += [("-p linear_eval.precision", step.parameters.get("precision", "auto"), step.parameters.get("device"))
+              for step in steps if step.notebook == "linear_eval"]
+    found: dict[str, str] = {}
+    for parameter, precision, device in asked:
+        where = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+        note = emulated_bf16_note(precision, where)
+        if note:
+            found.setdefault(parameter, note)
+    if not found:
+        return []
+    return [f"{next(iter(found.values()))}; this study asks for it through {' and '.join(found)}"]
 
 
 def _raise_first(refused: Sequence[tuple[Step, CclnbError]], kind: str, notebook: str = "") -> None:

@@ -330,7 +330,8 @@ def run_study(study: Study, notebooks_dir: str | Path | None = None,
     from cclnb.study.rerun import compared
 
     study, changed = compared(study)
-    check_study(study)
+    for note in check_study(study):
+        log(note)
     with study_lock(study.runs_dir, log), StudyStop() as stop:   # one command per study; Ctrl-C stops it cleanly
         _make_way(study, changed, log)
         failures_log = study.runs_dir / "failures.log"

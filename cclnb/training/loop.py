@@ -42,7 +42,7 @@ from cclnb.training.losses import at_least_fp32, info_nce_from_logits, info_nce_
 from cclnb.training.methods import Method, StepOutputs, TrainerEnv, get_method, method_class, resolve
 from cclnb.training.models import MoCo, grouped_forward, set_grouped_bn
 from cclnb.training.plan import TaskPlan, plan_tasks, resolve_config
-from cclnb.training.precision import autocast
+from cclnb.training.precision import autocast, emulated_bf16_note
 
 MIN_BN_GROUP = 16   # fewer samples per BatchNorm group than this earns a note in the run log
 Evaluator = Callable[[torch.nn.Module, int, str], None]   # (backbone, after_task, who)
@@ -127,6 +127,9 @@ class Trainer:
             self._say(f"note: --bn-groups {config.bn_groups} normalizes over {per_group} samples per group "
                       f"(the authors: 32); statistics of so few samples are noisy and can blow the "
                       f"weights up: raise --batch-size or lower --bn-groups")
+        slow = emulated_bf16_note(config.precision, self.device)
+        if slow:
+            self._say(slow)
         self.method: Method = get_method(config, env)
         self.loss_names = ("total", "moco", *self.method.loss_terms)
         self.method_modules = self._prepare_method_modules()

@@ -64,6 +64,28 @@ def cpu_model() -> str:
     return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
+# bf16 against fp32 speed on a CPU without native bf16 (AVX2 only: 2 AMD EPYC cores, ResNet-18 at
+# quarter width with the 3x3 stem, the CPU presets' model), benchmarks/bench-cpu-epyc-avx2-*.md
+EMULATED_BF16_BENCHMARK = "benchmarks/bench-cpu-epyc-avx2-resnet18-w16-cifar-32px.md"
+EMULATED_BF16_SLOWDOWN = 15     # MoCo step: 210 img/s fp32, 13.8 bf16
+
+
+def emulated_bf16_note(precision: str, device: torch.device | str) -> str | None:
+    """A note for a run that asks for bf16 on a CPU that only emulates it, else None.
+
+    Why: `auto` never picks bf16 there, but a preset pins bf16 so that records from several
+    machines average (the CPU presets, the demo), and on an AVX2-only CPU that arithmetic runs an
+    order of magnitude slower than fp32: a study planned in hours takes days, and nothing said so
+    before the first epoch's timing. The note names the cause and both ways out."""
+    if precision != "bf16" or torch.device(device).type != "cpu" or cpu_has_native_bf16():
+        return None
+    return (f"note: precision bf16 on a CPU without native bf16 ({cpu_model()}: no AVX512-BF16 or AMX): "
+            f"autocast emulates it, about {EMULATED_BF16_SLOWDOWN}x slower than fp32 on such a CPU "
+            f"({EMULATED_BF16_BENCHMARK}); run on a CPU with AVX512-BF16/AMX or a GPU to keep bf16, "
+            f"or choose fp32 (--precision fp32; in a study -p precision=fp32 with --study NAME of its "
+            f"own, since fp32 records are not averaged with bf16 ones)")
+
+
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     """The flag rule: `auto` -> "bf16" on CUDA and on CPUs with native bf16, else "fp32"; others
     pass through. Runs use `resolve_model_precision`, which also weighs the model's shape on CPUs."""
