@@ -67,7 +67,7 @@ def cpu_model() -> str:
 # bf16 against fp32 speed on a CPU without native bf16 (AVX2 only: 2 AMD EPYC cores, ResNet-18 at
 # quarter width with the 3x3 stem, the CPU presets' model), benchmarks/bench-cpu-epyc-avx2-*.md
 EMULATED_BF16_BENCHMARK = "benchmarks/bench-cpu-epyc-avx2-resnet18-w16-cifar-32px.md"
-EMULATED_BF16_SLOWDOWN = 15     # MoCo step: 210 img/s fp32, 13.8 bf16
+EMULATED_BF16_SLOWDOWN = 15     # eager ceilings: MoCo step 212 img/s fp32, 14.2 bf16; CCL 88 and 6.3
 
 
 def emulated_bf16_note(precision: str, device: torch.device | str) -> str | None:
