@@ -59,15 +59,10 @@ def _slow_precision(configs: Sequence[tuple[Step, TrainConfig]], steps: Sequence
     asked = [("-p precision", config.precision, config.device) for _, config in configs]
     asked += [("-p linear_eval.precision", step.parameters.get("precision", "auto"), step.parameters.get("device"))
               for step in steps if step.notebook == "linear_eval"]
-    found: dict[str, str] = {}
-    for parameter, precision, device in asked:
-        where = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
-        note = emulated_bf16_note(precision, where)
-        if note:
-            found.setdefault(parameter, note)
-    if not found:
-        return []
-    return [f"{next(iter(found.values()))}; this study asks for it through {' and '.join(found)}"]
+    slow = dict.fromkeys(parameter for parameter, precision, device in asked
+                         if precision == "bf16" and (device == "cpu" or not torch.cuda.is_available()))
+    note = emulated_bf16_note("bf16", "cpu") if slow else None
+    return [f"{note}; this study asks for it through {' and '.join(slow)}"] if note else []
 
 
 def _raise_first(refused: Sequence[tuple[Step, CclnbError]], kind: str, notebook: str = "") -> None:

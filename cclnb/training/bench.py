@@ -179,9 +179,10 @@ class BenchResult:
                     cells += ["-", "-"]
                     continue
                 achieved = self.achieved_gflops(row, kind)
-                if achieved > self.peak_gflops[row.precision]:
+                of_peak = achieved / self.peak_gflops[row.precision]
+                if of_peak > 1:
                     above_peak[row.precision] = None
-                cells += [_rate(achieved), f"{achieved / self.peak_gflops[row.precision]:.1%}"]
+                cells += [_rate(achieved), f"{of_peak:.1%}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines += [""] + [f"- {note}" for note in self.notes]
         lines += [f"- % of peak above 100% ({', '.join(above_peak)}): the convolutions ran faster than torch.mm "
