@@ -65,8 +65,9 @@ def test_resume_keeps_the_precision_auto_chose(tmp_path: Path, monkeypatch: pyte
     assert json.loads((run / "config.json").read_text())["precision"] == "fp32"
 
 
-def test_bf16_on_a_cpu_that_emulates_it_gets_a_note_naming_both_ways_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A preset that pins bf16 ran 15x slower than fp32 on an AVX2-only CPU without a word."""
+def test_bf16_on_a_cpu_that_emulates_it_gets_a_note_naming_its_arithmetic(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preset pins bf16; on an AVX2-only CPU its numbers come from emulated bf16 (fp32 kernels on
+    rounded operands), not bit for bit a native CPU's, and the log must say which arithmetic ran."""
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     note = precision.emulated_bf16_note("bf16", "cpu")
     assert note is not None and "no AVX512-BF16 or AMX" in note

@@ -247,7 +247,8 @@ def test_data_the_presets_dataset_ignores_is_refused(tmp_path: Path, capsys: pyt
 def test_a_study_pinned_to_bf16_on_a_cpu_that_emulates_it_is_told_before_it_starts(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
     """The demo and the CPU presets pin bf16 (their records average across machines); on an
-    AVX2-only CPU that arithmetic is emulated, so the study says so once, naming the parameter."""
+    AVX2-only CPU that arithmetic is emulated (with fp32 kernels: bf16's numbers, not a native
+    CPU's bit for bit), so the study says so once, naming the parameter."""
     from cclnb.training import precision
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
@@ -256,7 +257,7 @@ def test_a_study_pinned_to_bf16_on_a_cpu_that_emulates_it_is_told_before_it_star
     if native:
         assert notes == []
     else:
-        assert len(notes) == 1 and "autocast emulates it" in notes[0]
+        assert len(notes) == 1 and "fp32 kernels on bf16-rounded operands" in notes[0]
         assert notes[0].endswith("this study asks for it through -p precision and -p linear_eval.precision")
     fp32 = study.plan_study("demo", ["precision=fp32", "linear_eval.precision=fp32"], runs_root=tmp_path / "runs",
                             reports_root=tmp_path / "reports", seeds=[0])

@@ -1,8 +1,8 @@
 """Which arithmetic a run uses: `--precision auto | fp32 | bf16`.
 
 bf16 autocast pays off only where the hardware has native bf16 matrix instructions: every CUDA GPU
-this project targets, and CPUs with AVX512-BF16 or AMX; elsewhere autocast emulates bf16 and is
-slower than fp32. Even a native CPU is not always faster under bf16: on this project's Intel AMX
+this project targets, and CPUs with AVX512-BF16 or AMX; elsewhere bf16 is emulated (cclnb runs it
+at about fp32 speed, `bf16_kernels`) and gains nothing over fp32. Even a native CPU is not always faster under bf16: on this project's Intel AMX
 machine, ResNet-18 with the ImageNet stem at 32 px (8 px at the first block: small convolutions,
 where autocast's casts and oneDNN's layout changes dominate) runs a forward+backward at 0.6-0.7x its
 fp32 speed, while the 3x3 stem (32 px at the first block) runs 1.6-1.8x faster
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from cclnb.config import STEM_DOWNSAMPLING, resolve_stem
+from cclnb.training.bf16_kernels import rounded_fp32_autocast
 from cclnb.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -64,26 +65,28 @@ def cpu_model() -> str:
     return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
-# bf16 against fp32 speed on a CPU without native bf16 (AVX2 only: 2 AMD EPYC cores, ResNet-18 at
-# quarter width with the 3x3 stem, the CPU presets' model), benchmarks/bench-cpu-epyc-avx2-*.md
+# Where bf16 is emulated: torch's fallback kernels ran the CPU presets' model 15x slower than fp32
+# (2 AMD EPYC cores with AVX2 only; MoCo step 14.2 img/s against 212, CCL 6.3 against 88, commit
+# 2624d9a); cclnb runs those ops as fp32 kernels on bf16-rounded operands instead (bf16_kernels.py),
+# measured in this benchmark.
 EMULATED_BF16_BENCHMARK = "benchmarks/bench-cpu-epyc-avx2-resnet18-w16-cifar-32px.md"
-EMULATED_BF16_SLOWDOWN = 15     # eager ceilings: MoCo step 212 img/s fp32, 14.2 bf16; CCL 88 and 6.3
 
 
 def emulated_bf16_note(precision: str, device: torch.device | str) -> str | None:
     """A note for a run that asks for bf16 on a CPU that only emulates it, else None.
 
     Why: `auto` never picks bf16 there, but a preset pins bf16 so that records from several
-    machines average (the CPU presets, the demo), and on an AVX2-only CPU that arithmetic runs an
-    order of magnitude slower than fp32: a study planned in hours takes days, and nothing said so
-    before the first epoch's timing. The note names the cause and both ways out."""
+    machines average (the CPU presets, the demo). Such a run computes bf16 arithmetic with fp32
+    kernels (`autocast`), which gives bf16's numbers up to the order of fp32 sums but not bit for
+    bit those of a native CPU, and the log should say which arithmetic made its numbers."""
     if precision != "bf16" or torch.device(device).type != "cpu" or cpu_has_native_bf16():
         return None
     return (f"note: precision bf16 on a CPU without native bf16 ({cpu_model()}: no AVX512-BF16 or AMX): "
-            f"autocast emulates it, about {EMULATED_BF16_SLOWDOWN}x slower than fp32 on such a CPU "
-            f"({EMULATED_BF16_BENCHMARK}); run on a CPU with AVX512-BF16/AMX or a GPU to keep bf16, "
-            f"or choose fp32 (--precision fp32; in a study -p precision=fp32 with --study NAME of its "
-            f"own, since fp32 records are not averaged with bf16 ones)")
+            f"convolutions and matrix products run as fp32 kernels on bf16-rounded operands, their "
+            f"outputs rounded to bf16 (about fp32 speed, {EMULATED_BF16_BENCHMARK}): bf16 arithmetic "
+            f"up to the order of fp32 sums, not bit for bit a native CPU's numbers; for fp32 numbers "
+            f"choose --precision fp32 (in a study -p precision=fp32 with --study NAME of its own, since "
+            f"fp32 records are not averaged with bf16 ones)")
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
@@ -121,6 +124,10 @@ def resolve_model_precision(precision: str, device: torch.device | str, stem: st
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on `device` when `precision` resolves to bf16, else a no-op context."""
-    resolved = resolve_precision(precision, device)
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=resolved == "bf16")
+    """bf16 autocast on `device` when `precision` resolves to bf16, else a no-op context. On a CPU
+    without native bf16 the matrix ops run as fp32 kernels on bf16-rounded operands
+    (`bf16_kernels`): torch's own emulation computes the same arithmetic 15x slower."""
+    bf16 = resolve_precision(precision, device) == "bf16"
+    if bf16 and device.type == "cpu" and not cpu_has_native_bf16():
+        return rounded_fp32_autocast()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
