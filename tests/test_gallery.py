@@ -25,10 +25,11 @@ from test_report import R_FINETUNE, write_fixture_run
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _study(folder: Path, epochs: int, penalty: float = 1.0) -> Path:
+def _study(folder: Path, epochs: int, penalty: float = 1.0, classes: str | None = None) -> Path:
     """A study of Finetuning, Joint (Finetuning + `penalty` + seed/10) and both baselines, seeds 0-2;
-    its runs take `epochs` times the fixture's steps (the images seen of the budget axis)."""
-    config = {"epochs": epochs}
+    its runs take `epochs` times the fixture's steps (the images seen of the budget axis); `classes`:
+    the class set it trains on (a replication's only difference)."""
+    config = {"epochs": epochs, "classes": classes}
     made = [*(fixture_record("Finetuning", s, v, config=config) for s, v in FT.items()),
             *(fixture_record("Joint", s, v + penalty + s / 10, config=config) for s, v in FT.items()),
             *(fixture_record(b, s, 40.0 + s, config=config) for b in report.BASELINES for s in FT)]
@@ -215,3 +216,26 @@ def test_the_budget_table_follows_each_gap_across_studies(tmp_path: Path) -> Non
     assert high.startswith("- **6 epochs per task (") and high.endswith("Resolved: Finetuning > Joint (reversed).")
     with pytest.raises(ConfigError, match="names two or more studies"):
         tables.render_block("axis", ["a"], studies, tmp_path)
+
+
+def test_the_replication_table_says_whether_each_verdict_carries_over_to_other_classes(tmp_path: Path) -> None:
+    _study(tmp_path / "main", epochs=3, penalty=1.0)
+    _study(tmp_path / "same", epochs=3, penalty=0.5, classes="101-200")
+    _study(tmp_path / "flat", epochs=3, penalty=0.0, classes="101-200")
+    _study(tmp_path / "turned", epochs=3, penalty=-0.5, classes="101-200")
+    _study(tmp_path / "longer", epochs=6, penalty=1.0, classes="101-200")
+    studies = tables.Studies(tmp_path)
+
+    def penalty_row(other: str) -> str:
+        text = tables.render_block("replication", ["main", other], studies, tmp_path)
+        header, _, penalty, replay = text.split("\n")[:4]
+        assert header.startswith("| gap | main (") and f"| {other} (" in header and "seeds 0-2" in header
+        assert replay.startswith("| SimpleReplay - Finetuning | not run | not run | not run |")
+        return penalty
+
+    assert penalty_row("same") == ("| Joint - Finetuning | **+1.10 (0.10), n 3, holds** | "
+                                   "**+0.60 (0.10), n 3, holds** | replicates |")
+    assert penalty_row("flat").endswith("| +0.10 (0.10), n 3 | one set only |")
+    assert penalty_row("turned").endswith("| **-0.40 (0.10), n 3, reversed** | contradicts |")
+    with pytest.raises(ConfigError, match="also differ in epochs: 3 vs 6"):
+        tables.render_block("replication", ["main", "longer"], studies, tmp_path)

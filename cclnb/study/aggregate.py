@@ -349,19 +349,43 @@ def verdict_markdown(per_seed: pd.DataFrame, variants: Mapping[str, str] | None 
 BUDGET_GAPS = (("Joint", "Finetuning"), ("SimpleReplay", "Finetuning"), ("CCL", "SimpleReplay"))
 
 
+def pair_gaps(table: pd.DataFrame, metric: str = HEADLINE) -> list[dict[str, Any]]:
+    """Each of `BUDGET_GAPS` in one study's per-seed table: its paired differences over seeds (n,
+    mean, std, min, max) and its status by `VERDICT_RULE` ("not run" where the study lacks one of
+    the pair's methods, so an empty gap does not read as a measured one)."""
+    rows = []
+    for a, b in BUDGET_GAPS:
+        diff = (paired_differences(table, a, b, metric).tolist()
+                if _has(table, metric) and {a, b} <= set(table["method"]) else [])
+        rows.append({"gap": f"{a} - {b}", **spread(diff), "status": judge_pair(diff)[0] if diff else "not run"})
+    return rows
+
+
 def budget_gaps(points: Sequence[tuple[float, pd.DataFrame]], metric: str = HEADLINE) -> pd.DataFrame:
     """One row per (budget, gap): `points` are (images seen per method, per-seed table) of the same
-    study at several budgets; each gap's paired differences over seeds (n, mean, std, min, max)
-    and its status by `VERDICT_RULE` ("not run" where a budget lacks one of the pair's methods, so an
-    empty gap does not read as a measured one), ordered by budget."""
-    rows = []
-    for images, table in sorted(points, key=lambda point: point[0]):
-        for a, b in BUDGET_GAPS:
-            diff = (paired_differences(table, a, b, metric).tolist()
-                    if _has(table, metric) and {a, b} <= set(table["method"]) else [])
-            rows.append({"images_seen": images, "gap": f"{a} - {b}", **spread(diff),
-                         "status": judge_pair(diff)[0] if diff else "not run"})
+    study at several budgets; each budget's `pair_gaps`, ordered by budget."""
+    rows = [{"images_seen": images, **row}
+            for images, table in sorted(points, key=lambda point: point[0]) for row in pair_gaps(table, metric)]
     return pd.DataFrame(rows, columns=["images_seen", "gap", "n", "mean", "std", "min", "max", "status"])
+
+
+RESOLVED = ("holds", "reversed")
+
+
+def replication(statuses: Sequence[str]) -> str:
+    """Whether one gap's verdict carries over between studies that differ only in their classes.
+
+    "replicates": every study resolves it the same way; "contradicts": one holds where another is
+    reversed; "one set only": some resolve it and some do not (a finding on one class set is
+    reported as such); "not resolved" in none; "not run" where a study lacks the pair."""
+    if "not run" in statuses:
+        return "not run"
+    resolved = {status for status in statuses if status in RESOLVED}
+    if len(resolved) == 2:
+        return "contradicts"
+    if not resolved:
+        return "not resolved"
+    return "replicates" if all(status in resolved for status in statuses) else "one set only"
 
 
 def budget_trend(gaps: pd.DataFrame) -> pd.DataFrame:

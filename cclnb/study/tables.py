@@ -17,7 +17,9 @@ disagree, so a record changed or added without rewriting the page is caught. The
 - `comparisons STUDY`: the same for the pairs beyond the paper's order (a method outside it against
   Finetuning and CCL, an ablation against its method and SimpleReplay);
 - `budget STUDY STUDY ...`: the budget axis, each gap per study and its trend per doubling;
-- `axis STUDY STUDY ...`: the same axis in words, a sentence per budget (the README's headline).
+- `axis STUDY STUDY ...`: the same axis in words, a sentence per budget (the README's headline);
+- `replication STUDY STUDY ...`: the same gaps in studies that differ only in their classes, and
+  whether each verdict carries over from one class set to the other.
 """
 
 from __future__ import annotations
@@ -134,6 +136,16 @@ def comparisons_block(entry: gallery.StudyEntry, link: str) -> str:
                                f"[report]({link}).")
 
 
+def _gap_cell(mean: float, std: float, n: int, status: str) -> str:
+    """A gap as a table cell: mean (sd), n seeds; bold with its status where the verdict's rule
+    resolves it."""
+    if status == "not run":
+        return "not run"
+    sd = f" ({std:.2f})" if math.isfinite(std) else ""
+    cell = f"{_num(mean, sign=True)}{sd}, n {n}"
+    return f"**{cell}, {status}**" if status in aggregate.RESOLVED else cell
+
+
 def budget_block(entries: Sequence[gallery.StudyEntry]) -> str:
     """The budget axis over `entries`: each gap's mean (sd) per study, and its trend per doubling."""
     ordered, gaps = _budget_gaps(entries)
@@ -141,19 +153,45 @@ def budget_block(entries: Sequence[gallery.StudyEntry]) -> str:
     head = [f"{e.epochs[0]} epochs/task, {e.images_seen:,.0f} images" for e in ordered]
     lines = ["| gap | " + " | ".join(head) + " | per doubling |", "|---|" + "---|" * (len(ordered) + 1)]
     for gap, frame in gaps.groupby("gap", sort=False):
-        cells = []
-        for row in frame.itertuples(index=False):
-            if row.status == "not run":
-                cells.append("not run")
-                continue
-            sd = f" ({row.std:.2f})" if math.isfinite(row.std) else ""
-            cell = f"{_num(row.mean, sign=True)}{sd}, n {row.n}"
-            cells.append(f"**{cell}, {row.status}**" if row.status in ("holds", "reversed") else cell)
+        cells = [_gap_cell(row.mean, row.std, row.n, row.status) for row in frame.itertuples(index=False)]
         slope = trend["per_doubling"].get(gap, math.nan)
         lines.append(f"| {gap} | " + " | ".join(cells) + f" | {_num(slope, sign=True)} |")
     return "\n".join(lines) + ("\n\nPaired gaps on the final top-1 of the student, mean (sd) over n seeds; "
                                "bold: passes the verdict's rule. Per doubling: the slope of a straight line "
                                "through the means against log2(images seen), a rough extrapolation.")
+
+
+# what may differ between the studies of a replication: their classes, and where the records came from
+CLASS_SET_FIELDS = ("data", "dataset", "classes")
+
+
+def replication_block(entries: Sequence[gallery.StudyEntry]) -> str:
+    """The verdict's gaps in studies that differ only in their classes, side by side, and whether
+    each gap's verdict carries over (`aggregate.replication`); refused for studies that differ in
+    anything else, where a difference would not be the classes' doing."""
+    first = _trained_config(entries[0])
+    for entry in entries[1:]:
+        differs = [d for d in aggregate.config_differences(first, _trained_config(entry))
+                   if d.split(":")[0] not in (*CLASS_SET_FIELDS, *records.PROVENANCE_FIELDS)]
+        if differs:
+            raise ConfigError(f"<!-- cclnb:replication --> compares studies that differ only in their classes; "
+                              f"{entries[0].study} and {entry.study} also differ in {'; '.join(differs)}")
+    per_study = [aggregate.pair_gaps(entry.results.table) for entry in entries]
+    head = [f"{entry.study} ({entry.data}, seeds {gallery.seeds_text(entry.seeds)})" for entry in entries]
+    lines = ["| gap | " + " | ".join(head) + " | across class sets |", "|---|" + "---|" * (len(entries) + 1)]
+    for rows in zip(*per_study):
+        cells = [_gap_cell(row["mean"], row["std"], row["n"], row["status"]) for row in rows]
+        lines.append(f"| {rows[0]['gap']} | " + " | ".join(cells)
+                     + f" | {aggregate.replication([row['status'] for row in rows])} |")
+    return "\n".join(lines) + ("\n\nPaired gaps on the final top-1 of the student, mean (sd) over n seeds; "
+                               "bold: passes the verdict's rule. Across class sets: replicates (resolved the "
+                               "same way in every set), one set only, contradicts, or not resolved.")
+
+
+def _trained_config(entry: gallery.StudyEntry) -> dict:
+    """The config of the study's Finetuning run (else its first trained run): the study's settings."""
+    trained = [r for r in entry.results.runs if r.method not in report.BASELINES]
+    return next((r for r in trained if r.method == "Finetuning"), trained[0]).config
 
 
 def axis_block(entries: Sequence[gallery.StudyEntry]) -> str:
@@ -175,7 +213,7 @@ def render_block(kind: str, args: Sequence[str], studies: Studies, here: Path) -
         if len(args) != 1:
             raise ConfigError(f"<!-- cclnb:{kind} ... --> names one study, got {list(args)}")
         return single[kind](studies[args[0]], link(args[0]))
-    several = {"budget": budget_block, "axis": axis_block}
+    several = {"budget": budget_block, "axis": axis_block, "replication": replication_block}
     if kind in several:
         if len(args) < 2:
             raise ConfigError(f"<!-- cclnb:{kind} ... --> names two or more studies, got {list(args)}")
