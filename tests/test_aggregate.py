@@ -334,5 +334,10 @@ def test_options_of_other_methods_do_not_make_records_incomparable() -> None:
     old = {"method": "Finetuning", "lr": 0.1, "seed": 0, "ccl_k": 256, "ccl_distill": True}
     new = {"method": "Finetuning", "lr": 0.1, "seed": 1, "method_module": None}
     assert aggregate.config_differences(old, new) == []
+    assert aggregate.config_differences(old, {**new, "method_options": {}}) == []
     ccl_old = {"method": "CCL", "lr": 0.1, "ccl_k": 256}
     assert aggregate.config_differences(ccl_old, {"method": "CCL", "lr": 0.1, "ccl_k": 128}) == ["ccl_k: 256 vs 128"]
+    # a record of today holds the method's options under `method_options`: the same names, compared
+    ccl_new = {"method": "CCL", "lr": 0.1, "method_module": None, "method_options": {"ccl_k": 256}}
+    assert aggregate.config_differences(ccl_old, ccl_new) == []
+    assert aggregate.config_differences(ccl_old, {**ccl_new, "method_options": {"ccl_k": 128}}) == ["ccl_k: 256 vs 128"]

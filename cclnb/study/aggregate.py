@@ -66,9 +66,12 @@ def comparable_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """The fields of a resolved config that define the experiment (runtime-only fields dropped).
     A field the record predates (added to TrainConfig later) counts as its default, which is what
     that record's code ran with: old records stay comparable with new ones of the same settings.
-    Options of other methods are dropped too: records written before methods declared their
-    options carry CCL's in every method's config, where they did nothing."""
+    A method's options count by their flat names, where records written before methods declared
+    their options hold them, and where a record of today's holds them under `method_options`.
+    Options of other methods are dropped too: those older records carry CCL's in every method's
+    config, where they did nothing."""
     filled = {**_DEFAULTS_OF_LATER_FIELDS, **config}
+    filled.update(filled.pop("method_options", None) or {})
     foreign = _foreign_options(str(config.get("method", "")))
     return {k: v for k, v in filled.items() if k not in RUNTIME_FIELDS and k not in foreign}
 
