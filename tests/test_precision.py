@@ -87,3 +87,20 @@ def test_the_trainer_logs_the_note_where_bf16_is_emulated(tmp_path: Path, monkey
     run = train(tiny_config(tmp_path, "Finetuning", precision="bf16", n_tasks=2, epochs=1, train_tasks=1))
     log = (run / "train.log").read_text()
     assert ("note: precision bf16 on a CPU without native bf16" in log) is not native
+
+
+@pytest.mark.parametrize("flags", [[], ["avx512_bf16", "amx_bf16"]])
+def test_a_record_says_how_its_cpu_computed_bf16(monkeypatch: pytest.MonkeyPatch, flags: list[str]) -> None:
+    """"AMD EPYC" named cores with and without native bf16 in this project's records: the record
+    says which arithmetic ran, and the reports' device label marks the emulated one."""
+    from cclnb.study.report import device_label
+    from cclnb.training.runs import environment_info
+
+    monkeypatch.setattr(precision, "native_bf16_flags", lambda: flags)
+    hardware = environment_info()["hardware"]
+    hardware.pop("gpus", None)
+    assert hardware["cpu_bf16"] == ("native (avx512_bf16 amx_bf16)" if flags
+                                    else "emulated: fp32 kernels on bf16-rounded operands")
+    label = device_label({**hardware, "cpu_model": "AMD EPYC", "cpu_count": 2})
+    assert label == ("AMD EPYC x2" if flags else "AMD EPYC x2 (bf16 emulated)")
+    assert device_label({"cpu_model": "AMD EPYC", "cpu_count": 2}) == "AMD EPYC x2"   # records before the field

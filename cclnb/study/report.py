@@ -386,10 +386,14 @@ def lincls_curve(result: dict[str, Any]) -> pd.DataFrame:
     return frame
 
 def device_label(hardware: dict[str, Any]) -> str:
-    """The GPUs a run used, else `<CPU model> xN` (`CPU xN` for records that predate the model):
-    numbers from different devices, even two x86 CPUs, are not comparable."""
+    """The GPUs a run used, else `<CPU model> xN` (`CPU xN` for records that predate the model),
+    marked where the CPU emulated bf16 (records since 2026-12-08 say): numbers from different
+    devices, even two x86 CPUs, are not comparable."""
     gpus = hardware.get("gpus")
-    return ", ".join(gpus) if gpus else f"{hardware.get('cpu_model') or 'CPU'} x{hardware.get('cpu_count', '?')}"
+    if gpus:
+        return ", ".join(gpus)
+    emulated = " (bf16 emulated)" if str(hardware.get("cpu_bf16", "")).startswith("emulated") else ""
+    return f"{hardware.get('cpu_model') or 'CPU'} x{hardware.get('cpu_count', '?')}{emulated}"
 
 
 def shown_path(path: str | Path) -> str:

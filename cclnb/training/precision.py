@@ -65,6 +65,14 @@ def cpu_model() -> str:
     return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
+def cpu_bf16_arithmetic() -> str:
+    """How this CPU computes bf16 autocast, for a record's hardware: "native (<flags>)", or the
+    emulation `autocast` uses where the CPU lacks it; a CPU model name alone does not tell (AMD
+    EPYC cores of both kinds made this project's records)."""
+    flags = native_bf16_flags()
+    return f"native ({' '.join(flags)})" if flags else "emulated: fp32 kernels on bf16-rounded operands"
+
+
 # Where bf16 is emulated: torch's fallback kernels ran the CPU presets' model 15x slower than fp32
 # (2 AMD EPYC cores with AVX2 only; MoCo step 14.2 img/s against 212, CCL 6.3 against 88, commit
 # 2624d9a); cclnb runs those ops as fp32 kernels on bf16-rounded operands instead (bf16_kernels.py),

@@ -168,11 +168,12 @@ def environment_info() -> dict[str, Any]:
     import torch
     import torchvision
 
-    from cclnb.training.precision import cpu_model
+    from cclnb.training.precision import cpu_bf16_arithmetic, cpu_model
     import cclnb
 
     hardware: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                                "cpu_model": cpu_model(), "cuda_available": torch.cuda.is_available()}
+                                "cpu_model": cpu_model(), "cpu_bf16": cpu_bf16_arithmetic(),
+                                "cuda_available": torch.cuda.is_available()}
     if torch.cuda.is_available():
         hardware["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     versions = {"python": platform.python_version(), "cclnb": cclnb.__version__,
