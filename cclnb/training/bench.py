@@ -248,16 +248,18 @@ def matmul_peak_gflops(device: torch.device, precision: str, size: int, repeats:
     a, b = (torch.randn(size, size, device=device, generator=generator).to(PRECISION_DTYPES[precision])
             for _ in range(2))
     out = torch.empty_like(a)
-    # where bf16 is emulated, the product the steps get: autocast's, through cclnb's kernels
-    emulated = precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16()
-    product = contextlib.nullcontext if not emulated else lambda: autocast(device, precision)
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        # where bf16 is emulated, the product the steps get: autocast's, through cclnb's kernels
+        context, multiply = (lambda: autocast(device, precision)), (lambda: torch.mm(a, b))
+    else:
+        context, multiply = contextlib.nullcontext, (lambda: torch.mm(a, b, out=out))
 
     def seconds(n: int) -> float:
         dist.synchronize(device)
         start = time.perf_counter()
-        with product():
+        with context():
             for _ in range(n):
-                torch.mm(a, b, out=out) if not emulated else torch.mm(a, b)
+                multiply()
         dist.synchronize(device)
         return time.perf_counter() - start
 

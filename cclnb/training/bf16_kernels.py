@@ -1,7 +1,7 @@
 """bf16 autocast on a CPU without native bf16: fp32 kernels on bf16-rounded operands.
 
 Why: on a CPU without AVX512-BF16 or AMX, torch runs autocast's bf16 convolutions and matrix
-products in fallback kernels 15-30x slower than fp32 (benchmarks/bench-cpu-epyc-avx2-*.md), so a
+products in fallback kernels 15-30x slower than fp32 (docs/performance.md: 14.2 against 212 img/s), so a
 CPU preset that pins bf16, so that records from several machines average, took days there where it
 takes hours on a native CPU.
 
