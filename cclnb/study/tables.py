@@ -169,10 +169,9 @@ def replication_block(entries: Sequence[gallery.StudyEntry]) -> str:
     """The verdict's gaps in studies that differ only in their classes, side by side, and whether
     each gap's verdict carries over (`aggregate.replication`); refused for studies that differ in
     anything else, where a difference would not be the classes' doing."""
-    first = _trained_config(entries[0])
+    first = _settings_beyond_classes(entries[0])
     for entry in entries[1:]:
-        differs = [d for d in aggregate.config_differences(first, _trained_config(entry))
-                   if d.split(":")[0] not in (*CLASS_SET_FIELDS, *records.PROVENANCE_FIELDS)]
+        differs = aggregate.config_differences(first, _settings_beyond_classes(entry))
         if differs:
             raise ConfigError(f"<!-- cclnb:replication --> compares studies that differ only in their classes; "
                               f"{entries[0].study} and {entry.study} also differ in {'; '.join(differs)}")
@@ -188,10 +187,12 @@ def replication_block(entries: Sequence[gallery.StudyEntry]) -> str:
                                "same way in every set), one set only, contradicts, or not resolved.")
 
 
-def _trained_config(entry: gallery.StudyEntry) -> dict:
-    """The config of the study's Finetuning run (else its first trained run): the study's settings."""
+def _settings_beyond_classes(entry: gallery.StudyEntry) -> dict:
+    """The config of the study's Finetuning run (else its first trained run) without its class set
+    and provenance: what must agree between the studies of a replication."""
     trained = [r for r in entry.results.runs if r.method not in report.BASELINES]
-    return next((r for r in trained if r.method == "Finetuning"), trained[0]).config
+    config = next((r for r in trained if r.method == "Finetuning"), trained[0]).config
+    return {k: v for k, v in config.items() if k not in (*CLASS_SET_FIELDS, *records.PROVENANCE_FIELDS)}
 
 
 def axis_block(entries: Sequence[gallery.StudyEntry]) -> str:

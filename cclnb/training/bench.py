@@ -51,7 +51,7 @@ from cclnb.data.jpeg import DecodeFeeder
 from cclnb.data.prefetch import PrefetchFeeder
 from cclnb.errors import ConfigError
 from cclnb.training import SMALL_IMAGE_MAX, TaskPlan, Trainer, dist, runs
-from cclnb.training.precision import autocast, cpu_has_native_bf16, cpu_model, native_bf16_flags, resolve_precision
+from cclnb.training.precision import autocast, cpu_model, emulates_bf16, native_bf16_flags, resolve_precision
 from cclnb.training.step_profile import profile_markdown, profile_step
 
 REPLAY_FRACTION = 0.2        # share of replayed ("old") samples per batch in the CCL step
@@ -248,7 +248,7 @@ def matmul_peak_gflops(device: torch.device, precision: str, size: int, repeats:
     a, b = (torch.randn(size, size, device=device, generator=generator).to(PRECISION_DTYPES[precision])
             for _ in range(2))
     out = torch.empty_like(a)
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+    if emulates_bf16(precision, device):
         # where bf16 is emulated, the product the steps get: autocast's, through cclnb's kernels
         context, multiply = (lambda: autocast(device, precision)), (lambda: torch.mm(a, b))
     else:

@@ -2,8 +2,8 @@
 
 bf16 autocast pays off only where the hardware has native bf16 matrix instructions: every CUDA GPU
 this project targets, and CPUs with AVX512-BF16 or AMX; elsewhere bf16 is emulated (cclnb runs it
-at about fp32 speed, `bf16_kernels`) and gains nothing over fp32. Even a native CPU is not always faster under bf16: on this project's Intel AMX
-machine, ResNet-18 with the ImageNet stem at 32 px (8 px at the first block: small convolutions,
+at about fp32 speed, `bf16_kernels`) and gains nothing over fp32. Even a native CPU is not always
+faster under bf16: on this project's Intel AMX machine, ResNet-18 with the ImageNet stem at 32 px (8 px at the first block: small convolutions,
 where autocast's casts and oneDNN's layout changes dominate) runs a forward+backward at 0.6-0.7x its
 fp32 speed, while the 3x3 stem (32 px at the first block) runs 1.6-1.8x faster
 (benchmarks/bench-cpu-xeon-amx-resnet18-*-32px.md).
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from cclnb.config import STEM_DOWNSAMPLING, resolve_stem
-from cclnb.training.bf16_kernels import rounded_fp32_autocast
 from cclnb.errors import ConfigError
+from cclnb.training.bf16_kernels import rounded_fp32_autocast
 
 PRECISIONS = ("auto", "fp32", "bf16")
 # /proc/cpuinfo flags of x86 CPUs that execute bf16 dot products natively
@@ -65,6 +65,12 @@ def cpu_model() -> str:
     return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
+def emulates_bf16(precision: str, device: torch.device | str) -> bool:
+    """Whether `precision` (resolved) is bf16 on a CPU without native bf16: where `autocast` runs
+    cclnb's emulation, the note says so and the bench measures that product."""
+    return precision == "bf16" and torch.device(device).type == "cpu" and not cpu_has_native_bf16()
+
+
 def cpu_bf16_arithmetic() -> str:
     """How this CPU computes bf16 autocast, for a record's hardware: "native (<flags>)", or the
     emulation `autocast` uses where the CPU lacks it; a CPU model name alone does not tell (AMD
@@ -87,7 +93,7 @@ def emulated_bf16_note(precision: str, device: torch.device | str) -> str | None
     machines average (the CPU presets, the demo). Such a run computes bf16 arithmetic with fp32
     kernels (`autocast`), which gives bf16's numbers up to the order of fp32 sums but not bit for
     bit those of a native CPU, and the log should say which arithmetic made its numbers."""
-    if precision != "bf16" or torch.device(device).type != "cpu" or cpu_has_native_bf16():
+    if not emulates_bf16(precision, device):
         return None
     return (f"note: precision bf16 on a CPU without native bf16 ({cpu_model()}: no AVX512-BF16 or AMX): "
             f"convolutions and matrix products run as fp32 kernels on bf16-rounded operands, their "
@@ -135,7 +141,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     """bf16 autocast on `device` when `precision` resolves to bf16, else a no-op context. On a CPU
     without native bf16 the matrix ops run as fp32 kernels on bf16-rounded operands
     (`bf16_kernels`): torch's own emulation computes the same arithmetic 15x slower."""
-    bf16 = resolve_precision(precision, device) == "bf16"
-    if bf16 and device.type == "cpu" and not cpu_has_native_bf16():
+    resolved = resolve_precision(precision, device)
+    if emulates_bf16(resolved, device):
         return rounded_fp32_autocast()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=resolved == "bf16")
